@@ -1,0 +1,80 @@
+"""Engine configuration: frozen dataclasses, validated at construction (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How much work one engine step may do.
+
+    ``max_num_batched_tokens`` is the one token budget per step shared by decodes and prefill
+    chunks; ``max_num_seqs`` caps how many requests run at once.
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 128
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache geometry: ``num_blocks`` blocks of ``block_size`` token slots each."""
+
+    block_size: int = 16
+    num_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes one engine instance (what the LLM/AsyncEngine kwargs set).
+
+    ``model`` is a local Hugging Face directory, a ``.gguf`` file, a hub id, or None for
+    the embedded default model. ``max_model_len=None`` takes the model's own context
+    length. KV memory is ``kv_cache_gib`` GiB on CPU, or ``gpu_memory_utilization`` of the
+    free device memory on CUDA; the pool is never made larger than ``max_num_seqs`` full
+    contexts need.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_gib: float = 4.0
+    gpu_memory_utilization: float = 0.85
+    num_kv_blocks: int | None = None
+    seed: int = 0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        # Reuse the smaller configs' checks.
+        SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 1)
+        CacheConfig(self.block_size)

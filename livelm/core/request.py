@@ -1,0 +1,95 @@
+"""The engine core's view of one request: its tokens, progress, KV blocks and status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from livelm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its lifecycle (see ARCHITECTURE.md)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    WAITING_FOR_INPUT = "waiting_for_input"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence stopped; the value is what the APIs report."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class Request:
+    """One sequence the scheduler serves.
+
+    The tokens the model must have seen are ``all_token_ids`` (prompt, then outputs);
+    ``num_computed_tokens`` of them already have KV in the cache. A request is "caught up"
+    when only its last token lacks KV: computing that token yields the next one. Input
+    tokens may be appended later (``append_input``) because nothing here assumes the prompt
+    is fixed: the scheduler only compares ``num_computed_tokens`` with ``num_tokens``.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    # n > 1: sequence ``index`` of parent request ``parent_id``; children fork the KV of the
+    # first sequence's prompt once it has been computed instead of prefilling it again.
+    index: int = 0
+    parent_id: str | None = None
+    fork_from: str | None = None
+    input_closed: bool = True
+
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens known so far."""
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Length of the prompt (input) part."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """How many tokens have been generated."""
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the request has stopped for any reason."""
+        return self.status == RequestStatus.FINISHED
+
+    def append_output(self, token_id: int) -> None:
+        """Record a sampled token."""
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def append_input(self, token_ids: list[int]) -> None:
+        """Extend the prompt of a request that has not produced output yet (streaming input)."""
+        if self.output_token_ids:
+            raise ValueError("input can only be appended before the request generates output")
+        self.prompt_token_ids.extend(token_ids)
+        self.all_token_ids.extend(token_ids)

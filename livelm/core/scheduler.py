@@ -1,0 +1,250 @@
+"""Continuous batching under one token budget per step (pure Python, no torch)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from livelm.config import CacheConfig, SchedulerConfig
+from livelm.core.engine_output import EngineCoreOutput
+from livelm.core.kv_manager import KVCacheManager
+from livelm.core.request import FinishReason, Request, RequestStatus
+from livelm.core.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+
+
+class Scheduler:
+    """Decides, step by step, which requests compute how many tokens.
+
+    Every request simply catches up to its known tokens: a decoding request needs one
+    token, a fresh (or preempted, or forked) one needs a chunk of its prompt. Running
+    requests are served first, oldest first, so decodes are never starved by prefills;
+    what budget is left admits waiting requests. When the KV pool runs dry the newest
+    running request is preempted (its blocks freed, recomputed later).
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(cache_config.num_blocks, cache_config.block_size)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------- admission
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Token slots in the whole pool."""
+        return self.kv.pool.num_blocks * self.block_size
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (validated by the caller against the model's limits)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running (including preempted ones)."""
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding KV and being computed."""
+        return len(self.running)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work within ``max_num_batched_tokens`` and the KV pool."""
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:  # waiting for more input: holds KV, takes no compute
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                chunks.append(self._chunk(req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the request itself was preempted: nothing newer can run either
+
+        # New work only when nothing had to yield this step (it would just thrash).
+        if not preempted:
+            budget = self._admit_waiting(chunks, budget)
+
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(chunks=chunks, finished_request_ids=finished)
+
+    def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            if req.fork_from is not None and not self._try_fork(req):
+                skipped.append(req)  # its prompt is still being computed by the first sequence
+                continue
+            remaining = req.num_tokens - req.num_computed_tokens
+            # Admit only if the whole remaining prompt fits now: a request admitted on its
+            # first chunk alone would soon be preempted again, wasting the work.
+            if not self.kv.can_fit(req, remaining + 1):
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                self.waiting.appendleft(req)
+                break
+            n = min(remaining, budget)
+            self.kv.allocate_slots(req, n)
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _try_fork(self, child: Request) -> bool:
+        """Share the first sequence's prompt KV with ``child``; False means "not yet"."""
+        parent = self.requests.get(child.fork_from or "")
+        prompt_len = child.num_prompt_tokens
+        if parent is None or parent.status != RequestStatus.RUNNING:
+            if parent is not None and parent.status == RequestStatus.WAITING and parent.num_preemptions == 0:
+                return False
+            child.fork_from = None  # the parent cannot share any more: prefill alone
+            return True
+        if parent.num_computed_tokens < prompt_len - 1:
+            return False
+        child.fork_from = None
+        child.num_computed_tokens = self.kv.fork(child, parent, prompt_len - 1)
+        return True
+
+    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        params = req.sampling_params
+        want_prompt_lp = (
+            params.prompt_logprobs is not None
+            and not req.output_token_ids
+            and start < req.num_prompt_tokens
+        )
+        return ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start : start + n],
+            start_position=start,
+            block_ids=req.block_ids,
+            sample=start + n == req.num_tokens and req.input_closed,
+            sampling_params=params,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            seed_offset=req.index,
+            want_prompt_logprobs=want_prompt_lp,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -------------------------------------------------------------------- update
+
+    def update(
+        self, scheduled: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Advance requests by what the runner computed and sampled; report to the frontend."""
+        outputs: list[EngineCoreOutput] = []
+        for chunk in scheduled.chunks:
+            req = self.requests.get(chunk.request_id)
+            if req is None or req.is_finished:
+                continue
+            req.num_computed_tokens += chunk.num_tokens
+            prompt_lp = result.prompt_logprobs.get(req.request_id)
+            if not chunk.sample:
+                if prompt_lp is not None:
+                    outputs.append(self._output(req, [], None, prompt_lp))
+                continue
+            sampled = result.sampled[req.request_id]
+            req.append_output(sampled.token_id)
+            self._check_stop(req, sampled.token_id)
+            lps = [sampled] if req.sampling_params.logprobs is not None else None
+            outputs.append(self._output(req, [sampled.token_id], lps, prompt_lp))
+            if req.is_finished:
+                self._release(req)
+        return outputs
+
+    def _check_stop(self, req: Request, token_id: int) -> None:
+        params = req.sampling_params
+        num_out = req.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token_id in req.eos_token_ids:
+                self._mark_finished(req, FinishReason.STOP, None)
+                return
+            if token_id in params.stop_token_ids:
+                self._mark_finished(req, FinishReason.STOP, token_id)
+                return
+        max_tokens = params.max_tokens
+        if (max_tokens is not None and num_out >= max_tokens) or (
+            req.num_tokens >= self.config.max_model_len
+        ):
+            self._mark_finished(req, FinishReason.LENGTH, None)
+
+    @staticmethod
+    def _mark_finished(req: Request, reason: FinishReason, stop_reason: int | str | None) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+
+    @staticmethod
+    def _output(req: Request, tokens, lps, prompt_lp) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            request_id=req.request_id,
+            parent_id=req.parent_id or req.request_id,
+            index=req.index,
+            new_token_ids=tokens,
+            new_logprobs=lps,
+            prompt_logprobs=prompt_lp,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+        )
+
+    # ------------------------------------------------------------------- finish
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason = FinishReason.ABORT, stop_reason=None
+    ) -> Request | None:
+        """Stop a request now (abort, or a stop string seen by the frontend); frees its KV."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if not req.is_finished:
+            self._mark_finished(req, reason, stop_reason)
+        self._release(req)
+        return req
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.append(req.request_id)

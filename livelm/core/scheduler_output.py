@@ -1,0 +1,88 @@
+"""What the scheduler decided for one step: the contract between core and runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from livelm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one request to run this step.
+
+    ``token_ids`` sit at positions ``start_position .. start_position + len(token_ids) - 1``;
+    their K/V go into the slots the block table maps those positions to. When ``sample`` is
+    true the chunk ends at the request's last known token, so its last logits give the next
+    token. ``prompt_logprobs_from`` >= 0 asks for the logprobs of the prompt tokens that
+    follow each position of this chunk (only while the chunk lies in the prompt).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    sample: bool
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    seed_offset: int = 0
+    want_prompt_logprobs: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed for this request this step."""
+        return len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        """A single caught-up token: the common decode case."""
+        return len(self.token_ids) == 1 and self.sample
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The whole step: chunks to run, and requests whose runner state can be dropped."""
+
+    chunks: list[ScheduledChunk]
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Tokens in this step (never above the token budget)."""
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to run."""
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """The runner's result for one request that sampled this step."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_ids: list[int] | None = None
+    top_logprobs: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens computed in one chunk, for positions start..start+len-1."""
+
+    start_index: int  # index in the prompt of the first token these logprobs score
+    token_logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """Per request id: the sampled token, and prompt logprobs when asked."""
+
+    sampled: dict[str, SampledToken]
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)

@@ -1,0 +1,185 @@
+"""Frontend side of a request: detokenize, apply stop strings, build RequestOutputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from livelm.core.engine_output import EngineCoreOutput
+from livelm.core.scheduler_output import PromptLogprobs, SampledToken
+from livelm.engine.detokenizer import IncrementalDetokenizer, detokenize_token
+from livelm.engine.stop_strings import StopStringMatcher
+from livelm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from livelm.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceState:
+    """Text and tokens of one of a request's ``n`` sequences."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class StepResult:
+    """What one engine output means for the caller.
+
+    ``delta`` is the new part of one sequence; ``stop_matched`` names a sequence whose stop
+    string appeared, so the engine core must stop computing it.
+    """
+
+    delta: CompletionOutput | None
+    stop_matched: str | None = None
+
+
+class RequestState:
+    """Everything the frontend tracks for one request until it finishes."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.tokenizer = tokenizer
+        self.seqs = [
+            SequenceState(
+                index=i,
+                detokenizer=IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens),
+                stop_matcher=(
+                    StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+                ),
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            for i in range(params.n)
+        ]
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        """True once every sequence has stopped."""
+        return all(s.finish_reason is not None for s in self.seqs)
+
+    def process(self, out: EngineCoreOutput) -> StepResult:
+        """Fold one engine-core output into this request; returns the caller-visible delta."""
+        if out.prompt_logprobs is not None and self.prompt_logprobs is not None:
+            self._add_prompt_logprobs(out.prompt_logprobs)
+        seq = self.seqs[out.index]
+        if seq.finish_reason is not None:
+            return StepResult(None)
+        new_lps = self._position_logprobs(out.new_logprobs) if out.new_logprobs else None
+        delta_text = seq.detokenizer.add_tokens(out.new_token_ids)
+        stop_matched = None
+        if out.finished:
+            delta_text += seq.detokenizer.finish()
+        if seq.stop_matcher is not None:
+            delta_text, matched = seq.stop_matcher.feed(delta_text)
+            if matched is not None:
+                seq.finish_reason, seq.stop_reason = "stop", matched
+                stop_matched = out.request_id
+            elif out.finished:
+                delta_text += seq.stop_matcher.flush()
+        if seq.finish_reason is None and out.finished:
+            seq.finish_reason = out.finish_reason.value
+            seq.stop_reason = out.stop_reason
+        seq.token_ids.extend(out.new_token_ids)
+        seq.text += delta_text
+        if new_lps is not None and seq.logprobs is not None:
+            seq.logprobs.extend(new_lps)
+            for tok, pos in zip(out.new_token_ids, new_lps, strict=True):
+                seq.cumulative_logprob += pos[tok].logprob
+        delta = CompletionOutput(
+            index=seq.index,
+            text=delta_text,
+            token_ids=list(out.new_token_ids),
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=new_lps,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return StepResult(delta, stop_matched)
+
+    def abort(self) -> list[CompletionOutput]:
+        """Mark every unfinished sequence aborted; returns their (empty) final deltas."""
+        deltas = []
+        for seq in self.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                deltas.append(CompletionOutput(seq.index, "", [], seq.cumulative_logprob, None, "abort"))
+        return deltas
+
+    def delta_output(self, deltas: list[CompletionOutput]) -> RequestOutput:
+        """A streamed update holding only what changed."""
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=deltas,
+            finished=self.finished,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+    def final_output(self) -> RequestOutput:
+        """The whole result, every sequence complete."""
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=s.logprobs,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for s in self.seqs
+        ]
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=outputs,
+            finished=self.finished,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+    # ----------------------------------------------------------------- logprobs
+
+    def _position(self, token_id: int, logprob: float, rank: int, top_ids, top_lps) -> PositionLogprobs:
+        tok = self.tokenizer
+        pos: PositionLogprobs = {}
+        for r, (tid, lp) in enumerate(zip(top_ids, top_lps, strict=True), start=1):
+            pos[tid] = Logprob(lp, r, detokenize_token(tok, tid))
+        if token_id not in pos:
+            pos[token_id] = Logprob(logprob, rank, detokenize_token(tok, token_id))
+        return pos
+
+    def _position_logprobs(self, sampled: list[SampledToken]) -> list[PositionLogprobs]:
+        return [
+            self._position(s.token_id, s.logprob, s.rank, s.top_ids or [], s.top_logprobs or [])
+            for s in sampled
+        ]
+
+    def _add_prompt_logprobs(self, plp: PromptLogprobs) -> None:
+        for j, (lp, rank) in enumerate(zip(plp.token_logprobs, plp.ranks, strict=True)):
+            idx = plp.start_index + j
+            self.prompt_logprobs[idx] = self._position(
+                self.prompt_token_ids[idx], lp, rank, plp.top_ids[j], plp.top_logprobs[j]
+            )

@@ -1,0 +1,143 @@
+"""The ``livelm`` command: generate, chat, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-gib", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads}
+    if args.kv_cache_gib is not None:
+        kw["kv_cache_gib"] = args.kv_cache_gib
+    return kw
+
+
+def _sampling(args: argparse.Namespace):
+    from livelm.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Complete each prompt (through the chat template unless --raw) and print the answers."""
+    from livelm.engine.llm import LLM
+
+    llm = LLM(args.model, **_engine_kwargs(args))
+    params = _sampling(args)
+    if args.raw or not getattr(llm.tokenizer, "chat_template", None):
+        outputs = llm.generate(args.prompts, params)
+    else:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
+    for prompt, out in zip(args.prompts, outputs, strict=True):
+        if len(args.prompts) > 1:
+            print(f"### {prompt}")
+        print(out.outputs[0].text.strip())
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat that streams the model's replies."""
+    import asyncio
+
+    from livelm.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(args.model, **_engine_kwargs(args))
+    params = _sampling(args)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+
+    async def reply(messages: list[dict]) -> str:
+        text = []
+        async for out in engine.generate(engine.apply_chat_template(messages), params):
+            for c in out.outputs:
+                print(c.text, end="", flush=True)
+                text.append(c.text)
+        print()
+        return "".join(text)
+
+    print(f"livelm chat with {engine.model_name} (empty line or Ctrl-D to quit, /reset to forget)")
+    try:
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line:
+                break
+            if line == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            history.append({"role": "user", "content": line})
+            answer = asyncio.run(reply(history))
+            history.append({"role": "assistant", "content": answer})
+    except KeyboardInterrupt:
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="livelm", description="Streaming-native LLM inference engine")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer one or more prompts")
+    gen.add_argument("prompts", nargs="+")
+    gen.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    _add_engine_args(gen)
+    _add_sampling_args(gen, temperature=0.0)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive streaming chat")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_engine_args(chat)
+    _add_sampling_args(chat, temperature=0.7)
+    chat.set_defaults(func=cmd_chat)
+
+    try:
+        from livelm.entrypoints.serve_cli import add_serve_args, serve_main
+    except ImportError:  # the server's optional pieces are missing
+        pass
+    else:
+        serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+        add_serve_args(serve)
+        serve.set_defaults(func=serve_main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``livelm`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except ValueError as e:
+        print(f"livelm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

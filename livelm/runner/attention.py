@@ -1,0 +1,100 @@
+"""Attention over a paged KV cache, in plain torch (CPU and CUDA).
+
+The flat batch holds decode tokens first (one per request), then prefill chunks (a run of
+tokens per request, possibly continuing earlier context). Each layer's cache is a pair of
+tensors shaped [num_kv_heads, num_slots, head_dim]: head-major, so the context gathered
+for one (request, head) is a contiguous [context, head_dim] matrix that batched matmuls
+read without copies. A token at position p of a request lives in slot
+``block_ids[p // block_size] * block_size + p % block_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    """One request's chunk of ``query_len`` tokens, rows ``query_start..`` of the batch.
+
+    ``context_slots`` lists the slots of all its keys (earlier context and this chunk),
+    or is None when the chunk starts at position 0 and attends only to itself.
+    """
+
+    query_start: int
+    query_len: int
+    context_slots: torch.Tensor | None
+    causal_mask: torch.Tensor | None  # [query_len, context] bool, True = may attend
+
+
+@dataclass
+class AttentionMetadata:
+    """Where to write this step's K/V and what each query attends to."""
+
+    slot_mapping: torch.Tensor  # [T] slot of each new token
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [D, Lmax] context slots of each decoding request
+    decode_bias: torch.Tensor | None  # [1, D, 1, Lmax] float: 0 for real keys, -inf for padding
+    prefills: list[PrefillSegment]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V [T, Hkv, D] into their slots."""
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention for a mixed batch. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D].
+
+    The new k/v are written to the cache first, so every query reads its whole context
+    (earlier chunks included) from one place.
+    """
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+
+    d = meta.num_decodes
+    if d:
+        # Query heads sharing a KV head ride along the "query length" axis, so GQA needs
+        # no repeated K/V, and everything stays KV-head-major like the cache:
+        # [Hkv, D, G, hd] x [Hkv, D, L, hd] -> [Hkv, D, G, L].
+        qd = q[:d].view(d, num_kv_heads, group, head_dim).transpose(0, 1)
+        kd = k_cache[:, meta.decode_slots]
+        vd = v_cache[:, meta.decode_slots]
+        scores = torch.matmul(qd, kd.transpose(-1, -2))
+        scores.mul_(scale).add_(meta.decode_bias)
+        probs = torch.softmax(scores, dim=-1)
+        od = torch.matmul(probs, vd)  # [Hkv, D, G, hd]
+        out[:d] = od.transpose(0, 1).reshape(d, num_heads * head_dim)
+
+    for seg in meta.prefills:
+        s, n = seg.query_start, seg.query_len
+        qs = q[s : s + n].transpose(0, 1)  # [Hq, n, D]
+        if seg.context_slots is None:
+            ks, vs = k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1)
+        else:
+            ks, vs = k_cache[:, seg.context_slots], v_cache[:, seg.context_slots]
+        if group > 1:
+            ks = ks.repeat_interleave(group, dim=0)
+            vs = vs.repeat_interleave(group, dim=0)
+        if seg.causal_mask is None:
+            os = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        else:
+            os = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seg.causal_mask, scale=scale)
+        out[s : s + n] = os.transpose(0, 1).reshape(n, num_heads * head_dim)
+    return out

@@ -1,0 +1,198 @@
+"""Turns a SchedulerOutput into flat batch tensors, runs the model, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from livelm.core.scheduler_output import (
+    ModelRunnerOutput,
+    PromptLogprobs,
+    SampledToken,
+    ScheduledChunk,
+    SchedulerOutput,
+)
+from livelm.models.llama import LlamaForCausalLM
+from livelm.runner.attention import AttentionMetadata, PrefillSegment
+from livelm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+
+
+class ModelRunner:
+    """Owns the model, its KV cache tensors and per-request sampling state."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.model = model
+        cfg = model.config
+        param = model.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
+        num_slots = num_blocks * block_size
+        self.kv_caches = [
+            (
+                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=self.dtype, device=self.device),
+                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        self.sampler = Sampler()
+        self.eos_token_ids = set(eos_token_ids)
+        self._generators: dict[str, torch.Generator] = {}
+
+    @staticmethod
+    def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one KV block takes across all layers."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * block_size * elem
+
+    # ------------------------------------------------------------------ execute
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step of the model over every scheduled chunk."""
+        for rid in sched.finished_request_ids:
+            self._generators.pop(rid, None)
+        if sched.is_empty:
+            return ModelRunnerOutput(sampled={})
+        # Decodes first: they share one batched attention call; prefills follow one by one.
+        chunks = sorted(sched.chunks, key=lambda c: not c.is_decode)
+        input_ids, positions, meta, row_of = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        sample_chunks = [c for c in chunks if c.sample]
+        lp_chunks = [c for c in chunks if c.want_prompt_logprobs]
+        sampled: dict[str, SampledToken] = {}
+        if sample_chunks:
+            rows = torch.tensor([row_of[c.request_id][1] - 1 for c in sample_chunks], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+            out = self.sampler(logits, self._sampling_batch(sample_chunks))
+            sampled = self._to_sampled(sample_chunks, out)
+        prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
+        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps)
+
+    def _prepare(self, chunks: list[ScheduledChunk]):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        row_of: dict[str, tuple[int, int]] = {}
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefill_specs: list[tuple[int, int, int, list[int]]] = []
+        for c in chunks:
+            start_row = len(ids)
+            ids.extend(c.token_ids)
+            end = c.start_position + c.num_tokens
+            positions = range(c.start_position, end)
+            pos.extend(positions)
+            table = c.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            row_of[c.request_id] = (start_row, len(ids))
+            if c.is_decode:
+                decode_tables.append(table[: -(-end // bs)])
+                decode_lens.append(end)
+            else:
+                prefill_specs.append((start_row, c.num_tokens, c.start_position, table))
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(decode_lens),
+            decode_slots=None,
+            decode_bias=None,
+            prefills=[],
+        )
+        if decode_lens:
+            max_blocks = max(len(t) for t in decode_tables)
+            table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            offsets = torch.arange(max_blocks * bs, device=dev)
+            meta.decode_slots = table[:, offsets // bs] * bs + offsets % bs
+            lens = torch.tensor(decode_lens, device=dev)
+            bias = torch.zeros(len(decode_lens), max_blocks * bs, dtype=self.dtype, device=dev)
+            bias.masked_fill_(offsets[None, :] >= lens[:, None], float("-inf"))
+            meta.decode_bias = bias[None, :, None, :]
+        for start_row, n, start_pos, table in prefill_specs:
+            if start_pos == 0:
+                meta.prefills.append(PrefillSegment(start_row, n, None, None))
+                continue
+            ctx = start_pos + n
+            offsets = torch.arange(ctx, device=dev)
+            tbl = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=dev)
+            ctx_slots = tbl[offsets // bs] * bs + offsets % bs
+            q_pos = torch.arange(start_pos, ctx, device=dev)
+            mask = offsets[None, :] <= q_pos[:, None]
+            meta.prefills.append(PrefillSegment(start_row, n, ctx_slots, mask))
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions_t = torch.tensor(pos, dtype=torch.long, device=dev)
+        return input_ids, positions_t, meta, row_of
+
+    # ----------------------------------------------------------------- sampling
+
+    def _generator(self, chunk: ScheduledChunk) -> torch.Generator | None:
+        seed = chunk.sampling_params.seed
+        if seed is None or chunk.sampling_params.greedy:
+            return None
+        gen = self._generators.get(chunk.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed + chunk.seed_offset)
+            self._generators[chunk.request_id] = gen
+        return gen
+
+    def _sampling_batch(self, chunks: list[ScheduledChunk]) -> SamplingBatch:
+        eos = self.eos_token_ids
+        return SamplingBatch(
+            params=[c.sampling_params for c in chunks],
+            prompt_token_ids=[c.prompt_token_ids for c in chunks],
+            output_token_ids=[c.output_token_ids for c in chunks],
+            generators=[self._generator(c) for c in chunks],
+            eos_token_ids=[set() if c.sampling_params.ignore_eos else eos for c in chunks],
+        )
+
+    @staticmethod
+    def _to_sampled(chunks: list[ScheduledChunk], out: SamplerOutput) -> dict[str, SampledToken]:
+        tokens = out.token_ids.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        ranks = out.ranks.tolist() if out.ranks is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        result: dict[str, SampledToken] = {}
+        for i, c in enumerate(chunks):
+            k = c.sampling_params.logprobs
+            if k is None or lps is None:
+                result[c.request_id] = SampledToken(tokens[i])
+                continue
+            result[c.request_id] = SampledToken(
+                token_id=tokens[i],
+                logprob=lps[i],
+                rank=ranks[i],
+                top_ids=top_ids[i][:k] if top_ids else [],
+                top_logprobs=top_lps[i][:k] if top_lps else [],
+            )
+        return result
+
+    def _prompt_logprobs(self, c: ScheduledChunk, hidden: torch.Tensor, rows: tuple[int, int]) -> PromptLogprobs:
+        # Position p's logits score prompt token p + 1; stop before the last prompt token's
+        # logits, which score the first output token (reported as a sampled logprob).
+        prompt_len = len(c.prompt_token_ids)
+        first, last = c.start_position, min(c.start_position + c.num_tokens, prompt_len - 1)
+        k = c.sampling_params.prompt_logprobs or 0
+        if last <= first:
+            return PromptLogprobs(first + 1, [], [], [], [])
+        h = hidden[rows[0] : rows[0] + (last - first)]
+        logprobs = torch.log_softmax(self.model.compute_logits(h), dim=-1)
+        targets = torch.tensor(c.prompt_token_ids[first + 1 : last + 1], device=self.device)
+        tok_lp = logprobs.gather(1, targets[:, None]).squeeze(1)
+        ranks = (logprobs > tok_lp[:, None]).sum(-1) + 1
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+        return PromptLogprobs(
+            start_index=first + 1,
+            token_logprobs=tok_lp.tolist(),
+            ranks=ranks.tolist(),
+            top_ids=top_ids.tolist(),
+            top_logprobs=top_lp.tolist(),
+        )
