@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         print(f"livelm: error: {e}", file=sys.stderr)
         return 2
 
