@@ -12,7 +12,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="HF directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-gib", type=float, default=None)
+    # An interactive session needs far less KV memory than a batch job's 4 GiB default.
+    p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 
