@@ -36,9 +36,14 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] slot of each new token
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [D, Lmax] context slots of each decoding request
-    decode_bias: torch.Tensor | None  # [1, D, 1, Lmax] float: 0 for real keys, -inf for padding
+    decode_block_tables: torch.Tensor | None  # [D, max_blocks] int64
+    decode_lens: torch.Tensor | None  # [D] int64 context length (the new token included)
+    block_size: int
     prefills: list[PrefillSegment]
+    # Set for the torch fallback only (the C++ kernel reads the block tables in place):
+    decode_slots: torch.Tensor | None = None  # [D, Lmax] context slots of each decoding request
+    decode_bias: torch.Tensor | None = None  # [1, D, 1, Lmax] float: 0 for real keys, -inf for padding
+    decode_kernel: object | None = None  # the compiled kernel module when it applies
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -69,7 +74,13 @@ def paged_attention(
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
 
     d = meta.num_decodes
-    if d:
+    if d and meta.decode_kernel is not None:
+        od = meta.decode_kernel.paged_decode_attention(
+            q[:d].contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_lens,
+            meta.block_size, scale,
+        )
+        out[:d] = od.view(d, num_heads * head_dim)
+    elif d:
         # Query heads sharing a KV head ride along the "query length" axis, so GQA needs
         # no repeated K/V, and everything stays KV-head-major like the cache:
         # [Hkv, D, G, hd] x [Hkv, D, L, hd] -> [Hkv, D, G, L].

@@ -13,6 +13,7 @@ from livelm.core.scheduler_output import (
 )
 from livelm.models.llama import LlamaForCausalLM
 from livelm.runner.attention import AttentionMetadata, PrefillSegment
+from livelm.runner.cpu_kernels import cpu_kernels
 from livelm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
@@ -40,6 +41,8 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sampler = Sampler()
+        # The compiled decode-attention kernel covers fp32 on CPU; other cases use torch ops.
+        self.decode_kernel = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
         self.eos_token_ids = set(eos_token_ids)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -102,19 +105,23 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decode_lens),
-            decode_slots=None,
-            decode_bias=None,
+            decode_block_tables=None,
+            decode_lens=None,
+            block_size=bs,
             prefills=[],
+            decode_kernel=self.decode_kernel,
         )
         if decode_lens:
             max_blocks = max(len(t) for t in decode_tables)
             table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
-            offsets = torch.arange(max_blocks * bs, device=dev)
-            meta.decode_slots = table[:, offsets // bs] * bs + offsets % bs
-            lens = torch.tensor(decode_lens, device=dev)
-            bias = torch.zeros(len(decode_lens), max_blocks * bs, dtype=self.dtype, device=dev)
-            bias.masked_fill_(offsets[None, :] >= lens[:, None], float("-inf"))
-            meta.decode_bias = bias[None, :, None, :]
+            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            meta.decode_block_tables, meta.decode_lens = table, lens
+            if self.decode_kernel is None:
+                offsets = torch.arange(max_blocks * bs, device=dev)
+                meta.decode_slots = table[:, offsets // bs] * bs + offsets % bs
+                bias = torch.zeros(len(decode_lens), max_blocks * bs, dtype=self.dtype, device=dev)
+                bias.masked_fill_(offsets[None, :] >= lens[:, None], float("-inf"))
+                meta.decode_bias = bias[None, :, None, :]
         for start_row, n, start_pos, table in prefill_specs:
             if start_pos == 0:
                 meta.prefills.append(PrefillSegment(start_row, n, None, None))

@@ -1,0 +1,38 @@
+"""Optional C++ CPU kernels, compiled on first use with torch's extension builder.
+
+When no compiler (or ninja) is available, or ``LIVELM_DISABLE_CPP_KERNELS=1`` is set,
+callers get None and use the pure-torch path, which computes the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger("livelm")
+
+_SOURCES = Path(__file__).parent / "csrc"
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernel module, or None (said once in the log) when it cannot be built."""
+    if os.environ.get("LIVELM_DISABLE_CPP_KERNELS") == "1":
+        logger.info("C++ CPU kernels disabled by LIVELM_DISABLE_CPP_KERNELS; using torch ops")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="livelm_cpu_kernels",
+            sources=[str(_SOURCES / "paged_attention.cpp")],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
+        logger.warning("C++ CPU kernels unavailable (%s); decode attention uses the slower torch path", e)
+        return None

@@ -1,0 +1,103 @@
+// Decode attention over the paged KV cache for fp32 on CPU.
+//
+// The pure-torch path must gather every request's context into a fresh tensor each layer
+// and step (a copy as large as the KV itself). This kernel reads K/V in place through the
+// block table instead: one task per (request, KV head), the query heads of that group
+// scored together so each key row is loaded once, a two-pass softmax per query head.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+}  // namespace
+
+// q: [D, Hq, hd]; k_cache, v_cache: [Hkv, S, hd]; block_tables: [D, max_blocks] int64;
+// context_lens: [D] int64. Returns [D, Hq, hd].
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens,
+                                     int64_t block_size, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  auto bt = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = bt.size(1);
+  auto out = torch::empty_like(q);
+
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* btp = bt.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
+      const int64_t len = lp[s];
+      scores.assign(static_cast<size_t>(group * len), 0.f);
+      const float* qh = qp + (s * num_heads + h * group) * head_dim;
+      const float* kh = kp + h * num_slots * head_dim;
+      const float* vh = vp + h * num_slots * head_dim;
+      const int64_t* table = btp + s * max_blocks;
+      // Pass 1: scores of every key for the group's query heads.
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = table[t / block_size] * block_size + t % block_size;
+        const float* krow = kh + slot * head_dim;
+        for (int64_t g = 0; g < group; ++g)
+          scores[g * len + t] = dot(qh + g * head_dim, krow, head_dim) * fscale;
+      }
+      // Softmax per query head.
+      std::vector<float> inv_sum(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          sg[t] = std::exp(sg[t] - m);
+          sum += sg[t];
+        }
+        inv_sum[g] = 1.f / sum;
+      }
+      // Pass 2: weighted sum of values.
+      float* oh = op + (s * num_heads + h * group) * head_dim;
+      std::fill(oh, oh + group * head_dim, 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = table[t / block_size] * block_size + t % block_size;
+        const float* vrow = vh + slot * head_dim;
+        for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], vrow, oh + g * head_dim, head_dim);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = oh + g * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) o[i] *= inv_sum[g];
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (fp32, CPU)");
+}
