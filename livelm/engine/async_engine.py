@@ -37,6 +37,8 @@ class AsyncEngine:
         self.tokenizer = self._frontend.tokenizer
         self.model_name = self._frontend.model_name
         self.max_model_len = self._frontend.max_model_len
+        self.config = self._frontend.config
+        self.max_num_seqs = self.config.max_num_seqs
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -1,0 +1,212 @@
+"""The FastAPI app (``build_app``) and the uvicorn process around it (``run_server``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+
+from livelm.config import EngineConfig
+from livelm.entrypoints.openai.admission import AdmissionControl
+from livelm.entrypoints.openai.auth import BearerAuthMiddleware
+from livelm.entrypoints.openai.body_limit import BodySizeLimitMiddleware
+from livelm.entrypoints.openai.config import ServerConfig
+from livelm.entrypoints.openai.errors import OpenAIError, install_error_handlers
+from livelm.entrypoints.openai.generation import ClientDisconnected
+from livelm.entrypoints.openai.logprobs import TokenText
+from livelm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from livelm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from livelm.entrypoints.openai.serving_chat import chat_prompt_ids, create_chat_completion
+from livelm.entrypoints.openai.serving_completions import create_completion
+from livelm.entrypoints.openai.state import ServerState
+
+logger = logging.getLogger("livelm.server")
+
+
+
+def _engine_max_running(engine: Any) -> int:
+    # AsyncEngine says how many sequences it runs at once; a look-alike test engine may not.
+    value = getattr(engine, "max_num_seqs", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    return EngineConfig().max_num_seqs
+
+
+def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving ``engine`` (an :class:`AsyncEngine` or look-alike).
+
+    Each app has its own metrics registry and admission counter, so tests may build many.
+    """
+    config = config or ServerConfig()
+    admission = AdmissionControl(
+        config.max_running or _engine_max_running(engine), config.max_waiting, config.retry_after_s
+    )
+    metrics = ServerMetrics(engine.stats, admission)
+    state = ServerState(
+        engine=engine,
+        config=config,
+        model_name=config.served_model_name or engine.model_name,
+        metrics=metrics,
+        admission=admission,
+        token_text=TokenText(engine.tokenizer),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has already let in-flight responses finish (or cancelled them past its
+        # graceful timeout, which aborted their engine requests); now stop the engine.
+        if config.shutdown_engine:
+            await engine.shutdown()
+
+    app = FastAPI(title="livelm", lifespan=lifespan)
+    app.state.livelm = state
+
+    def reject(reason: str) -> None:
+        metrics.rejected.labels(reason).inc()
+
+    install_error_handlers(app, reject)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    _add_routes(app, state)
+
+    # Added innermost first: CORS sees every request, then auth, then the size limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes, on_reject=reject)
+    if config.api_key:
+        app.add_middleware(BearerAuthMiddleware, api_key=config.api_key, on_reject=reject)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness: open without a key."""
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        """The one served model."""
+        return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        """Text completions (OpenAI's legacy API)."""
+        return await create_completion(state, req, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        """Chat completions."""
+        return await create_chat_completion(state, req, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of a prompt, or of messages through the chat template."""
+        state.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError("give exactly one of prompt or messages", 400, param="prompt")
+        if req.messages is not None:
+            ids = chat_prompt_ids(state, req.messages)
+        else:
+            ids = list(state.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        """Text of token ids."""
+        state.check_model(req.model)
+        state.check_token_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
+
+
+def configure_logging(level: str) -> None:
+    """Timestamped lines for livelm's loggers; the per-request records are bare JSON lines
+    (they carry their own timestamp), so log shippers can parse them as they are."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("livelm")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    json_handler = logging.StreamHandler()
+    json_handler.setFormatter(logging.Formatter("%(message)s"))
+    requests = logging.getLogger("livelm.server.requests")
+    requests.handlers[:] = [json_handler]
+    requests.propagate = False
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The HTTP-layer settings of ``livelm serve``'s flags."""
+    return ServerConfig(
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_waiting=None if args.max_waiting is not None and args.max_waiting < 0 else args.max_waiting,
+        max_running=args.max_num_seqs,
+        max_body_bytes=args.max_body_bytes,
+        cors_origins=tuple(args.cors_origin or ()),
+    )
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Load the engine, serve until SIGINT/SIGTERM, then drain and stop cleanly."""
+    import uvicorn
+
+    from livelm.engine.async_engine import AsyncEngine
+
+    configure_logging(args.log_level)
+    engine_kwargs = {
+        name: getattr(args, name)
+        for name in ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "kv_cache_gib", "seed")
+        if getattr(args, name, None) is not None
+    }
+    logger.info("loading %s", args.model or "the default model")
+    engine = AsyncEngine(args.model, served_model_name=args.served_model_name, **engine_kwargs)
+    app = build_app(engine, server_config_from_args(args))
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        access_log=False,  # one JSON line per request is logged by the app itself
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    logger.info("serving %s on http://%s:%d/v1", app.state.livelm.model_name, args.host, args.port)
+    # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, lifespan shutdown), then
+    # re-raises the signal to the handler that was installed before it. With Python's
+    # defaults that would turn a clean drain into KeyboardInterrupt or death by SIGTERM;
+    # a no-op handler lets the process exit 0 once everything is stopped.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(uv_config).run()
+    logger.info("server stopped")

@@ -1,0 +1,35 @@
+"""Settings of the HTTP layer (the engine has its own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the OpenAI-compatible server enforces in front of the engine.
+
+    ``max_running`` is how many sequences the engine runs at once (its ``max_num_seqs``);
+    together with ``max_waiting`` it bounds the sequences admitted but not finished, so a
+    burst gets a quick 503 instead of an ever-growing queue. ``None`` for ``max_waiting``
+    disables the bound.
+    """
+
+    served_model_name: str | None = None  # None: the engine's model_name
+    api_key: str | None = None
+    max_waiting: int | None = 512
+    max_running: int | None = None  # None: the engine's max_num_seqs
+    max_body_bytes: int = 8 * 1024 * 1024
+    cors_origins: tuple[str, ...] = ()
+    retry_after_s: int = 1
+    # Whether the app's lifespan shutdown also shuts the engine down (tests that share one
+    # engine between several apps turn it off).
+    shutdown_engine: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")

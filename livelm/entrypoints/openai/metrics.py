@@ -1,0 +1,89 @@
+"""Prometheus metrics of one server, in a registry of its own (tests build many apps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LiveGauges(Collector):
+    """Gauges read at scrape time from the engine and the admission counter, so they are
+    never stale and cost nothing between scrapes."""
+
+    def __init__(self, engine_stats: Callable[[], Any] | None, admission: Any) -> None:
+        self._engine_stats = engine_stats
+        self._admission = admission
+
+    def collect(self) -> Iterator[Any]:
+        if self._admission is not None:
+            yield GaugeMetricFamily(
+                "livelm_server_sequences_in_flight",
+                "Sequences admitted by the server and not finished.",
+                value=self._admission.in_flight,
+            )
+            yield GaugeMetricFamily(
+                "livelm_server_sequences_waiting",
+                "Admitted sequences beyond what the engine runs at once (bounded by --max-waiting).",
+                value=self._admission.waiting,
+            )
+        stats = self._engine_stats() if self._engine_stats is not None else None
+        if stats is None:
+            return
+        gauges = (
+            ("livelm_num_requests_running", "Requests the engine is running.", stats.num_running),
+            ("livelm_num_requests_waiting", "Requests waiting in the engine's queue.", stats.num_waiting),
+            ("livelm_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", stats.kv_usage),
+            ("livelm_kv_cache_free_blocks", "Free KV cache blocks.", stats.num_free_blocks),
+            ("livelm_kv_cache_total_blocks", "KV cache blocks in the pool.", stats.num_total_blocks),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "livelm_num_preemptions", "Requests preempted by the scheduler.", value=stats.num_preemptions
+        )
+
+
+class ServerMetrics:
+    """Counters and histograms of requests served, plus live engine gauges."""
+
+    def __init__(self, engine_stats: Callable[[], Any] | None = None, admission: Any = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "livelm_requests", "Finished requests by finish reason.", ["finish_reason"], registry=r
+        )
+        self.rejected = Counter(
+            "livelm_requests_rejected", "Requests refused before reaching the engine.", ["reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("livelm_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter(
+            "livelm_generation_tokens", "Tokens generated.", registry=r
+        )
+        self.ttft = Histogram(
+            "livelm_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "livelm_inter_token_latency_seconds", "Time between consecutive generated tokens.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "livelm_e2e_request_latency_seconds", "Time from arrival to the last token.",
+            buckets=_E2E_BUCKETS, registry=r,
+        )
+        r.register(_LiveGauges(engine_stats, admission))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

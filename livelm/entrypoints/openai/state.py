@@ -1,0 +1,96 @@
+"""What every route handler shares: the engine, the config, metrics and admission."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from livelm.entrypoints.openai.admission import AdmissionControl
+from livelm.entrypoints.openai.config import ServerConfig
+from livelm.entrypoints.openai.errors import OpenAIError
+from livelm.entrypoints.openai.logprobs import TokenText
+from livelm.entrypoints.openai.metrics import ServerMetrics
+
+T = TypeVar("T")
+
+# Tokenizing this many characters takes long enough (milliseconds) to stall every other
+# stream on the event loop; smaller prompts are cheaper than a thread hop.
+_OFF_LOOP_CHARS = 16_384
+
+
+async def off_loop_if_large(size: int, work: Callable[[], T]) -> T:
+    """Run CPU-bound ``work`` (tokenization) in a worker thread when ``size`` is large."""
+    if size < _OFF_LOOP_CHARS:
+        return work()
+    return await asyncio.to_thread(work)
+
+
+@dataclass
+class ServerState:
+    """The objects behind one app (kept on ``app.state.livelm``)."""
+
+    engine: Any
+    config: ServerConfig
+    model_name: str
+    metrics: ServerMetrics
+    admission: AdmissionControl
+    token_text: TokenText
+
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's Hugging Face tokenizer."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + completion the engine accepts."""
+        return int(self.engine.max_model_len)
+
+    def check_model(self, name: str | None) -> None:
+        """Raise a 404 unless ``name`` is the served model (a missing name means it)."""
+        if name is not None and name != self.model_name:
+            raise OpenAIError(
+                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                404,
+                "not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        """Reject token ids the model cannot embed (they would crash the engine step)."""
+        vocab = max(len(self.tokenizer), int(getattr(self.engine, "vocab_size", 0) or 0))
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError(
+                f"token ids must be in [0, {vocab}); got {bad[:5]}", 400, param=param
+            )
+
+    def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Token ids of a prompt, exactly as the engine would make them."""
+        if isinstance(prompt, list):
+            self.check_token_ids(prompt, param)
+            return prompt
+        if not prompt:
+            raise OpenAIError(f"{param} must not be empty", 400, param=param)
+        encode = getattr(self.engine, "encode", None)
+        return list(encode(prompt) if encode else self.tokenizer(prompt).input_ids)
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        """400 with the numbers when prompt + completion cannot fit the context."""
+        limit = self.max_model_len
+        wanted = num_prompt_tokens + (max_tokens or 0)
+        if num_prompt_tokens < limit and wanted <= limit:
+            return
+        what = "messages" if param == "messages" else "prompt"
+        detail = f"{num_prompt_tokens} in the {what}"
+        if max_tokens:
+            detail += f", {max_tokens} for the completion"
+        raise OpenAIError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{wanted} tokens ({detail}). Please reduce the length of the {what}"
+            + (" or max_tokens." if max_tokens else "."),
+            400, param=param, code="context_length_exceeded",
+        )

@@ -1,0 +1,60 @@
+"""``livelm serve``: flags and entry point of the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``livelm serve``'s flags (server, then engine) to ``parser``."""
+    server = parser.add_argument_group("server")
+    server.add_argument("--model", default=None,
+                        help="local HF directory, .gguf file or hub id (default: the embedded model)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    server.add_argument("--api-key", default=os.environ.get("LIVELM_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+                             "(default: $LIVELM_API_KEY; unset means no auth)")
+    server.add_argument("--served-model-name", default=None,
+                        help="model name clients must send (default: the model directory's name)")
+    server.add_argument("--max-waiting", type=int, default=512,
+                        help="sequences allowed to wait beyond those running before new requests "
+                             "get 503 + Retry-After (default 512; negative disables the bound)")
+    server.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                        help="largest accepted request body, else 413 (default 8 MiB)")
+    server.add_argument("--cors-origin", action="append", default=[],
+                        help="allow browser requests from this origin (repeatable; CORS is off by default)")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before "
+                             "aborting them (default 30)")
+    server.add_argument("--log-level", default="info", type=str.lower,
+                        choices=["critical", "error", "warning", "info", "debug"])
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (default: the model's)")
+    engine.add_argument("--max-num-seqs", type=int, default=None,
+                        help="sequences run at once (default: the engine's)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one engine step")
+    engine.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU")
+    engine.add_argument("--seed", type=int, default=None, help="engine seed")
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    """Run the server with parsed ``livelm serve`` arguments (returns after shutdown)."""
+    from livelm.entrypoints.openai.api_server import run_server
+
+    run_server(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m livelm.entrypoints.serve_cli``: the same as ``livelm serve``."""
+    parser = argparse.ArgumentParser(prog="livelm serve", description=__doc__)
+    add_serve_args(parser)
+    serve_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
