@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _REPLACEMENT_CHAR = "\ufffd"
@@ -32,13 +32,30 @@ _PROMPT_ANCHOR_SEARCH = 8
 # Longest UTF-8 character in bytes, minus one: how far back an incomplete character at the
 # end of the prompt can have started (each token carries at least one byte).
 _MAX_CONTINUATION_BYTES = 3
+# While text is held back the window grows; past this many ids we look for a later start,
+# among the last _TRIM_SEARCH ids.
+_TRIM_WINDOW_AT = 4
+_TRIM_SEARCH = 6
+
+
+def _without_incomplete_tail(text: str) -> int:
+    """Length of ``text`` without a final U+FFFD, which may be a character whose last
+    bytes are still to come. Only one: lossy UTF-8 decoding (Rust's and Python's alike)
+    renders an incomplete final sequence as a single U+FFFD, so any earlier one is final.
+    """
+    return len(text) - 1 if text.endswith(_REPLACEMENT_CHAR) else len(text)
 
 
 class _TokenTable:
     """Facts about single tokens of one tokenizer, cached because every step needs them."""
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool) -> None:
-        self._tokenizer = tokenizer
+        # Weak, because the table is cached in a WeakKeyDictionary keyed by the tokenizer:
+        # a strong reference from the value would keep the key alive forever.
+        try:
+            self._tokenizer_ref: Callable[[], Any] = weakref.ref(tokenizer)
+        except TypeError:
+            self._tokenizer_ref = lambda: tokenizer
         self._skip = skip_special_tokens
         # Ids that decode() removes before its decoder runs. Both sources are merged
         # because either alone may miss some (added tokens flagged special are skipped
@@ -48,22 +65,27 @@ class _TokenTable:
             added = getattr(tokenizer, "added_tokens_decoder", None) or {}
             flagged = {i for i, t in added.items() if getattr(t, "special", False)}
             self._skipped = frozenset(flagged | set(getattr(tokenizer, "all_special_ids", ())))
-        self._info: dict[int, tuple[str, bool, bool]] = {}
+        self._info: dict[int, tuple[str, bool, bool, bool]] = {}
 
-    def _lookup(self, token_id: int) -> tuple[str, bool, bool]:
+    def _lookup(self, token_id: int) -> tuple[str, bool, bool, bool]:
         info = self._info.get(token_id)
         if info is None:
-            text = self._tokenizer.decode(
+            tokenizer = self._tokenizer_ref()
+            text = tokenizer.decode(
                 [token_id],
                 skip_special_tokens=self._skip,
                 clean_up_tokenization_spaces=False,
             )
-            token = self._tokenizer.convert_ids_to_tokens(token_id)
+            token = tokenizer.convert_ids_to_tokens(token_id)
             is_byte = isinstance(token, str) and _BYTE_FALLBACK_TOKEN.fullmatch(token) is not None
             # A token with text is certainly kept; one without is kept unless it is
             # unknown or a skipped special (a lone "▁" decodes to "" yet stays).
             kept = bool(text) or (isinstance(token, str) and token_id not in self._skipped)
-            info = self._info[token_id] = (text, is_byte, kept)
+            # A window may start at a token whose text is final and does not lean on its
+            # neighbours: not a byte of a run, and either visible or a SentencePiece space
+            # piece whose own space is all the decoder strips when it comes first.
+            anchor = not is_byte and (bool(text) or (kept and token.startswith("\u2581")))
+            info = self._info[token_id] = (text, is_byte, kept, anchor)
         return info
 
     def text(self, token_id: int) -> str:
@@ -77,6 +99,10 @@ class _TokenTable:
     def is_kept(self, token_id: int) -> bool:
         """False for ids that decode() drops (unknown ids, skipped special tokens)."""
         return self._lookup(token_id)[2]
+
+    def is_anchor(self, token_id: int) -> bool:
+        """True if a decoding window may start at this token (see ``_lookup``)."""
+        return self._lookup(token_id)[3]
 
 
 # Shared across requests so a server pays for each token's lookup once; weak so that a
@@ -163,6 +189,7 @@ class IncrementalDetokenizer:
         self._window: list[int] = [] if anchor is None else [anchor]
         self._consumed = 0 if anchor is None else len(self._table.text(anchor))
         self._pieces: list[str] = []
+        self._run_open = False  # the window ends in a byte-fallback run
         self._finished = False
 
     @property
@@ -192,8 +219,11 @@ class IncrementalDetokenizer:
         self._output_ids.extend(new_token_ids)
         window = self._window
         window.extend(new_token_ids)
-        text = self._decode(window)
         table = self._table
+        if self._run_open and all(table.is_byte(t) or not table.is_kept(t) for t in new_token_ids):
+            # More bytes of an open byte-fallback run: nothing can be settled until the
+            # run ends, so skip decoding (keeps a long run linear, not quadratic).
+            return ""
 
         # The last token the decoder sees (ids it drops do not count: a byte run goes on
         # across a skipped special token) decides whether a byte-fallback run is open.
@@ -208,13 +238,16 @@ class IncrementalDetokenizer:
                 table.is_byte(window[run_start - 1]) or not table.is_kept(window[run_start - 1])
             ):
                 run_start -= 1
-            settled = self._decode(window[:run_start]) if run_start > 0 else ""
-            stable = len(settled.rstrip(_REPLACEMENT_CHAR))
-            complete = False
+            text = self._decode(window[:run_start]) if run_start > 0 else ""
+            stable = _without_incomplete_tail(text)
+            # Text before the run is final once it ends on a complete character.
+            boundary = run_start if stable == len(text) else 0
+            self._run_open = True
         else:
-            # A trailing U+FFFD may be a character whose remaining bytes are still coming.
-            stable = len(text.rstrip(_REPLACEMENT_CHAR))
-            complete = stable == len(text)
+            text = self._decode(window)
+            stable = _without_incomplete_tail(text)
+            boundary = len(window) if stable == len(text) else 0
+            self._run_open = False
 
         delta = ""
         if stable > self._consumed:
@@ -222,21 +255,56 @@ class IncrementalDetokenizer:
             self._consumed = stable
             self._pieces.append(delta)
 
-        if complete:
-            # Everything is emitted: keep the last token with visible text as the next
-            # anchor. Its bytes end on a complete character and it is no byte-fallback
-            # token, so its text is a prefix of every later window's text, and a
-            # SentencePiece decoder strips only the anchor's own leading space.
-            anchor = len(window) - 1
-            while anchor > 0 and (not table.text(window[anchor]) or table.is_byte(window[anchor])):
-                anchor -= 1
-            if anchor > 0:
-                del window[:anchor]
-                if len(window) == 1:
-                    self._consumed = len(table.text(window[0]))
-                else:
-                    self._consumed = len(self._decode(window))
+        if boundary:
+            self._slide(boundary)
+        elif not self._run_open and len(window) > _TRIM_WINDOW_AT and stable < len(text):
+            self._trim_before_incomplete_tail(text, stable)
         return delta
+
+    def _slide(self, boundary: int) -> None:
+        """Restart the window at an anchor, given that text before ``boundary`` is final.
+
+        The anchor is the last token before ``boundary`` that may start a window (visible
+        text or a "▁" piece, not a byte-fallback token): its bytes end on a complete
+        character, so its text is a prefix of every later window's text, and a
+        SentencePiece decoder strips only the anchor's own leading space (already emitted).
+        """
+        window, table = self._window, self._table
+        anchor = boundary - 1
+        while anchor > 0 and not table.is_anchor(window[anchor]):
+            anchor -= 1
+        if anchor <= 0:
+            return
+        del window[:anchor]
+        if boundary - anchor == 1:
+            self._consumed = len(table.text(window[0]))
+        else:
+            self._consumed = len(self._decode(window[: boundary - anchor]))
+
+    def _trim_before_incomplete_tail(self, text: str, stable: int) -> None:
+        """Restart the window inside a stretch where every token splits a character.
+
+        Byte-level BPE on CJK text can go many tokens without a token boundary on a
+        character boundary; without this the window would grow over the whole stretch.
+        Start at a later token ``j`` instead when the text of the ids before ``j`` does
+        not reach the incomplete tail (so the tail's bytes all lie in ``window[j:]``).
+        The window then starts with orphaned continuation bytes, which decode to U+FFFD
+        each, whatever follows, and count as already consumed.
+        """
+        window, table = self._window, self._table
+        held = text[stable:]
+        lowest = max(1, len(window) - _TRIM_SEARCH)
+        for j in range(len(window) - 1, lowest - 1, -1):
+            if not table.is_anchor(window[j]):
+                continue
+            if len(self._decode(window[:j])) > stable:
+                continue  # the ids before j carry bytes of the incomplete tail
+            rest = self._decode(window[j:])
+            consumed = len(rest) - len(held)
+            if consumed >= 0 and rest[consumed:] == held:
+                del window[:j]
+                self._consumed = consumed
+                return
 
     def finish(self) -> str:
         """End the sequence: return whatever text was still held back."""
