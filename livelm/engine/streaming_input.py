@@ -1,0 +1,120 @@
+"""Tokenizing text that arrives in pieces, committing only tokens that cannot change.
+
+Appending text can change how the end of the text tokenizes ("hel" + "lo" is not
+"hel", "lo"), so the tail after the last safe boundary stays uncommitted and is
+re-tokenized when the next piece arrives. A boundary is safe where a token ends right
+before a whitespace-led word: Hugging Face's byte-level and SentencePiece
+pre-tokenizers never merge across it, so the tokens before it are those of the whole
+text. Pieces may be bytes that split a multi-byte character; the partial character
+waits for its remaining bytes.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+# Without a whitespace boundary (long CJK runs, minified code), commit tokens that end at
+# least this many characters before the end, so the pending tail stays bounded; the
+# final check in `close()` recomputes from any token that changed after all.
+_FALLBACK_HOLDBACK_CHARS = 256
+
+
+@dataclass(frozen=True)
+class InputUpdate:
+    """Token ids to feed the engine: keep the first ``keep`` committed ids, then append."""
+
+    keep: int
+    append: list[int]
+
+
+class StreamingTextInput:
+    """The growing text of a streamed prompt and its committed token ids."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text = ""
+        self.closed = False
+        # Special tokens a one-shot encode puts before the text (a BOS), found once.
+        self._prefix_ids = tokenizer("", add_special_tokens=True).input_ids
+        self.committed_ids: list[int] = list(self._prefix_ids)
+        self._committed_chars = 0
+
+    @property
+    def pending_text(self) -> str:
+        """Text received but not yet committed as tokens."""
+        return self.text[self._committed_chars :]
+
+    def append(self, chunk: str | bytes) -> InputUpdate:
+        """Add a piece of text (bytes may split a character); returns newly stable ids."""
+        if self.closed:
+            raise ValueError("input is closed: no more text can be appended")
+        if isinstance(chunk, bytes):
+            chunk = self._decoder.decode(chunk)
+        elif not isinstance(chunk, str):
+            raise ValueError("a text chunk must be str or bytes")
+        self.text += chunk
+        return self._commit_stable()
+
+    def replace(self, text: str) -> InputUpdate:
+        """Revise the whole input (update mode): keep the longest common token prefix."""
+        if self.closed:
+            raise ValueError("input is closed: it can no longer be replaced")
+        self._decoder.reset()
+        self.text = text
+        return self._commit_stable()
+
+    def current_ids(self) -> list[int]:
+        """Tokens of all text so far, as a one-shot prompt of it would be tokenized."""
+        return self.tokenizer(self.text).input_ids
+
+    def close(self) -> InputUpdate:
+        """No more input: commit the tail, correcting any token that changed after all."""
+        if not self.closed:
+            tail = self._decoder.decode(b"", final=True)
+            self.text += tail
+            self.closed = True
+        final = self.current_ids()
+        keep = _common_prefix(self.committed_ids, final)
+        self.committed_ids = final
+        self._committed_chars = len(self.text)
+        return InputUpdate(keep, final[keep:])
+
+    def _commit_stable(self) -> InputUpdate:
+        # The whole text is tokenized each time: tokenizing only the tail would differ at
+        # its start for SentencePiece-style normalizers that prepend "▁" to every input.
+        enc = self.tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+        cut_token, cut_char = _safe_cut(self.text, enc["offset_mapping"])
+        stable = self._prefix_ids + enc["input_ids"][:cut_token]
+        keep = _common_prefix(self.committed_ids, stable)
+        self.committed_ids = stable
+        self._committed_chars = cut_char
+        return InputUpdate(keep, stable[keep:])
+
+
+def _safe_cut(text: str, offsets: list[tuple[int, int]]) -> tuple[int, int]:
+    """(number of tokens, character position) of the last safe commit point in ``text``."""
+    # Scan from the end for a token that ends right before " word" (space then non-space);
+    # the token after it must start a new pre-token, whatever text follows later.
+    for i in range(len(offsets) - 1, 0, -1):
+        end = offsets[i - 1][1]
+        if end + 1 < len(text) and text[end] == " " and not text[end + 1].isspace() and not text[end - 1].isspace():
+            if offsets[i][0] >= end:  # a token boundary, not the inside of a token
+                return i, end
+    for i in range(len(offsets) - 1, 0, -1):
+        end = offsets[i - 1][1]
+        if len(text) - end >= _FALLBACK_HOLDBACK_CHARS and offsets[i][0] >= end:
+            return i, end
+    return 0, 0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
