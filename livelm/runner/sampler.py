@@ -12,12 +12,18 @@ Choices (where vLLM and Hugging Face differ, or neither says):
   else ``l * p``); presence / frequency penalties follow OpenAI (output tokens only).
   Repetition is applied first, then presence / frequency (vLLM's order).
 - Filters apply in Hugging Face's order: temperature -> top-k -> top-p -> min-p. Each filter
-  is reduced to a per-row logit threshold (keep ``logit >= threshold``), so tokens tied with
-  the last kept one are kept too (Hugging Face's top-k keeps such ties as well).
-- The draw is by inverse CDF with one uniform number per row: the row's cumulative sum of
-  ``exp(logit - max)`` is searched for ``u * total``. On CPU this is an order of magnitude
-  cheaper than drawing ``V`` exponentials per row for an exponential race, and it spends one
-  number of a seeded request's generator per step.
+  becomes a per-row logit threshold (keep ``logit >= threshold``), so tokens tied with the
+  last kept one are kept too: as Hugging Face's top-k, while its top-p cuts a tie group at
+  an arbitrary point. Without ties the kept sets are Hugging Face's exactly.
+- The draw is by inverse CDF with one uniform number per row (the first token whose
+  cumulative probability reaches ``u``). On CPU this is far cheaper than an exponential race
+  (which draws ``V`` exponentials per row), and a seeded request spends one number of its
+  generator per step. No full sort either: top-k and most top-p rows draw among the
+  candidates of one ``topk``; top-p over a flat distribution uses a histogram.
+- A seeded row's token depends only on its logits, params and generator: every per-row
+  decision (which path, which threshold) is made from that row alone. On CUDA, float
+  atomics in the top-p histogram may still flip a cut that falls exactly on a rounding
+  boundary.
 """
 
 from __future__ import annotations
@@ -32,13 +38,6 @@ import torch
 from livelm.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
-
-# Top-p without sorting the vocabulary: tokens are binned by how far their logit lies below
-# the row max (1/_BUCKETS_PER_LOGIT of a logit per bin, _NUM_BUCKETS bins, the last bin also
-# holding everything further down, i.e. ~e^-32 less likely than the top token). The bin
-# holding the nucleus edge is found from the binned masses; only that bin is sorted.
-_BUCKETS_PER_LOGIT = 64
-_NUM_BUCKETS = 2048
 
 
 @dataclass
@@ -315,11 +314,17 @@ def _sample_rows(
     """Filter and draw one token per row of the temperature-scaled logits ``s``."""
     n, vocab = s.shape
     ks = _active_top_k(params, vocab)
+    # Rows without top-k need their whole row's softmax: top-p weighs the mass outside the
+    # candidates, and a whole-row draw samples from it.
+    probs = None if all(ks) else torch.softmax(s, dim=-1)
     cand_rows = [j for j, p in enumerate(params) if ks[j] or p.top_p < 1.0]
     if not cand_rows:
-        return _sample_full_rows(s, params, generators)
+        return _sample_full_rows(s, params, generators, probs=probs)
     c_params, c_ks = _pick(params, cand_rows), _pick(ks, cand_rows)
-    threshold, fits, vals, ids = _candidate_thresholds(_take_rows(s, cand_rows), c_params, c_ks)
+    c_probs = None if probs is None else _take_rows(probs, cand_rows)
+    threshold, fits, vals, ids = _candidate_thresholds(
+        _take_rows(s, cand_rows), c_probs, c_params, c_ks
+    )
     fit_pos = [i for i, f in enumerate(fits.tolist()) if f]
     fit_rows = _pick(cand_rows, fit_pos)
     tokens = torch.empty(n, dtype=torch.long, device=s.device)
@@ -346,16 +351,18 @@ def _sample_rows(
         _pick(params, rest),
         _pick(generators, rest),
         _take_rows(preset, rest) if k_pos else None,
+        None if probs is None else _take_rows(probs, rest),
     )
     _put_rows(tokens, rest, rest_tokens)
     return tokens
 
 
 def _candidate_thresholds(
-    s: torch.Tensor, params: list[SamplingParams], ks: list[int]
+    s: torch.Tensor, probs: torch.Tensor | None, params: list[SamplingParams], ks: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholds ``[R, 1]`` of rows with top-k or top-p, from their top candidates.
 
+    ``probs`` is the softmax of ``s`` (needed, and only read, when some row has no top-k).
     Returns ``(threshold, fits [R] bool, vals, ids)``: ``vals`` / ``ids`` are the candidates
     (sorted by logit, descending), and ``fits`` says a row's kept set lies among them.
     """
@@ -381,7 +388,9 @@ def _candidate_thresholds(
         width = min(_TOP_P_CANDIDATES + 1, vocab)
         p_vals = _take_rows(vals, p_pos)[:, :width]
         p_ids = _take_rows(ids, p_pos)[:, :width]
-        t = _top_p_candidate_threshold(_take_rows(s, p_pos), p_vals, p_ids, _pick(params, p_pos))
+        assert probs is not None
+        p_probs = _take_rows(probs, p_pos)
+        t = _top_p_candidate_threshold(p_probs, p_vals, p_ids, _pick(params, p_pos))
         _put_rows(threshold, p_pos, t)
         # The last candidate below the threshold: so is every other token.
         p_fits = (p_vals[:, -1:] < t).squeeze(1) | (width == vocab)
@@ -394,9 +403,14 @@ def _sample_full_rows(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     preset: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Draw from whole rows; ``preset`` (``[R, 1]``) holds thresholds found already."""
-    probs = torch.softmax(s, dim=-1)
+    """Draw from whole rows; ``preset`` (``[R, 1]``) holds thresholds found already.
+
+    ``probs``, the softmax of ``s`` if the caller has it, is used up (edited in place).
+    """
+    if probs is None:
+        probs = torch.softmax(s, dim=-1)
     threshold = _merge(preset, _top_p_min_p_threshold(s, probs, params))
     if threshold is not None:
         # Multiplying by the bool mask: several times faster on CPU than masked_fill_ or
@@ -411,25 +425,48 @@ def _draw_from_candidates(
     threshold: torch.Tensor,
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
-    # Candidates in token-id order, the order of a whole-row draw. Candidates below the
-    # threshold get zero mass, so the extra ones a wider batch brings change nothing.
+    # Candidates in token-id order. Candidates below the threshold get zero mass, so the
+    # extra ones a wider batch brings change nothing.
     ids, order = ids.sort(dim=-1)
     vals_by_id = vals.gather(1, order)
     probs = (vals_by_id - vals[:, :1]).exp_().mul_(vals_by_id >= threshold)
     return ids.gather(1, _draw(probs, generators).unsqueeze(1)).squeeze(1)
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Inverse-CDF draw of one position per row of ``probs`` (unnormalized, edited in place).
+# A whole-row draw sums the row in chunks of _DRAW_CHUNK, picks a chunk from the chunk
+# sums, and only runs a cumulative sum inside that chunk (a full cumsum of [N, V] is the
+# slowest step of plain temperature sampling on CPU).
+_DRAW_CHUNK = 256
 
-    ``t = (1 - u) * total`` lies in ``(0, total]``; the pick is the first position whose
-    cumulative mass reaches ``t``, so a zero-mass position is never picked and no pick falls
-    past the end.
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Inverse-CDF draw of one position per row of ``probs`` (>= 0, unnormalized).
+
+    With ``t = (1 - u) * total`` in ``(0, total]``, the pick is the first position whose
+    cumulative mass reaches ``t``: never a zero-mass position, never past the end.
     """
-    cdf = probs.cumsum_(dim=-1)
-    total = cdf[:, -1:]
-    target = (1.0 - _uniforms(generators, probs.device)).unsqueeze(1) * total
-    return torch.searchsorted(cdf, target).squeeze(1)
+    n, width = probs.shape
+    target = 1.0 - _uniforms(generators, probs.device).unsqueeze(1)
+    if width <= 2 * _DRAW_CHUNK:
+        cdf = probs.cumsum(dim=-1)
+        return torch.searchsorted(cdf, target * cdf[:, -1:]).squeeze(1)
+    n_chunks = -(-width // _DRAW_CHUNK)
+    if n_chunks * _DRAW_CHUNK != width:
+        probs = torch.nn.functional.pad(probs, (0, n_chunks * _DRAW_CHUNK - width))
+    chunks = probs.view(n, n_chunks, _DRAW_CHUNK)
+    chunk_cdf = chunks.sum(dim=-1).cumsum(dim=-1)
+    target = target * chunk_cdf[:, -1:]
+    # The first chunk whose cumulative mass reaches t: it has mass, and the mass before it
+    # is < t, so t - before > 0.
+    chunk = torch.searchsorted(chunk_cdf, target).clamp_(max=n_chunks - 1)
+    before = torch.where(chunk > 0, chunk_cdf.gather(1, (chunk - 1).clamp_(min=0)), 0.0)
+    index = chunk.unsqueeze(2).expand(n, 1, _DRAW_CHUNK)
+    inner_cdf = chunks.gather(1, index).squeeze(1).cumsum(dim=-1)
+    # The chunk's sum and its sequential cumsum may round differently: clamp so the pick
+    # stays inside the chunk, on its last token that has mass at worst.
+    inner_target = torch.minimum(target - before, inner_cdf[:, -1:])
+    pos = torch.searchsorted(inner_cdf, inner_target)
+    return (chunk * _DRAW_CHUNK + pos).squeeze(1)
 
 
 def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
@@ -515,17 +552,18 @@ def _top_k_threshold(
 
 
 def _top_p_candidate_threshold(
-    s: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]
+    probs: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams]
 ) -> torch.Tensor:
     """Top-p (and min-p) threshold of rows without top-k, from their top candidates.
 
     Right when the nucleus lies among the candidates (the caller checks that): the mass
-    outside the candidates is then part of every candidate's tail.
+    outside the candidates is then part of every candidate's tail. ``probs`` (the rows'
+    softmax) is only read.
     """
-    probs = torch.softmax(s, dim=-1)
     cand = probs.gather(1, ids)
-    outside = probs.scatter_(1, ids, 0.0).sum(dim=-1, keepdim=True)
-    bound = _tail_bound(params, s.device) * (outside + cand.sum(dim=-1, keepdim=True))
+    # Summed outright rather than as 1 - sum(cand): that keeps its precision when small.
+    outside = probs.scatter(1, ids, 0.0).sum(dim=-1, keepdim=True)
+    bound = _tail_bound(params, probs.device) * (outside + cand.sum(dim=-1, keepdim=True))
     n_keep = (outside + _suffix_sum(cand) > bound).sum(dim=-1, keepdim=True).clamp_(min=1)
     threshold = vals.gather(1, n_keep - 1)
     min_p = _min_p_threshold(vals[:, :1], params)
@@ -557,8 +595,8 @@ def _top_p_min_p_threshold(
 # the row max (1/_BUCKETS_PER_LOGIT of a logit per bin, _NUM_BUCKETS bins, the last bin also
 # holding everything further down, i.e. ~e^-32 less likely than the top token). The bin
 # holding the nucleus edge is found from the binned masses; only that bin is sorted.
-_BUCKETS_PER_LOGIT = 64
-_NUM_BUCKETS = 2048
+_BUCKETS_PER_LOGIT = 128
+_NUM_BUCKETS = 4096
 
 
 def _top_p_threshold(
@@ -582,13 +620,20 @@ def _top_p_threshold(
     edge = ((bin_tail > bound).sum(dim=-1, keepdim=True) - 1).clamp_(min=0)
     below = bin_tail.gather(1, (edge + 1).clamp_(max=_NUM_BUCKETS - 1))
     below = torch.where(edge + 1 < _NUM_BUCKETS, below, 0.0)  # mass under the edge bin
-    outside = bins != edge
-    n_edge = s.shape[1] - outside.sum(dim=-1, keepdim=True, dtype=torch.int32).long()
-    # Push tokens outside the edge bin ~1e30 down (cheaper than where / masked_fill on CPU)
-    # so that topk returns the edge bin's tokens first; the rest is padding, never counted
-    # as kept (its mass is taken as 0) nor used as the threshold.
-    vals, ids = (s - outside * 1e30).topk(int(n_edge.max()), dim=-1)
-    positions = torch.arange(vals.shape[1], device=s.device)
-    edge_probs = probs.gather(1, ids).mul_(positions < n_edge)
+    # The edge bin's tokens, each row's sorted by logit (descending), packed into [R, width]
+    # (nonzero + two small sorts: cheaper than a topk over the vocabulary).
+    rows, cols = (bins == edge).nonzero(as_tuple=True)
+    edge_vals = s[rows, cols]
+    order = torch.argsort(edge_vals, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]
+    rows, cols, edge_vals = rows[order], cols[order], edge_vals[order]
+    n_edge = torch.bincount(rows, minlength=s.shape[0]).unsqueeze(1)  # >= 1 per row
+    first = (n_edge.cumsum(0) - n_edge).squeeze(1)
+    pos = torch.arange(rows.numel(), device=s.device) - first[rows]
+    width = int(n_edge.max())
+    vals = torch.full((s.shape[0], width), _NEG_INF, device=s.device)
+    vals[rows, pos] = edge_vals
+    edge_probs = torch.zeros(s.shape[0], width, device=s.device)
+    edge_probs[rows, pos] = probs[rows, cols]
     n_keep = (below + _suffix_sum(edge_probs) > bound).sum(dim=-1, keepdim=True).clamp_(min=1)
     return vals.gather(1, torch.minimum(n_keep, n_edge) - 1)
