@@ -12,9 +12,29 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 16 == 0) {
+    // Two accumulators hide the FMA latency; one horizontal sum at the end.
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 lo = _mm256_castps256_ps128(acc), hi = _mm256_extractf128_ps(acc, 1);
+    __m128 s4 = _mm_add_ps(lo, hi);
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0x1));
+    return _mm_cvtss_f32(s1);
+  }
+#endif
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -22,6 +42,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (n % 8 == 0) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    for (int64_t i = 0; i < n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    return;
+  }
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
@@ -61,33 +89,44 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       const float* kh = kp + h * num_slots * head_dim;
       const float* vh = vp + h * num_slots * head_dim;
       const int64_t* table = btp + s * max_blocks;
-      // Pass 1: scores of every key for the group's query heads.
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float* krow = kh + slot * head_dim;
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * len + t] = dot(qh + g * head_dim, krow, head_dim) * fscale;
+      // Pass 1: scores of every key for the group's query heads, block by block (the
+      // rows of one block are contiguous; no division per token).
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const float* kblock = kh + table[t0 / block_size] * block_size * head_dim;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* krow = kblock + i * head_dim;
+          for (int64_t g = 0; g < group; ++g)
+            scores[g * len + t0 + i] = dot(qh + g * head_dim, krow, head_dim) * fscale;
+        }
       }
       // Softmax per query head.
       std::vector<float> inv_sum(group);
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * len;
         float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
         for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
         float sum = 0.f;
+        // A vectorizable loop: with -ffast-math, expf maps to glibc's SIMD variant.
+#pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < len; ++t) {
-          sg[t] = std::exp(sg[t] - m);
-          sum += sg[t];
+          const float e = expf(sg[t] - m);
+          sg[t] = e;
+          sum += e;
         }
         inv_sum[g] = 1.f / sum;
       }
       // Pass 2: weighted sum of values.
       float* oh = op + (s * num_heads + h * group) * head_dim;
       std::fill(oh, oh + group * head_dim, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float* vrow = vh + slot * head_dim;
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t], vrow, oh + g * head_dim, head_dim);
+      for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const float* vblock = vh + table[t0 / block_size] * block_size * head_dim;
+        const int64_t n = std::min(block_size, len - t0);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* vrow = vblock + i * head_dim;
+          for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t0 + i], vrow, oh + g * head_dim, head_dim);
+        }
       }
       for (int64_t g = 0; g < group; ++g) {
         float* o = oh + g * head_dim;
