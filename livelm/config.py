@@ -28,16 +28,22 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache geometry: ``num_blocks`` blocks of ``block_size`` token slots each."""
+    """Paged KV cache geometry (``num_blocks`` blocks of ``block_size`` token slots) and
+    what outlives a request: the prefix cache, and session pins (``session_ttl_s`` seconds
+    after a session's turn, unless the request says otherwise)."""
 
     block_size: int = 16
     num_blocks: int = 0
+    enable_prefix_caching: bool = True
+    session_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
+        if self.session_ttl_s < 0:
+            raise ValueError(f"session_ttl_s must be >= 0, got {self.session_ttl_s}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class EngineConfig:
     length. KV memory is ``kv_cache_gib`` GiB on CPU, or ``gpu_memory_utilization`` of the
     free device memory on CUDA; the pool is never made larger than ``max_num_seqs`` full
     contexts need.
+
+    ``enable_prefix_caching`` reuses the KV of prompts' shared prefixes (on by default);
+    ``session_ttl_s`` is how long a session's KV stays pinned after a turn (requests may
+    override it; 0 pins only when a request asks); ``prefix_grouping`` lets
+    ``LLM.generate`` reorder a batch so that prompts sharing a prefix run together.
     """
 
     model: str | None = None
@@ -63,6 +74,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     seed: int = 0
     num_threads: int | None = None
+    enable_prefix_caching: bool = True
+    session_ttl_s: float = 30.0
+    prefix_grouping: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -77,4 +91,4 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         # Reuse the smaller configs' checks.
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 1)
-        CacheConfig(self.block_size)
+        CacheConfig(self.block_size, session_ttl_s=self.session_ttl_s)

@@ -1,9 +1,11 @@
-"""Per-request block tables on top of the block pool."""
+"""Per-request block tables on top of the block pool, the prefix cache and session pins."""
 
 from __future__ import annotations
 
 from livelm.core.block_pool import BlockPool
+from livelm.core.prefix_cache import HashPrefixCache, NoPrefixCache, PrefixCache
 from livelm.core.request import Request
+from livelm.core.session_pins import SessionPins, TtlSessionPins
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -12,15 +14,26 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class KVCacheManager:
-    """Grows, shares and frees the block table of each request."""
+    """Grows, shares, reuses and frees the block table of each request.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    Memory is reclaimed in this order: plain free blocks, then cached free blocks (LRU),
+    then session pins (soonest expiry first); only after that does the scheduler preempt.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.prefix_cache: PrefixCache = (
+            HashPrefixCache(self.pool, block_size) if enable_prefix_caching else NoPrefixCache()
+        )
+        self.pool.on_evict = self.prefix_cache.on_evict
+        self.sessions: SessionPins = TtlSessionPins(self.pool)
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks available to new tokens."""
+        """Blocks available to new tokens (cached free blocks included)."""
         return self.pool.num_free_blocks
 
     @property
@@ -28,21 +41,43 @@ class KVCacheManager:
         """Fraction of the pool in use, 0..1."""
         return self.pool.usage
 
-    def can_fit(self, request: Request, num_new_tokens: int) -> bool:
-        """Whether ``num_new_tokens`` more tokens of ``request`` fit in the free blocks."""
-        return self._extra_blocks(request, num_new_tokens) <= self.pool.num_free_blocks
+    # -------------------------------------------------------------------- reuse
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Extend the block table so the next ``num_new_tokens`` tokens have slots.
+    def match(self, request: Request) -> int:
+        """Give a fresh request the KV already held for its leading tokens.
 
-        Returns False (and changes nothing) when the pool is too small right now.
+        The longer of the session's pin and the prefix cache wins. Requests that ask for
+        prompt logprobs get no hit: the skipped tokens would have none (as in vLLM).
+        Returns how many tokens need no computing.
         """
-        extra = self._extra_blocks(request, num_new_tokens)
-        if extra > self.pool.num_free_blocks:
-            return False
-        if extra > 0:
-            request.block_ids.extend(self.pool.allocate(extra))
-        return True
+        if request.sampling_params.prompt_logprobs is not None:
+            return 0
+        cached = self.prefix_cache.match(request)
+        pinned, pinned_tokens = self.sessions.match(request, self.block_size)
+        if pinned_tokens > len(cached) * self.block_size:
+            self.pool.release(reversed(cached))
+            request.cache_chain = []  # rebuilt from the pinned blocks at the next commit
+            blocks, num_tokens = pinned, pinned_tokens
+        else:
+            self.pool.release(reversed(pinned))
+            blocks, num_tokens = cached, len(cached) * self.block_size
+        request.block_ids = list(blocks)
+        request.num_computed_tokens = num_tokens
+        return num_tokens
+
+    def admitted(self, request: Request, num_reused: int) -> None:
+        """Bookkeeping once a request starts running with ``num_reused`` tokens reused."""
+        self.num_queried_tokens += request.num_tokens
+        self.num_hit_tokens += num_reused
+        if request.session_id is not None:
+            # The new turn supersedes the session's older pin (its blocks, if reused, are
+            # now held by the request itself).
+            self.sessions.release(request.session_id)
+        self.prefix_cache.claim(request)
+
+    def commit(self, request: Request) -> None:
+        """Record newly computed tokens (their full blocks join the prefix cache)."""
+        self.prefix_cache.commit(request)
 
     def fork(self, child: Request, parent: Request, num_tokens: int) -> int:
         """Let ``child`` reuse the full blocks of ``parent`` covering its first ``num_tokens``.
@@ -54,12 +89,62 @@ class KVCacheManager:
         shared = parent.block_ids[: num_tokens // self.block_size]
         self.pool.share(shared)
         child.block_ids = list(shared)
+        child.cache_chain = []
         return len(shared) * self.block_size
 
+    # --------------------------------------------------------------- allocation
+
+    def make_room(self, request: Request, num_new_tokens: int) -> bool:
+        """Whether ``num_new_tokens`` more tokens of ``request`` fit, dropping session pins
+        (soonest expiry first) if that is what it takes; drops none when even that fails."""
+        extra = self._extra_blocks(request, num_new_tokens)
+        free = self.pool.num_free_blocks
+        if extra <= free:
+            return True
+        if extra > free + self.sessions.reclaimable_blocks():
+            return False
+        while self.pool.num_free_blocks < extra and self.sessions.drop_soonest():
+            pass
+        return extra <= self.pool.num_free_blocks
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        """Extend the block table so the next ``num_new_tokens`` tokens have slots.
+
+        Session pins are dropped (soonest expiry first) before giving up: a running request
+        outranks an idle session. Returns False (and allocates nothing) when the pool is
+        still too small.
+        """
+        extra = self._extra_blocks(request, num_new_tokens)
+        while extra > self.pool.num_free_blocks:
+            if not self.sessions.drop_soonest():
+                return False
+        if extra > 0:
+            request.block_ids.extend(self.pool.allocate(extra))
+        return True
+
+    # ----------------------------------------------------------------- freeing
+
     def free(self, request: Request) -> None:
-        """Give back every block the request holds."""
-        self.pool.release(request.block_ids)
+        """Give back every block the request holds (shared ones stay with their holders)."""
+        self.prefix_cache.forget(request)
+        # Last-first, so the LRU evicts a prefix's deepest blocks first.
+        self.pool.release(reversed(request.block_ids))
         request.block_ids = []
+        request.cache_chain = []
+
+    def pin_session(self, request: Request, expires_at: float) -> None:
+        """Hand a finished request's computed KV to its session's pin until ``expires_at``."""
+        num_tokens = request.num_computed_tokens
+        keep = blocks_needed(num_tokens, self.block_size)
+        self.prefix_cache.forget(request)
+        self.pool.release(reversed(request.block_ids[keep:]))
+        if keep == 0 or request.session_id is None:
+            self.pool.release(reversed(request.block_ids[:keep]))
+        else:
+            self.sessions.pin(request.session_id, request.block_ids[:keep],
+                              request.all_token_ids[:num_tokens], request.cache_salt, expires_at)
+        request.block_ids = []
+        request.cache_chain = []
 
     def _extra_blocks(self, request: Request, num_new_tokens: int) -> int:
         needed = blocks_needed(request.num_computed_tokens + num_new_tokens, self.block_size)

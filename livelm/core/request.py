@@ -49,6 +49,12 @@ class Request:
     parent_id: str | None = None
     fork_from: str | None = None
     input_closed: bool = True
+    # Prefix caching and sessions (see core/prefix_cache.py and core/session_pins.py):
+    # requests with different salts never share KV; a request naming a session leaves its
+    # KV pinned for ``session_ttl`` seconds (None: the engine's default) when it finishes.
+    cache_salt: str | None = None
+    session_id: str | None = None
+    session_ttl: float | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -58,6 +64,11 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    # The prefix cache's bookkeeping: chained hashes of the full blocks of
+    # ``all_token_ids`` (extended lazily), and the cache content ids of the leading blocks
+    # whose KV this request holds and the cache knows.
+    block_hashes: list[int] = field(default_factory=list)
+    cache_chain: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from livelm.config import CacheConfig, SchedulerConfig
 from livelm.core.engine_output import EngineCoreOutput
@@ -18,14 +19,27 @@ class Scheduler:
     Every request simply catches up to its known tokens: a decoding request needs one
     token, a fresh (or preempted, or forked) one needs a chunk of its prompt. Running
     requests are served first, oldest first, so decodes are never starved by prefills;
-    what budget is left admits waiting requests. When the KV pool runs dry the newest
-    running request is preempted (its blocks freed, recomputed later).
+    what budget is left admits waiting requests. A waiting request first takes the KV
+    that already exists for its leading tokens (its session's pin or the prefix cache),
+    and waits while a running request is computing a prefix it shares. When the KV pool
+    runs dry, session pins are dropped first; then the newest running request is
+    preempted (its blocks released, recomputed later).
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
-        self.kv = KVCacheManager(cache_config.num_blocks, cache_config.block_size)
+        self.kv = KVCacheManager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.session_ttl = cache_config.session_ttl_s
+        # Session TTLs read this clock; tests replace it to move time without sleeping.
+        self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -64,6 +78,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work within ``max_num_batched_tokens`` and the KV pool."""
+        self.kv.sessions.expire(self.clock())
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted = False
@@ -102,16 +117,23 @@ class Scheduler:
             if req.fork_from is not None and not self._try_fork(req):
                 skipped.append(req)  # its prompt is still being computed by the first sequence
                 continue
+            reused = 0
+            if not req.block_ids:
+                if self.kv.prefix_cache.waits_for_producer(req):
+                    skipped.append(req)  # a running request is computing the prefix it shares
+                    continue
+                reused = self.kv.match(req)
             remaining = req.num_tokens - req.num_computed_tokens
             # Admit only if the whole remaining prompt fits now: a request admitted on its
             # first chunk alone would soon be preempted again, wasting the work.
-            if not self.kv.can_fit(req, remaining + 1):
+            if not self.kv.make_room(req, remaining + 1):
                 self.kv.free(req)
                 req.num_computed_tokens = 0
                 self.waiting.appendleft(req)
                 break
             n = min(remaining, budget)
             self.kv.allocate_slots(req, n)
+            self.kv.admitted(req, reused)
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
@@ -177,6 +199,7 @@ class Scheduler:
             if req is None or req.is_finished:
                 continue
             req.num_computed_tokens += chunk.num_tokens
+            self.kv.commit(req)
             prompt_lp = result.prompt_logprobs.get(req.request_id)
             if not chunk.sample:
                 if prompt_lp is not None:
@@ -245,6 +268,36 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        ttl = req.session_ttl if req.session_ttl is not None else self.session_ttl
+        if req.session_id is not None and ttl > 0 and req.finish_reason in _PINNED_FINISHES:
+            self.kv.pin_session(req, self.clock() + ttl)
+        else:
+            self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)
+
+    # ----------------------------------------------------------------- sessions
+
+    def close_session(self, session_id: str) -> bool:
+        """Unpin a session's KV now; a turn still in flight will not pin it either.
+
+        Returns False when the session had neither a pin nor a request in flight.
+        """
+        found = self.kv.sessions.close(session_id)
+        for req in self.requests.values():
+            if req.session_id == session_id:
+                req.session_id = None
+                found = True
+        return found
+
+    def next_pin_expiry(self) -> float | None:
+        """Clock time at which the next session pin expires (None without pins)."""
+        return self.kv.sessions.next_expiry()
+
+    def expire_sessions(self) -> int:
+        """Drop the session pins whose TTL is over (also done at every schedule)."""
+        return self.kv.sessions.expire(self.clock())
+
+
+# An aborted turn leaves nothing worth keeping: the client never saw its output.
+_PINNED_FINISHES = (FinishReason.STOP, FinishReason.LENGTH)

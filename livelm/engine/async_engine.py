@@ -9,7 +9,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from livelm.engine.engine_core import EngineStats
-from livelm.engine.frontend import Frontend, make_engine_config
+from livelm.engine.frontend import Frontend, make_engine_config, with_session
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
@@ -21,6 +21,11 @@ class _Failure:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+def _resolve(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 class AsyncEngine:
@@ -58,15 +63,25 @@ class AsyncEngine:
         return self._frontend.prompt_ids(prompt)
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        session_id: str | None = None,
+        session_ttl: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield output deltas of one request; the last one has ``finished=True``.
 
         Invalid requests raise ValueError before anything is yielded. Leaving the loop
         early (break, cancellation, a closed client connection) aborts the request.
+        ``session_id`` makes the request a turn of that session: its KV stays pinned for
+        ``session_ttl`` seconds (default: the engine's ``session_ttl_s``) after it
+        finishes, so the next turn prefills only what it adds (the same as
+        ``SamplingParams.extra["session_id"]`` / ``["session_ttl"]``).
         """
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
+        params = with_session(params, session_id, session_ttl)
         rid = request_id or self._frontend.new_request_id()
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
@@ -87,6 +102,13 @@ class AsyncEngine:
             self._streams.pop(rid, None)
             if not finished:
                 self.abort(rid)
+
+    async def close_session(self, session_id: str) -> bool:
+        """Release a session's pinned KV now; False when the session is unknown."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._send(("close_session", session_id, loop, done))
+        return await done
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe, idempotent); its KV blocks are freed next step."""
@@ -137,6 +159,13 @@ class AsyncEngine:
                 out = fe.abort(cmd[1])
                 if out is not None:
                     self._deliver(cmd[1], out)
+            elif cmd[0] == "close_session":
+                _, session_id, loop, done = cmd
+                closed = fe.close_session(session_id)
+                try:
+                    loop.call_soon_threadsafe(_resolve, done, closed)
+                except RuntimeError:  # the caller's loop is gone
+                    pass
             elif cmd[0] == "stop":
                 for rid in list(fe.states):
                     out = fe.abort(rid)
@@ -151,8 +180,12 @@ class AsyncEngine:
                 self._stats = fe.stats()
                 return
             if not fe.has_unfinished():
+                fe.core.expire_sessions()
                 self._stats = fe.stats()
-                self._wakeup.wait()
+                # Idle with session pins: wake when the next one expires, so its blocks
+                # (and the stats) are released on time even if no request arrives.
+                timeout = fe.core.seconds_to_next_pin_expiry()
+                self._wakeup.wait(None if timeout is None else max(timeout, 0.01))
                 self._wakeup.clear()
                 continue
             try:

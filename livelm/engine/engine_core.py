@@ -28,7 +28,13 @@ _MAX_ROPE_TABLE = 131072
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of the engine's load."""
+    """A snapshot of the engine's load.
+
+    Prefix cache: tokens looked up and tokens reused (cache or session pin) over all
+    admitted requests, blocks registered, and cached free blocks evicted for new data.
+    Sessions: sessions and distinct blocks pinned now, and pins ended by TTL, dropped
+    under memory pressure, or closed by the user.
+    """
 
     num_running: int
     num_waiting: int
@@ -36,6 +42,15 @@ class EngineStats:
     num_total_blocks: int
     kv_usage: float
     num_preemptions: int
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    num_cached_blocks: int = 0
+    num_cache_evictions: int = 0
+    num_sessions: int = 0
+    num_pinned_blocks: int = 0
+    num_session_pins_expired: int = 0
+    num_session_pins_dropped: int = 0
+    num_session_pins_closed: int = 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,7 +93,9 @@ class EngineCore:
         logger.info("loaded %s (%s, %s) in %.1fs", model_dir, self.dtype, self.device, time.perf_counter() - t0)
 
         num_blocks = self._num_kv_blocks()
-        self.cache_config = CacheConfig(config.block_size, num_blocks)
+        self.cache_config = CacheConfig(
+            config.block_size, num_blocks, config.enable_prefix_caching, config.session_ttl_s
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
             self.cache_config,
@@ -124,12 +141,16 @@ class EngineCore:
                 f"prompt + max_tokens = {n + max_tokens} tokens cannot fit in the KV cache "
                 f"({capacity} tokens): raise kv_cache_gib or lower max_tokens"
             )
+        session_id, _, _ = request_options(params)
+        if session_id is not None and params.n > 1:
+            raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Validate and queue a request; n > 1 becomes n sequences sharing the prompt's KV."""
         self.validate(prompt_token_ids, params)
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(prompt_token_ids))
+        session_id, session_ttl, cache_salt = request_options(params)
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             self.scheduler.add_request(
@@ -141,6 +162,9 @@ class EngineCore:
                     index=i,
                     parent_id=request_id,
                     fork_from=f"{request_id}#0" if i > 0 else None,
+                    cache_salt=cache_salt,
+                    session_id=session_id,
+                    session_ttl=session_ttl,
                 )
             )
 
@@ -156,6 +180,19 @@ class EngineCore:
         """True while requests are waiting or running."""
         return self.scheduler.has_unfinished()
 
+    def close_session(self, session_id: str) -> bool:
+        """Release a session's pinned KV now; False when the session is unknown."""
+        return self.scheduler.close_session(session_id)
+
+    def seconds_to_next_pin_expiry(self) -> float | None:
+        """How long until a session pin expires (None without pins); idle loops wake then."""
+        expiry = self.scheduler.next_pin_expiry()
+        return None if expiry is None else max(0.0, expiry - self.scheduler.clock())
+
+    def expire_sessions(self) -> int:
+        """Release session pins whose TTL is over (steps do it too)."""
+        return self.scheduler.expire_sessions()
+
     def step(self) -> list[EngineCoreOutput]:
         """One scheduling + model step; returns what each touched sequence produced."""
         sched = self.scheduler.schedule()
@@ -168,7 +205,8 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         """Current load of the engine."""
-        pool = self.scheduler.kv.pool
+        kv = self.scheduler.kv
+        pool, sessions = kv.pool, kv.sessions
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -176,7 +214,34 @@ class EngineCore:
             num_total_blocks=pool.num_blocks,
             kv_usage=pool.usage,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queried_tokens=kv.num_queried_tokens,
+            prefix_cache_hit_tokens=kv.num_hit_tokens,
+            num_cached_blocks=kv.prefix_cache.num_cached_blocks,
+            num_cache_evictions=pool.num_evictions,
+            num_sessions=sessions.num_sessions,
+            num_pinned_blocks=sessions.num_pinned_blocks,
+            num_session_pins_expired=sessions.num_expired,
+            num_session_pins_dropped=sessions.num_dropped,
+            num_session_pins_closed=sessions.num_closed,
         )
+
+
+def request_options(params: SamplingParams) -> tuple[str | None, float | None, str | None]:
+    """``(session_id, session_ttl, cache_salt)`` from ``params.extra``, checked.
+
+    ``session_id`` (str) names a session whose KV stays pinned after the turn,
+    ``session_ttl`` (seconds >= 0) overrides the engine's pin time for this turn, and
+    ``cache_salt`` (str) keeps this request's KV apart from other salts (per tenant).
+    """
+    extra = params.extra or {}
+    session_id, ttl, salt = extra.get("session_id"), extra.get("session_ttl"), extra.get("cache_salt")
+    if session_id is not None and (not isinstance(session_id, str) or not session_id):
+        raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0):
+        raise ValueError(f"session_ttl must be a number of seconds >= 0, got {ttl!r}")
+    if salt is not None and not isinstance(salt, str):
+        raise ValueError(f"cache_salt must be a string, got {salt!r}")
+    return session_id, None if ttl is None else float(ttl), salt or None
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from livelm.config import EngineConfig
@@ -16,6 +16,18 @@ from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
 _CONFIG_FIELDS = {f.name for f in fields(EngineConfig)}
+
+
+def with_session(params: SamplingParams, session_id: str | None, ttl: float | None = None) -> SamplingParams:
+    """``params`` naming session ``session_id`` (and its pin time ``ttl``, in seconds)."""
+    if session_id is None and ttl is None:
+        return params
+    extra = dict(params.extra)
+    if session_id is not None:
+        extra["session_id"] = session_id
+    if ttl is not None:
+        extra["session_ttl"] = ttl
+    return replace(params, extra=extra)
 
 
 def make_engine_config(model: str | None, kwargs: dict) -> EngineConfig:
@@ -55,13 +67,19 @@ class Frontend:
         """Prompt ids of a conversation rendered through the chat template."""
         return chat_prompt_ids(self.tokenizer, messages)
 
-    def add(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestState:
-        """Tokenize, validate and queue one request."""
+    def add(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> RequestState:
+        """Tokenize (unless ``prompt_token_ids`` are given), validate and queue one request."""
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and not prompt:
             raise ValueError("the prompt is empty: give at least one character")
-        ids = self.prompt_ids(prompt)
+        ids = prompt_token_ids if prompt_token_ids is not None else self.prompt_ids(prompt)
         self.core.add_request(request_id, ids, params)
         state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer)
         self.states[request_id] = state
@@ -100,6 +118,10 @@ class Frontend:
     def has_unfinished(self) -> bool:
         """True while any request is in flight."""
         return self.core.has_unfinished()
+
+    def close_session(self, session_id: str) -> bool:
+        """Release a session's pinned KV now; False when the session is unknown."""
+        return self.core.close_session(session_id)
 
     def stats(self) -> EngineStats:
         """The engine core's load."""

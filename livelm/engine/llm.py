@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from livelm.engine.frontend import Frontend, make_engine_config
+from livelm.core.prefix_grouping import prefix_grouped_order
+from livelm.engine.frontend import Frontend, make_engine_config, with_session
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
@@ -39,37 +40,88 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        session_id: str | None = None,
+        group_prefixes: bool | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the order of the prompts.
 
         ``prompts`` is a string, a list of token ids, or a list of either. One
         SamplingParams applies to all prompts; a list gives one per prompt.
+
+        ``session_id`` (one prompt only) makes this a turn of that session: its KV stays
+        pinned afterwards (see ``close_session``), so a next turn that extends the history
+        prefills only the new tokens; a per-prompt session goes in
+        ``SamplingParams.extra["session_id"]``. ``group_prefixes`` (default: the engine's
+        ``prefix_grouping``, with prefix caching on) submits prompts that share a prefix
+        together, decode-heavy ones first, so shared KV is computed once.
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        return self._run(prompt_list, params_list, use_tqdm)
+        params_list = self._with_session(params_list, session_id)
+        return self._run(prompt_list, params_list, use_tqdm, group_prefixes)
 
     def chat(
         self,
         conversations: list[dict] | Sequence[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        session_id: str | None = None,
     ) -> list[RequestOutput]:
-        """Reply to one conversation (a list of {"role", "content"} messages) or to several."""
+        """Reply to one conversation (a list of {"role", "content"} messages) or to several.
+
+        ``session_id`` works as in :meth:`generate` (one conversation only).
+        """
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         prompt_list = [self._frontend.chat_ids(list(c)) for c in conversations]
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        return self._run(prompt_list, params_list, use_tqdm)
+        params_list = self._with_session(params_list, session_id)
+        return self._run(prompt_list, params_list, use_tqdm, None)
 
-    def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def close_session(self, session_id: str) -> bool:
+        """Release a session's pinned KV now (else it goes when its TTL ends).
+
+        Returns False when the session has no pin and no turn in flight.
+        """
+        return self._frontend.close_session(session_id)
+
+    @staticmethod
+    def _with_session(params: list[SamplingParams], session_id: str | None) -> list[SamplingParams]:
+        if session_id is None:
+            return params
+        if len(params) != 1:
+            raise ValueError(
+                "session_id names one conversation: give one prompt, or put a session per "
+                "prompt in SamplingParams.extra['session_id']"
+            )
+        return [with_session(params[0], session_id)]
+
+    def _submission_order(self, token_ids: list[list[int]], params: list[SamplingParams],
+                          group_prefixes: bool | None) -> list[int]:
+        config = self._frontend.config
+        if group_prefixes is None:
+            group_prefixes = config.prefix_grouping and config.enable_prefix_caching
+        if not group_prefixes or len(token_ids) < 2:
+            return list(range(len(token_ids)))
+        max_len = self._frontend.max_model_len
+        decode = [
+            p.max_tokens if p.max_tokens is not None else max_len - len(ids)
+            for ids, p in zip(token_ids, params, strict=True)
+        ]
+        return prefix_grouped_order(token_ids, decode, config.block_size)
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool,
+             group_prefixes: bool | None) -> list[RequestOutput]:
         fe = self._frontend
-        ids = []
+        ids = [fe.new_request_id() for _ in prompts]
+        added = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                rid = fe.new_request_id()
-                fe.add(rid, prompt, p)
-                ids.append(rid)
+            token_ids = [
+                fe.prompt_ids(p) if not isinstance(p, str) or p else [] for p in prompts
+            ]
+            for i in self._submission_order(token_ids, params, group_prefixes):
+                fe.add(ids[i], prompts[i], params[i], token_ids[i])
+                added.append(ids[i])
             results: dict[str, RequestOutput] = {}
             bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2)
             while len(results) < len(ids):
@@ -81,7 +133,7 @@ class LLM:
             return [results[rid] for rid in ids]
         except BaseException:
             # A bad prompt in the middle, or Ctrl-C: release everything this call queued.
-            for rid in ids:
+            for rid in added:
                 fe.abort(rid)
             raise
 

@@ -1,4 +1,4 @@
-"""The ``livelm`` command: generate, chat, serve."""
+"""The ``livelm`` command: generate, chat, serve, bench."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     # An interactive session needs far less KV memory than a batch job's 4 GiB default.
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV of shared prompt prefixes (on by default)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -27,6 +29,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads}
+    if args.no_prefix_caching:
+        kw["enable_prefix_caching"] = False
     if args.kv_cache_gib is not None:
         kw["kv_cache_gib"] = args.kv_cache_gib
     return kw
@@ -72,7 +76,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     async def reply(messages: list[dict]) -> str:
         text = []
-        async for out in engine.generate(engine.apply_chat_template(messages), params):
+        # One session: each turn reuses the pinned KV of the history instead of prefilling it.
+        async for out in engine.generate(engine.apply_chat_template(messages), params,
+                                         session_id="livelm-chat"):
             for c in out.outputs:
                 print(c.text, end="", flush=True)
                 text.append(c.text)
@@ -126,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
         add_serve_args(serve)
         serve.set_defaults(func=serve_main)
+
+    from livelm.entrypoints.bench_cli import add_bench_args
+
+    bench = sub.add_parser("bench", help="benchmarks: throughput, serve, sweep",
+                           description="Benchmarks: offline throughput, serving latency under load, rate sweeps.")
+    add_bench_args(bench)
     return parser
 
 

@@ -40,6 +40,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="token budget of one engine step")
     engine.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU")
     engine.add_argument("--seed", type=int, default=None, help="engine seed")
+    engine.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not reuse the KV of shared prompt prefixes (on by default)")
+    engine.add_argument("--session-ttl", dest="session_ttl_s", type=float, default=None,
+                        help="seconds a session's KV stays pinned after a turn "
+                             "(default 30; requests may set session_ttl)")
 
 
 def serve_main(args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from livelm.entrypoints.openai.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    SessionDeleted,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -97,7 +98,7 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(config.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
     return app
@@ -128,6 +129,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         """Chat completions."""
         return await create_chat_completion(state, req, raw)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str) -> SessionDeleted:
+        """Release a session's pinned KV now (instead of at the end of its TTL)."""
+        close = getattr(state.engine, "close_session", None)
+        if close is None:
+            raise OpenAIError("this engine keeps no sessions", 501, "server_error")
+        return SessionDeleted(id=session_id, deleted=await close(session_id))
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
@@ -177,6 +186,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options of ``livelm serve``'s flags (unset flags keep engine defaults)."""
+    kwargs = {
+        name: getattr(args, name)
+        for name in ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "kv_cache_gib", "seed", "session_ttl_s")
+        if getattr(args, name, None) is not None
+    }
+    if getattr(args, "no_prefix_caching", False):
+        kwargs["enable_prefix_caching"] = False
+    return kwargs
+
+
 def run_server(args: argparse.Namespace) -> None:
     """Load the engine, serve until SIGINT/SIGTERM, then drain and stop cleanly."""
     import uvicorn
@@ -184,12 +206,7 @@ def run_server(args: argparse.Namespace) -> None:
     from livelm.engine.async_engine import AsyncEngine
 
     configure_logging(args.log_level)
-    engine_kwargs = {
-        name: getattr(args, name)
-        for name in ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                     "kv_cache_gib", "seed")
-        if getattr(args, name, None) is not None
-    }
+    engine_kwargs = engine_kwargs_from_args(args)
     logger.info("loading %s", args.model or "the default model")
     engine = AsyncEngine(args.model, served_model_name=args.served_model_name, **engine_kwargs)
     app = build_app(engine, server_config_from_args(args))

@@ -51,6 +51,38 @@ class _LiveGauges(Collector):
         yield CounterMetricFamily(
             "livelm_num_preemptions", "Requests preempted by the scheduler.", value=stats.num_preemptions
         )
+        yield from _cache_metrics(stats)
+
+
+def _cache_metrics(stats: Any) -> Iterator[Any]:
+    """Prefix cache and session metrics (absent from stats of engines that have none)."""
+    if not hasattr(stats, "prefix_cache_queried_tokens"):
+        return
+    counters = (
+        ("livelm_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache "
+         "and session pins at admission.", stats.prefix_cache_queried_tokens),
+        ("livelm_prefix_cache_hit_tokens", "Tokens whose KV was reused instead of computed.",
+         stats.prefix_cache_hit_tokens),
+        ("livelm_prefix_cache_evictions", "Cached free KV blocks reused for new data.",
+         stats.num_cache_evictions),
+    )
+    for name, doc, value in counters:
+        yield CounterMetricFamily(name, doc, value=value)
+    gauges = (
+        ("livelm_prefix_cache_blocks", "KV blocks registered in the prefix cache.", stats.num_cached_blocks),
+        ("livelm_sessions", "Sessions whose KV is pinned.", stats.num_sessions),
+        ("livelm_session_pinned_blocks", "KV blocks held by session pins.", stats.num_pinned_blocks),
+    )
+    for name, doc, value in gauges:
+        yield GaugeMetricFamily(name, doc, value=value)
+    ended = CounterMetricFamily(
+        "livelm_session_pins_released", "Session pins released, by reason: TTL over, dropped "
+        "under memory pressure, or closed by the user.", labels=["reason"],
+    )
+    ended.add_metric(["expired"], stats.num_session_pins_expired)
+    ended.add_metric(["pressure"], stats.num_session_pins_dropped)
+    ended.add_metric(["closed"], stats.num_session_pins_closed)
+    yield ended
 
 
 class ServerMetrics:

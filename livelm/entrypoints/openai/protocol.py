@@ -3,7 +3,7 @@
 Requests accept unknown fields and ignore them (clients send fields of newer API versions),
 except the documented livelm extras: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``,
-``include_stop_str_in_output`` and ``session_id``. Value ranges are checked by
+``include_stop_str_in_output``, ``session_id``, ``session_ttl`` and ``cache_salt``. Value ranges are checked by
 :class:`~livelm.sampling_params.SamplingParams`, so the API and the Python engine agree.
 """
 
@@ -58,7 +58,11 @@ class SamplingRequest(OpenAIModel):
     include_stop_str_in_output: bool = False
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # A session's KV stays pinned for session_ttl seconds after the turn (default: the
+    # engine's); requests with different cache_salt values never share KV.
     session_id: str | None = None
+    session_ttl: float | None = None
+    cache_salt: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -261,6 +265,14 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class SessionDeleted(BaseModel):
+    """``DELETE /v1/sessions/{id}``: ``deleted`` is false when nothing was pinned."""
+
+    id: str
+    object: Literal["session"] = "session"
+    deleted: bool
 
 
 class TokenizeResponse(BaseModel):

@@ -37,13 +37,26 @@ def _common_kwargs(req: SamplingRequest) -> dict:
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         skip_special_tokens=req.skip_special_tokens,
-        extra={k: v for k, v in (("session_id", req.session_id), ("user", req.user)) if v},
+        extra={
+            k: v
+            for k, v in (
+                ("session_id", req.session_id),
+                ("session_ttl", req.session_ttl),
+                ("cache_salt", req.cache_salt),
+                ("user", req.user),
+            )
+            if v is not None and v != ""
+        },
     )
 
 
 def _check_common(req: SamplingRequest) -> None:
     if req.logit_bias:
         raise _unsupported("logit_bias", "logit_bias")
+    if req.session_ttl is not None and req.session_ttl < 0:
+        raise OpenAIError("session_ttl must be a number of seconds >= 0", 400, param="session_ttl")
+    if req.session_id and req.n > 1:
+        raise OpenAIError("a session turn must have n == 1", 400, param="n")
     if req.stream_options is not None and not req.stream:
         raise OpenAIError("stream_options is only allowed when stream is true", 400,
                           param="stream_options")

@@ -1,0 +1,297 @@
+"""Shared benchmark helpers: a random SmolLM2-shaped model, a matmul roofline, FLOP counts,
+machine facts and JSON-lines result records.
+
+Nothing here downloads anything: the random model and its tokenizer are built locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config.json).
+SMOLLM2_135M_SHAPE: dict = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
+_BUILD_MARKER = ".livelm-benchmark-model-v1"
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def build_full_vocab_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """Save a byte-level BPE tokenizer whose vocabulary has exactly ``vocab_size`` ids.
+
+    Ids 0-2 are SmolLM2's special tokens, then the 256 byte-level symbols, then synthetic
+    ASCII word pieces (``"Ġab"``, ``"abc"``, ...) each with its merge rule, so that every
+    id the model can sample decodes to real text, as with a real checkpoint's tokenizer
+    (a small tokenizer would make the detokenizer see unknown ids and emit nothing).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    chars += [chr(c) for c in range(ord("A"), ord("Z") + 1)] + list("0123456789")
+    merges: list[tuple[str, str]] = []
+
+    def add(left: str, right: str) -> str | None:
+        piece = left + right
+        if len(vocab) >= vocab_size or piece in vocab:
+            return None
+        vocab[piece] = len(vocab)
+        merges.append((left, right))
+        return piece
+
+    pairs = [p for a in ["Ġ", *chars] for b in chars if (p := add(a, b)) is not None]
+    for left in pairs:
+        for right in chars:
+            add(left, right)
+    if len(vocab) < vocab_size:
+        raise ValueError(f"cannot synthesize {vocab_size} tokens (got {len(vocab)})")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.save_pretrained(out_dir)
+
+
+def build_random_smollm2_shape(out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight Llama of SmolLM2-135M's shape in ``out_dir`` (built once, then reused).
+
+    Weights use transformers' default init (normal, std 0.02), fp32, safetensors. The
+    tokenizer is :func:`build_full_vocab_tokenizer`'s (49152 ids, no download).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / _BUILD_MARKER).is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    build_full_vocab_tokenizer(out, SMOLLM2_135M_SHAPE["vocab_size"])
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SMOLLM2_135M_SHAPE)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    gen = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
+    (out / "generation_config.json").write_text(json.dumps(gen))
+    (out / _BUILD_MARKER).write_text(f"built in {time.perf_counter() - t0:.1f}s\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers the FLOP formula needs, read from a model directory's config.json."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    q_size: int
+    kv_size: int
+    vocab: int
+
+    @staticmethod
+    def from_dir(model_dir: str | Path) -> ModelShape:
+        """Parse config.json (Llama-family keys)."""
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+        return ModelShape(
+            hidden=raw["hidden_size"],
+            intermediate=raw["intermediate_size"],
+            layers=raw["num_hidden_layers"],
+            q_size=heads * head_dim,
+            kv_size=(raw.get("num_key_value_heads") or heads) * head_dim,
+            vocab=raw["vocab_size"],
+        )
+
+    @property
+    def non_embedding_params(self) -> int:
+        """Weights of the layers' matmuls (q, k, v, o, gate, up, down); norms are negligible."""
+        h = self.hidden
+        per_layer = (
+            h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * self.intermediate
+        )
+        return self.layers * per_layer
+
+    @property
+    def lm_head_params(self) -> int:
+        """hidden x vocab."""
+        return self.hidden * self.vocab
+
+    def gemm_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of each per-layer linear, as livelm fuses them."""
+        h = self.hidden
+        return [
+            (h, self.q_size + 2 * self.kv_size),  # qkv_proj
+            (self.q_size, h),  # o_proj
+            (h, 2 * self.intermediate),  # gate_up_proj
+            (self.intermediate, h),  # down_proj
+        ]
+
+
+FLOP_FORMULA = (
+    "model FLOPs = 2 * N_nonemb * (prompt tokens + output tokens - requests)"
+    " + 2 * hidden * vocab * output tokens;  attention score/value matmuls excluded"
+    " (reported separately as attn FLOPs = 4 * layers * q_size * sum of context lengths)"
+)
+
+
+def model_flops(
+    shape: ModelShape, prompt_lens: list[int], output_lens: list[int]
+) -> dict[str, float]:
+    """FLOPs of serving these requests once each (no recompute), per :data:`FLOP_FORMULA`.
+
+    Every prompt token and every output token but the last goes through the layers; each
+    output token is sampled from one lm_head row. Attention counts each query against its
+    causal context (positions 0..p), QK^T and PV each 2 * q_size MACs-to-FLOPs per key.
+    """
+    forward_tokens = sum(prompt_lens) + sum(max(o - 1, 0) for o in output_lens)
+    sampled = sum(output_lens)
+    dense = 2.0 * shape.non_embedding_params * forward_tokens + 2.0 * shape.lm_head_params * sampled
+    # sum over query positions p in [0, L) of (p + 1) keys = L (L + 1) / 2, L = p_len + o_len - 1.
+    ctx = sum((p + o - 1) * (p + o) / 2 for p, o in zip(prompt_lens, output_lens, strict=True))
+    attn = 4.0 * shape.layers * shape.q_size * ctx
+    return {
+        "forward_tokens": forward_tokens,
+        "sampled_tokens": sampled,
+        "dense_flops": dense,
+        "attn_flops": attn,
+    }
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def measure_matmul_gflops(
+    shape: ModelShape, rows: int = 2048, repeats: int = 5, min_seconds: float = 0.2
+) -> dict[str, float]:
+    """fp32 GFLOP/s of the model's own GEMM shapes (``rows`` tokens x each linear layer).
+
+    Returns the best GFLOP/s of each shape (best of ``repeats`` timings, each at least
+    ``min_seconds`` long), ``peak`` (the best shape) and ``model_mix`` (one layer's four
+    GEMMs together: total FLOPs / summed best times). ``peak`` is the roofline MFU uses.
+    """
+    result: dict[str, float] = {}
+    total_flops = total_time = 0.0
+    with torch.inference_mode():
+        for k, n in shape.gemm_shapes():
+            x = torch.randn(rows, k)
+            w = torch.randn(n, k)
+            F.linear(x, w)  # warm-up (allocator, oneDNN/MKL kernel choice)
+            iters = 1
+            while True:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    F.linear(x, w)
+                if time.perf_counter() - t0 >= min_seconds / 4 or iters >= 1024:
+                    break
+                iters *= 2
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    F.linear(x, w)
+                best = min(best, (time.perf_counter() - t0) / iters)
+            flops = 2.0 * rows * k * n
+            result[f"{rows}x{k}@{k}x{n}"] = flops / best / 1e9
+            total_flops += flops
+            total_time += best
+    result["peak"] = max(result.values())
+    result["model_mix"] = total_flops / total_time / 1e9
+    return result
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    """HEAD's commit, read from .git without running git (None outside a checkout)."""
+    git = root / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        ref_file = git / ref
+        if ref_file.is_file():
+            return ref_file.read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+def machine_info(threads: int) -> dict:
+    """Cores, torch threads, CPU model, versions and the load average right now."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp, to the second."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON object as a line (creating the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
