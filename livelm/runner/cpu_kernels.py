@@ -29,8 +29,10 @@ def cpu_kernels() -> ModuleType | None:
         return load(
             name="livelm_cpu_kernels",
             sources=[str(_SOURCES / "paged_attention.cpp")],
+            # -fopenmp only when compiling: linking it would pull in the system libgomp next
+            # to torch's bundled copy, and two OpenMP pools spinning on the same cores made
+            # every torch op ~100x slower. Unlinked, the GOMP symbols resolve to torch's own.
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
-            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
