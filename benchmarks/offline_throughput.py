@@ -50,7 +50,8 @@ from common import (  # noqa: E402
 )
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "offline_throughput.jsonl"
-# About 15 minutes for the whole script on 2 cores of an AVX-512 EPYC (SmolLM2 shape).
+# About 15 minutes for the whole script on 2 quiet cores of an AVX-512 EPYC (SmolLM2 shape),
+# estimated from quiet-window timings of its parts; the full 256 would take hours there.
 DEFAULT_NUM_REQUESTS_B = 32
 FULL_NUM_REQUESTS_B = 256
 
