@@ -60,6 +60,11 @@ class EngineConfig:
     ``session_ttl_s`` is how long a session's KV stays pinned after a turn (requests may
     override it; 0 pins only when a request asks); ``prefix_grouping`` lets
     ``LLM.generate`` reorder a batch so that prompts sharing a prefix run together.
+
+    Streaming input (``AsyncEngine.open_stream``): at most ``max_input_streams`` streams
+    open at once; a stream untouched for ``stream_idle_timeout_s`` seconds is closed; an
+    append is refused while more than ``max_stream_pending_tokens`` of a stream's input
+    tokens still wait to be prefilled.
     """
 
     model: str | None = None
@@ -77,6 +82,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     session_ttl_s: float = 30.0
     prefix_grouping: bool = True
+    max_input_streams: int = 64
+    stream_idle_timeout_s: float = 600.0
+    max_stream_pending_tokens: int = 16384
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -89,6 +97,12 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_input_streams < 0:
+            raise ValueError(f"max_input_streams must be >= 0, got {self.max_input_streams}")
+        if self.stream_idle_timeout_s <= 0:
+            raise ValueError(f"stream_idle_timeout_s must be > 0, got {self.stream_idle_timeout_s}")
+        if self.max_stream_pending_tokens < 1:
+            raise ValueError(f"max_stream_pending_tokens must be >= 1, got {self.max_stream_pending_tokens}")
         # Reuse the smaller configs' checks.
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 1)
         CacheConfig(self.block_size, session_ttl_s=self.session_ttl_s)

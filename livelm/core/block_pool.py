@@ -108,6 +108,13 @@ class BlockPool:
             raise RuntimeError(f"block {block} is free and cannot be cached")
         self._cached[block] = True
 
+    def uncache(self, block: int) -> None:
+        """Take a held block out of the prefix cache: its holder is about to overwrite it."""
+        if self._cached[block]:
+            self._cached[block] = False
+            if self.on_evict is not None:
+                self.on_evict(block)
+
     def is_cached(self, block: int) -> bool:
         """True while ``block`` is registered in the prefix cache."""
         return self._cached[block]

@@ -92,6 +92,32 @@ class KVCacheManager:
         child.cache_chain = []
         return len(shared) * self.block_size
 
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Forget the request's KV from token ``num_tokens`` on (update mode revised its input).
+
+        The KV of the first ``num_tokens`` tokens stays, including the head of a partly kept
+        block, which the request then overwrites from ``num_tokens`` on: a block the prefix
+        cache knows is taken out of it first. Only when someone else also holds that block
+        (a generation forked from it) is it left to them, and the request recomputes the
+        block's first tokens into a fresh one.
+        """
+        bs = self.block_size
+        self.prefix_cache.forget(request)  # its claims were keyed by the old tokens
+        del request.block_hashes[num_tokens // bs :]
+        computed = min(request.num_computed_tokens, num_tokens)
+        keep = blocks_needed(computed, bs)
+        if computed % bs:
+            head = request.block_ids[keep - 1]
+            if self.pool.ref_count(head) > 1:
+                keep -= 1
+                computed = keep * bs
+            else:
+                self.pool.uncache(head)
+        self.pool.release(reversed(request.block_ids[keep:]))
+        del request.block_ids[keep:]
+        del request.cache_chain[computed // bs :]
+        request.num_computed_tokens = computed
+
     # --------------------------------------------------------------- allocation
 
     def make_room(self, request: Request, num_new_tokens: int) -> bool:

@@ -49,6 +49,9 @@ class Request:
     parent_id: str | None = None
     fork_from: str | None = None
     input_closed: bool = True
+    # Streaming input (engine/input_stream.py): an input-only request reads a stream's input
+    # into KV as it arrives and never samples; each generation forks its KV.
+    input_only: bool = False
     # Prefix caching and sessions (see core/prefix_cache.py and core/session_pins.py):
     # requests with different salts never share KV; a request naming a session leaves its
     # KV pinned for ``session_ttl`` seconds (None: the engine's default) when it finishes.
@@ -104,3 +107,13 @@ class Request:
             raise ValueError("input can only be appended before the request generates output")
         self.prompt_token_ids.extend(token_ids)
         self.all_token_ids.extend(token_ids)
+
+    def truncate_input(self, num_tokens: int) -> None:
+        """Drop the prompt from token ``num_tokens`` on (update mode revised it); the caller
+        has already cut the KV back to at most ``num_tokens`` computed tokens."""
+        if self.output_token_ids:
+            raise ValueError("input can only be revised before the request generates output")
+        if self.num_computed_tokens > num_tokens:
+            raise RuntimeError("truncate the KV before the tokens it was computed from")
+        del self.prompt_token_ids[num_tokens:]
+        del self.all_token_ids[num_tokens:]

@@ -80,35 +80,44 @@ class Scheduler:
         """Pick this step's work within ``max_num_batched_tokens`` and the KV pool."""
         self.kv.sessions.expire(self.clock())
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        chunks: dict[str, ScheduledChunk] = {}
         preempted = False
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        # Decodes first, then prefill chunks (both oldest first): a long prompt, or input
+        # streaming into a session, never takes the budget from a token being generated.
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        catching_up = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for req in decoding + catching_up:
+            if budget <= 0:
+                break
+            if req.status == RequestStatus.PREEMPTED:
+                continue  # a victim of an earlier request in this loop
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:  # waiting for more input: holds KV, takes no compute
-                i += 1
-                continue
             while not self.kv.allocate_slots(req, n):
-                victim = self.running.pop()
+                victim = self.running.pop()  # the newest request yields
                 self._preempt(victim)
                 preempted = True
+                undone = chunks.pop(victim.request_id, None)
+                if undone is not None:
+                    budget += undone.num_tokens
                 if victim is req:
                     break
             else:
-                chunks.append(self._chunk(req, n))
+                chunks[req.request_id] = self._chunk(req, n)
                 budget -= n
-                i += 1
-                continue
-            break  # the request itself was preempted: nothing newer can run either
 
         # New work only when nothing had to yield this step (it would just thrash).
+        scheduled = list(chunks.values())
         if not preempted:
-            budget = self._admit_waiting(chunks, budget)
+            budget = self._admit_waiting(scheduled, budget)
 
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(chunks=chunks, finished_request_ids=finished)
+        return SchedulerOutput(chunks=scheduled, finished_request_ids=finished)
+
+    def has_pending_work(self) -> bool:
+        """True while a step would compute something (or could admit a waiting request);
+        streams that wait for input hold KV but need no steps."""
+        return bool(self.waiting) or any(r.num_computed_tokens < r.num_tokens for r in self.running)
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
         skipped: list[Request] = []
@@ -138,24 +147,31 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             self.running.append(req)
-            chunks.append(self._chunk(req, n))
-            budget -= n
+            if n > 0:
+                chunks.append(self._chunk(req, n))
+                budget -= n
+            else:  # a stream whose input is all computed (or has not started)
+                req.status = RequestStatus.WAITING_FOR_INPUT
         self.waiting.extendleft(reversed(skipped))
         return budget
 
     def _try_fork(self, child: Request) -> bool:
-        """Share the first sequence's prompt KV with ``child``; False means "not yet"."""
+        """Share the parent's KV of the tokens ``child`` starts with; False means "not yet".
+
+        The parent is sequence 0 of an n > 1 request, or the input stream a generation
+        replies to. The child waits while a running parent is still computing those tokens.
+        """
         parent = self.requests.get(child.fork_from or "")
-        prompt_len = child.num_prompt_tokens
-        if parent is None or parent.status != RequestStatus.RUNNING:
+        if parent is None or parent.status not in _HOLDS_KV:
             if parent is not None and parent.status == RequestStatus.WAITING and parent.num_preemptions == 0:
                 return False
             child.fork_from = None  # the parent cannot share any more: prefill alone
             return True
-        if parent.num_computed_tokens < prompt_len - 1:
+        shared = _common_prefix(parent.all_token_ids, child.all_token_ids, child.num_tokens - 1)
+        if parent.num_computed_tokens < shared:
             return False
         child.fork_from = None
-        child.num_computed_tokens = self.kv.fork(child, parent, prompt_len - 1)
+        child.num_computed_tokens = self.kv.fork(child, parent, shared)
         return True
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
@@ -171,7 +187,7 @@ class Scheduler:
             token_ids=req.all_token_ids[start : start + n],
             start_position=start,
             block_ids=req.block_ids,
-            sample=start + n == req.num_tokens and req.input_closed,
+            sample=start + n == req.num_tokens and req.input_closed and not req.input_only,
             sampling_params=params,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=req.output_token_ids,
@@ -202,6 +218,8 @@ class Scheduler:
             self.kv.commit(req)
             prompt_lp = result.prompt_logprobs.get(req.request_id)
             if not chunk.sample:
+                if req.input_only and req.num_computed_tokens == req.num_tokens:
+                    req.status = RequestStatus.WAITING_FOR_INPUT
                 if prompt_lp is not None:
                     outputs.append(self._output(req, [], None, prompt_lp))
                 continue
@@ -276,6 +294,25 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)
 
+    # ------------------------------------------------------------ streaming input
+
+    def update_input(self, request_id: str, keep: int, append: list[int]) -> Request:
+        """Revise a stream's input: keep its first ``keep`` tokens, then ``append``.
+
+        KV computed for the kept tokens stays; everything from the first changed token is
+        computed again, in the background, by the steps that follow.
+        """
+        req = self.requests.get(request_id)
+        if req is None or not req.input_only:
+            raise KeyError(f"no input stream {request_id!r}")
+        if keep < req.num_tokens:
+            self.kv.truncate(req, keep)
+            req.truncate_input(keep)
+        req.append_input(append)
+        if req.status == RequestStatus.WAITING_FOR_INPUT and req.num_computed_tokens < req.num_tokens:
+            req.status = RequestStatus.RUNNING
+        return req
+
     # ----------------------------------------------------------------- sessions
 
     def close_session(self, session_id: str) -> bool:
@@ -301,3 +338,15 @@ class Scheduler:
 
 # An aborted turn leaves nothing worth keeping: the client never saw its output.
 _PINNED_FINISHES = (FinishReason.STOP, FinishReason.LENGTH)
+# Statuses of a request admitted to the running set (its KV is there to share).
+_HOLDS_KV = (RequestStatus.RUNNING, RequestStatus.WAITING_FOR_INPUT)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of ``a`` and ``b``, at most ``limit``."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n

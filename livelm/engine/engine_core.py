@@ -145,8 +145,15 @@ class EngineCore:
         if session_id is not None and params.n > 1:
             raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Validate and queue a request; n > 1 becomes n sequences sharing the prompt's KV."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, fork_from: str | None = None
+    ) -> None:
+        """Validate and queue a request; n > 1 becomes n sequences sharing the prompt's KV.
+
+        ``fork_from`` names an input stream whose KV the request's prompt starts with (a
+        generation replying to streamed input): the prompt's tokens the stream has computed
+        are shared, not computed again.
+        """
         self.validate(prompt_token_ids, params)
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(prompt_token_ids))
@@ -161,11 +168,54 @@ class EngineCore:
                     eos_token_ids=self.eos_token_ids,
                     index=i,
                     parent_id=request_id,
-                    fork_from=f"{request_id}#0" if i > 0 else None,
+                    fork_from=f"{request_id}#0" if i > 0 else fork_from,
                     cache_salt=cache_salt,
                     session_id=session_id,
                     session_ttl=session_ttl,
                 )
+            )
+
+    # ------------------------------------------------------------ input streams
+
+    def add_input_stream(self, stream_id: str, token_ids: list[int], cache_salt: str | None = None) -> None:
+        """Start reading a stream's input into KV (see engine/input_stream.py)."""
+        self._check_stream_tokens(token_ids)
+        self.scheduler.add_request(
+            Request(
+                request_id=stream_id,
+                prompt_token_ids=list(token_ids),
+                sampling_params=_INPUT_ONLY_PARAMS,
+                input_closed=False,
+                input_only=True,
+                cache_salt=cache_salt,
+            )
+        )
+
+    def update_input_stream(self, stream_id: str, keep: int, append: list[int]) -> None:
+        """Keep the stream's first ``keep`` input tokens and append ``append`` (ValueError
+        when the result would not leave room for a reply)."""
+        req = self.scheduler.requests.get(stream_id)
+        if req is None or not req.input_only:
+            raise ValueError(f"no open input stream {stream_id!r}")
+        self._check_stream_tokens(req.all_token_ids[:keep] + append)
+        self.scheduler.update_input(stream_id, keep, append)
+
+    def input_stream_progress(self, stream_id: str) -> tuple[int, int]:
+        """``(input tokens received, input tokens with KV)`` of an open stream."""
+        req = self.scheduler.requests[stream_id]
+        return req.num_tokens, req.num_computed_tokens
+
+    def _check_stream_tokens(self, token_ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"input token id {bad} is outside the vocabulary [0, {vocab})")
+        limit = min(self.max_model_len, self.scheduler.kv_capacity_tokens) - 1
+        if len(token_ids) > limit:
+            raise ValueError(
+                f"the streamed input ({len(token_ids)} tokens) exceeds the {limit} tokens a stream may "
+                f"hold (context length {self.max_model_len}, KV cache "
+                f"{self.scheduler.kv_capacity_tokens} tokens, one token left for a reply)"
             )
 
     def sequence_ids(self, request_id: str, n: int) -> list[str]:
@@ -179,6 +229,10 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         """True while requests are waiting or running."""
         return self.scheduler.has_unfinished()
+
+    def has_pending_work(self) -> bool:
+        """True while a step would do something (input streams waiting for input need none)."""
+        return self.scheduler.has_pending_work()
 
     def close_session(self, session_id: str) -> bool:
         """Release a session's pinned KV now; False when the session is unknown."""
@@ -224,6 +278,10 @@ class EngineCore:
             num_session_pins_dropped=sessions.num_dropped,
             num_session_pins_closed=sessions.num_closed,
         )
+
+
+# Input streams never sample; their params only satisfy the Request type.
+_INPUT_ONLY_PARAMS = SamplingParams(max_tokens=1)
 
 
 def request_options(params: SamplingParams) -> tuple[str | None, float | None, str | None]:
