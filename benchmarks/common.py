@@ -6,6 +6,7 @@ Nothing here downloads anything: the random model and its tokenizer are built lo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -201,42 +202,64 @@ def model_flops(
 # ----------------------------------------------------------------------------- roofline
 
 
+def _best_seconds(fn, repeats: int, min_seconds: float) -> float:
+    fn()  # warm-up (allocator, oneDNN/MKL kernel choice)
+    iters = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if time.perf_counter() - t0 >= min_seconds / 4 or iters >= 1024:
+            break
+        iters *= 2
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / iters)
+    return best
+
+
 def measure_matmul_gflops(
     shape: ModelShape, rows: int = 2048, repeats: int = 5, min_seconds: float = 0.2
 ) -> dict[str, float]:
     """fp32 GFLOP/s of the model's own GEMM shapes (``rows`` tokens x each linear layer).
 
-    Returns the best GFLOP/s of each shape (best of ``repeats`` timings, each at least
+    Each shape is timed with both fp32 GEMM libraries torch ships on CPU: MKL (what
+    ``F.linear`` calls) and oneDNN with a pre-packed weight (what livelm uses on CPU, and
+    much faster than MKL on AMD CPUs, where MKL runs its AVX2 code). Returns the best
+    GFLOP/s of each shape over both (best of ``repeats`` timings, each at least
     ``min_seconds`` long), ``peak`` (the best shape) and ``model_mix`` (one layer's four
-    GEMMs together: total FLOPs / summed best times). ``peak`` is the roofline MFU uses.
+    GEMMs together: total FLOPs / summed best times), and the same per library
+    (``mkl_peak``, ``onednn_peak``...). ``peak`` is the roofline MFU uses.
     """
+    from livelm.runner.onednn_linear import PackedLinear, onednn_available
+
     result: dict[str, float] = {}
+    per_lib: dict[str, dict[str, float]] = {"mkl": {}, "onednn": {}}
     total_flops = total_time = 0.0
     with torch.inference_mode():
         for k, n in shape.gemm_shapes():
             x = torch.randn(rows, k)
             w = torch.randn(n, k)
-            F.linear(x, w)  # warm-up (allocator, oneDNN/MKL kernel choice)
-            iters = 1
-            while True:
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    F.linear(x, w)
-                if time.perf_counter() - t0 >= min_seconds / 4 or iters >= 1024:
-                    break
-                iters *= 2
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    F.linear(x, w)
-                best = min(best, (time.perf_counter() - t0) / iters)
             flops = 2.0 * rows * k * n
-            result[f"{rows}x{k}@{k}x{n}"] = flops / best / 1e9
+            times = {"mkl": _best_seconds(functools.partial(F.linear, x, w), repeats, min_seconds)}
+            if onednn_available(w):
+                packed = PackedLinear(w, None)
+                times["onednn"] = _best_seconds(functools.partial(packed, x), repeats, min_seconds)
+            key = f"{rows}x{k}@{k}x{n}"
+            for lib, t in times.items():
+                per_lib[lib][key] = flops / t / 1e9
+            best = min(times.values())
+            result[key] = flops / best / 1e9
             total_flops += flops
             total_time += best
     result["peak"] = max(result.values())
     result["model_mix"] = total_flops / total_time / 1e9
+    for lib, vals in per_lib.items():
+        if vals:
+            result[f"{lib}_peak"] = max(vals.values())
     return result
 
 

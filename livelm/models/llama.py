@@ -130,4 +130,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, vocab] for the selected hidden rows."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        if self.lm_head is not None:  # whatever linear type it was swapped for
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.embed_tokens.weight).float()

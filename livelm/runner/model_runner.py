@@ -14,6 +14,7 @@ from livelm.core.scheduler_output import (
 from livelm.models.llama import LlamaForCausalLM
 from livelm.runner.attention import AttentionMetadata, PrefillSegment
 from livelm.runner.cpu_kernels import cpu_kernels
+from livelm.runner.onednn_linear import PackedLinear, onednn_available, pack_linear_layers
 from livelm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
@@ -40,6 +41,13 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
+        # fp32 on CPU: matmuls through oneDNN with pre-packed weights (~2x MKL's speed here).
+        # A tied LM head needs its own packed copy: the embedding lookup keeps the table.
+        self.tied_head: PackedLinear | None = None
+        if onednn_available(param):
+            if model.lm_head is None:
+                self.tied_head = PackedLinear(param, None)
+            pack_linear_layers(model)
         self.sampler = Sampler()
         # The compiled decode-attention kernel covers fp32 on CPU; other cases use torch ops.
         self.decode_kernel = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
@@ -71,11 +79,16 @@ class ModelRunner:
         sampled: dict[str, SampledToken] = {}
         if sample_chunks:
             rows = torch.tensor([row_of[c.request_id][1] - 1 for c in sample_chunks], device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
+            logits = self._logits(hidden.index_select(0, rows))
             out = self.sampler(logits, self._sampling_batch(sample_chunks))
             sampled = self._to_sampled(sample_chunks, out)
         prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
         return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.tied_head is not None:
+            return self.tied_head(hidden).float()
+        return self.model.compute_logits(hidden)
 
     def _prepare(self, chunks: list[ScheduledChunk]):
         bs = self.block_size
@@ -191,7 +204,7 @@ class ModelRunner:
         if last <= first:
             return PromptLogprobs(first + 1, [], [], [], [])
         h = hidden[rows[0] : rows[0] + (last - first)]
-        logprobs = torch.log_softmax(self.model.compute_logits(h), dim=-1)
+        logprobs = torch.log_softmax(self._logits(h), dim=-1)
         targets = torch.tensor(c.prompt_token_ids[first + 1 : last + 1], device=self.device)
         tok_lp = logprobs.gather(1, targets[:, None]).squeeze(1)
         ranks = (logprobs > tok_lp[:, None]).sum(-1) + 1
