@@ -147,3 +147,104 @@ def test_status_lifecycle():
     assert r.status == RequestStatus.WAITING
     _run_step(s)
     assert r.status == RequestStatus.FINISHED and r.finish_reason.value == "length"
+
+
+# ------------------------------------------------------------------ streaming input
+
+
+def _stream(rid, n) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=1), input_closed=False, input_only=True)
+
+
+def test_decodes_are_served_before_older_prefill_chunks():
+    s = _scheduler(budget=8)
+    s.add_request(_stream("reader", 8))  # older than r
+    _run_step(s)
+    s.add_request(_req("r", 2, max_tokens=5))
+    _run_step(s)  # r's prompt
+    s.update_input("reader", 8, list(range(100, 140)))  # a lot of new input to catch up on
+    out = _run_step(s)
+    # r decodes first; the reader's chunk takes only what is left of the budget.
+    assert [(c.request_id, c.num_tokens) for c in out.chunks] == [("r", 1), ("reader", 7)]
+    s.finish_request("reader")
+    while s.has_unfinished():
+        _run_step(s)
+    assert s.kv.num_free_blocks == 64
+
+
+def test_stream_waiting_for_input_holds_kv_but_takes_no_compute():
+    s = _scheduler(budget=32)
+    s.add_request(_stream("st", 10))
+    out = _run_step(s)
+    assert [(c.request_id, c.num_tokens, c.sample) for c in out.chunks] == [("st", 10, False)]
+    req = s.requests["st"]
+    assert req.status == RequestStatus.WAITING_FOR_INPUT and req.num_computed_tokens == 10
+    assert not s.has_pending_work() and s.has_unfinished()
+    assert _run_step(s).chunks == []
+    s.update_input("st", 10, [50, 51, 52])
+    assert req.status == RequestStatus.RUNNING and s.has_pending_work()
+    out = _run_step(s)
+    assert [(c.num_tokens, c.start_position, c.sample) for c in out.chunks] == [(3, 10, False)]
+    assert s.kv.num_free_blocks == 64 - 4  # 13 tokens in blocks of 4
+    s.finish_request("st")
+    assert s.kv.num_free_blocks == 64
+
+
+def test_update_mode_recomputes_from_the_first_changed_token():
+    s = _scheduler(budget=64)
+    s.add_request(_stream("st", 30))
+    _run_step(s)
+    computed = s.num_computed_tokens
+    # Keep 13 tokens (3 full blocks of 4 and one token of the 4th), then 5 new ones.
+    s.update_input("st", 13, [90, 91, 92, 93, 94])
+    req = s.requests["st"]
+    assert req.num_computed_tokens == 13 and len(req.block_ids) == 4
+    assert req.all_token_ids == list(range(1, 14)) + [90, 91, 92, 93, 94]
+    out = _run_step(s)
+    assert [(c.start_position, c.token_ids) for c in out.chunks] == [(13, [90, 91, 92, 93, 94])]
+    assert s.num_computed_tokens - computed == 5
+    # The partly kept block left the prefix cache before being overwritten: a request with
+    # the old tokens finds only the 3 untouched blocks.
+    s.add_request(_req("old", 30))
+    assert s.kv.prefix_cache.match(s.requests["old"]) == req.block_ids[:3]
+    s.kv.pool.release(req.block_ids[:3])
+    s.finish_request("old")
+    s.finish_request("st")
+    assert s.kv.num_free_blocks == 64
+
+
+def test_update_mode_leaves_a_shared_block_to_its_other_holder():
+    s = _scheduler(budget=64)
+    s.add_request(_stream("st", 16))
+    _run_step(s)
+    child = _req("gen", 16, max_tokens=2, fork_from="st")
+    s.add_request(child)
+    _run_step(s)
+    assert child.block_ids[:3] == s.requests["st"].block_ids[:3]  # 15 of 16 tokens: 3 blocks
+    s.update_input("st", 10, [70])
+    reader = s.requests["st"]
+    # Block 2 (tokens 8-11) is shared with the generation: recompute it from its start.
+    assert reader.num_computed_tokens == 8 and reader.block_ids == child.block_ids[:2]
+    while s.has_pending_work():
+        _run_step(s)
+    assert reader.num_computed_tokens == 11
+    s.finish_request("st")
+    assert s.kv.num_free_blocks == 64
+
+
+def test_generation_waits_for_the_stream_to_compute_what_it_shares():
+    s = _scheduler(budget=8)
+    s.add_request(_stream("st", 20))
+    _run_step(s)  # 8 of 20 tokens
+    s.add_request(_req("gen", 20, max_tokens=1, fork_from="st"))
+    out = _run_step(s)
+    assert [c.request_id for c in out.chunks] == ["st"]  # gen waits: st computes 16 of 20
+    out = _run_step(s)
+    assert [c.request_id for c in out.chunks] == ["st"]
+    out = _run_step(s)
+    # The stream caught up; gen shares 4 full blocks and computes only its last token.
+    assert [(c.request_id, c.start_position, c.num_tokens, c.sample) for c in out.chunks] == [("gen", 16, 4, True)]
+    s.finish_request("st")
+    while s.has_unfinished():
+        _run_step(s)
+    assert s.kv.num_free_blocks == 64

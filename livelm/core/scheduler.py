@@ -45,6 +45,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
+        self.num_computed_tokens = 0  # every token computed, over the scheduler's life
 
     # ----------------------------------------------------------------- admission
 
@@ -215,6 +216,7 @@ class Scheduler:
             if req is None or req.is_finished:
                 continue
             req.num_computed_tokens += chunk.num_tokens
+            self.num_computed_tokens += chunk.num_tokens
             self.kv.commit(req)
             prompt_lp = result.prompt_logprobs.get(req.request_id)
             if not chunk.sample:

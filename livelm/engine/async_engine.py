@@ -6,10 +6,13 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator
 
+from livelm.core.request import FinishReason
 from livelm.engine.engine_core import EngineStats
 from livelm.engine.frontend import Frontend, make_engine_config, with_session
+from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
@@ -48,6 +51,12 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self._frontend.stats()
+        # Open input streams, by id: created on the caller's loop, read by the engine thread
+        # (progress and idle checks), removed by whichever side closes them.
+        self._input_streams: dict[str, InputStream] = {}
+        # Engine thread only: streams open in the core -> last computed count reported.
+        self._open_in_core: dict[str, int] = {}
+        self._stream_ids = iter(range(1 << 62))
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="livelm-engine", daemon=True)
         self._thread.start()
@@ -64,7 +73,7 @@ class AsyncEngine:
 
     async def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | AsyncIterable[str | bytes | list[int]],
         params: SamplingParams,
         request_id: str | None = None,
         session_id: str | None = None,
@@ -78,15 +87,43 @@ class AsyncEngine:
         ``session_ttl`` seconds (default: the engine's ``session_ttl_s``) after it
         finishes, so the next turn prefills only what it adds (the same as
         ``SamplingParams.extra["session_id"]`` / ``["session_ttl"]``).
+
+        ``prompt`` may also be an async iterable of chunks (text, UTF-8 bytes or token
+        ids): each chunk is prefilled as it arrives, and the reply starts when the iterable
+        ends (see :meth:`open_stream` for replying before the input ends).
         """
+        params = with_session(params, session_id, session_ttl)
+        if isinstance(prompt, AsyncIterable):
+            async with self.open_stream(cache_salt=(params.extra or {}).get("cache_salt")) as stream:
+                async for chunk in prompt:
+                    stream.append(chunk)
+                stream.close_input()
+                async for out in stream.generate(params, request_id=request_id):
+                    yield out
+            return
+        async for out in self.generate_ids(prompt, params, request_id or self.new_request_id()):
+            yield out
+
+    def new_request_id(self) -> str:
+        """A request id unique within this engine (thread-safe)."""
+        return self._frontend.new_request_id()
+
+    async def generate_ids(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        rid: str,
+        fork_from: str | None = None,
+        prompt_text: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """:meth:`generate` for one request id; ``fork_from`` names the input stream whose
+        KV the prompt (token ids) starts with, ``prompt_text`` the text to report for it."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
-        params = with_session(params, session_id, session_ttl)
-        rid = request_id or self._frontend.new_request_id()
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, stream)
-        self._send(("add", rid, prompt, params))
+        self._send(("add", rid, prompt, params, fork_from, prompt_text))
         finished = False
         try:
             while True:
@@ -109,6 +146,50 @@ class AsyncEngine:
         done: asyncio.Future[bool] = loop.create_future()
         self._send(("close_session", session_id, loop, done))
         return await done
+
+    # ------------------------------------------------------------ input streams
+
+    def open_stream(self, stream_id: str | None = None, cache_salt: str | None = None) -> InputStream:
+        """Open a streamed prompt (call from a running event loop); see :class:`InputStream`.
+
+        Raises ValueError when ``max_input_streams`` streams are already open or the id is
+        taken. Close it (``await stream.close()`` or ``async with``) to free its KV; an
+        idle stream is closed after ``stream_idle_timeout_s`` seconds.
+        """
+        if self._stopping:
+            raise RuntimeError("the engine is shutting down")
+        limit = self.config.max_input_streams
+        if len(self._input_streams) >= limit:
+            raise ValueError(
+                f"too many open input streams ({limit}, the max_input_streams limit): close one first"
+            )
+        sid = stream_id or f"stream-{next(self._stream_ids)}"
+        if sid in self._input_streams:
+            raise ValueError(f"input stream id {sid!r} is already in use")
+        stream = InputStream(self, sid, cache_salt)
+        self._input_streams[sid] = stream
+        self._send(("stream_open", sid, cache_salt))
+        return stream
+
+    def get_stream(self, stream_id: str) -> InputStream | None:
+        """The open input stream with that id, if any."""
+        return self._input_streams.get(stream_id)
+
+    @property
+    def num_input_streams(self) -> int:
+        """Input streams open now."""
+        return len(self._input_streams)
+
+    def check_stream_input(self, token_ids: list[int]) -> None:
+        """ValueError unless a stream may hold ``token_ids`` (vocabulary and length)."""
+        self._frontend.core.check_stream_tokens(token_ids)
+
+    def _update_stream(self, stream_id: str, keep: int, append: list[int]) -> None:
+        self._send(("stream_update", stream_id, keep, append))
+
+    def _close_stream(self, stream_id: str) -> None:
+        self._input_streams.pop(stream_id, None)
+        self._send(("stream_close", stream_id))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe, idempotent); its KV blocks are freed next step."""
@@ -148,13 +229,32 @@ class AsyncEngine:
             except queue.Empty:
                 return True
             if cmd[0] == "add":
-                _, rid, prompt, params = cmd
+                _, rid, prompt, params, fork_from, prompt_text = cmd
                 if rid not in self._streams:
                     continue  # the caller already gave up
                 try:
-                    fe.add(rid, prompt, params)
+                    if fork_from is not None and fork_from not in self._open_in_core:
+                        raise StreamClosedError(f"stream {fork_from!r} is closed")
+                    if prompt_text is None:
+                        fe.add(rid, prompt, params, fork_from=fork_from)
+                    else:
+                        fe.add(rid, prompt_text, params, prompt_token_ids=prompt, fork_from=fork_from)
                 except Exception as e:  # validation errors go back to the caller
                     self._deliver(rid, _Failure(e))
+            elif cmd[0] == "stream_open":
+                _, sid, salt = cmd
+                fe.core.add_input_stream(sid, [], salt)
+                self._open_in_core[sid] = 0
+            elif cmd[0] == "stream_update":
+                _, sid, keep, append = cmd
+                if sid in self._open_in_core:
+                    try:
+                        fe.core.update_input_stream(sid, keep, append)
+                    except ValueError as e:  # checked by the caller already; never expected
+                        logger.error("closing input stream %s: %s", sid, e)
+                        self._close_stream_in_core(sid, f"invalid input: {e}")
+            elif cmd[0] == "stream_close":
+                self._close_stream_in_core(cmd[1], None)
             elif cmd[0] == "abort":
                 out = fe.abort(cmd[1])
                 if out is not None:
@@ -171,7 +271,57 @@ class AsyncEngine:
                     out = fe.abort(rid)
                     if out is not None:
                         self._deliver(rid, out)
+                for sid in list(self._open_in_core):
+                    self._close_stream_in_core(sid, "the engine shut down")
                 return False
+
+    def _close_stream_in_core(self, sid: str, reason: str | None) -> None:
+        """Free a stream's KV (engine thread); ``reason`` tells its owner why, if not asked."""
+        if self._open_in_core.pop(sid, None) is None:
+            return
+        self._frontend.core.finish_sequence(sid, FinishReason.ABORT)
+        stream = self._input_streams.pop(sid, None) if reason is not None else None
+        if stream is not None:
+            for rid in list(stream._generations):
+                out = self._frontend.abort(rid)
+                if out is not None:
+                    self._deliver(rid, out)
+            try:
+                stream._loop.call_soon_threadsafe(stream._on_closed, reason)
+            except RuntimeError:  # its loop is gone
+                pass
+
+    def _publish_stream_progress(self) -> None:
+        """Tell each stream whose prefill advanced how far it got (engine thread)."""
+        core = self._frontend.core
+        for sid, reported in self._open_in_core.items():
+            stream = self._input_streams.get(sid)
+            if stream is None:
+                continue
+            _, computed = core.input_stream_progress(sid)
+            if computed != reported:
+                self._open_in_core[sid] = computed
+                try:
+                    stream._loop.call_soon_threadsafe(stream._on_progress, computed)
+                except RuntimeError:
+                    pass
+
+    def _expire_idle_streams(self) -> float | None:
+        """Close streams idle too long; returns seconds until the next could expire."""
+        timeout = self.config.stream_idle_timeout_s
+        now = time.monotonic()
+        soonest: float | None = None
+        for sid in list(self._open_in_core):
+            stream = self._input_streams.get(sid)
+            if stream is None or stream._generations:
+                continue  # a reply in flight counts as activity
+            left = stream.last_activity + timeout - now
+            if left <= 0:
+                logger.info("closing input stream %s: idle for %.0fs", sid, timeout)
+                self._close_stream_in_core(sid, f"idle for more than {timeout:g}s (stream_idle_timeout_s)")
+            elif soonest is None or left < soonest:
+                soonest = left
+        return soonest
 
     def _loop(self) -> None:
         fe = self._frontend
@@ -179,13 +329,16 @@ class AsyncEngine:
             if not self._drain_commands():
                 self._stats = fe.stats()
                 return
-            if not fe.has_unfinished():
+            if self._open_in_core:
+                self._publish_stream_progress()
+            stream_timeout = self._expire_idle_streams() if self._open_in_core else None
+            if not fe.has_pending_work():
                 fe.core.expire_sessions()
                 self._stats = fe.stats()
-                # Idle with session pins: wake when the next one expires, so its blocks
-                # (and the stats) are released on time even if no request arrives.
-                timeout = fe.core.seconds_to_next_pin_expiry()
-                self._wakeup.wait(None if timeout is None else max(timeout, 0.01))
+                # Idle with session pins or open streams: wake when the next one expires,
+                # so its blocks (and the stats) are released on time even if nothing comes.
+                timeouts = [t for t in (fe.core.seconds_to_next_pin_expiry(), stream_timeout) if t is not None]
+                self._wakeup.wait(max(min(timeouts), 0.01) if timeouts else None)
                 self._wakeup.clear()
                 continue
             try:
@@ -199,4 +352,6 @@ class AsyncEngine:
                 continue
             for state, out in moved:
                 self._deliver(state.request_id, out)
+            if self._open_in_core:
+                self._publish_stream_progress()
             self._stats = fe.stats()

@@ -33,7 +33,9 @@ class EngineStats:
     Prefix cache: tokens looked up and tokens reused (cache or session pin) over all
     admitted requests, blocks registered, and cached free blocks evicted for new data.
     Sessions: sessions and distinct blocks pinned now, and pins ended by TTL, dropped
-    under memory pressure, or closed by the user.
+    under memory pressure, or closed by the user. Input streams: streams open now,
+    and ``num_computed_tokens``, every token the model has computed KV for (prompts,
+    streamed input and generated tokens alike; work a cache hit saved is not in it).
     """
 
     num_running: int
@@ -51,6 +53,8 @@ class EngineStats:
     num_session_pins_expired: int = 0
     num_session_pins_dropped: int = 0
     num_session_pins_closed: int = 0
+    num_input_streams: int = 0
+    num_computed_tokens: int = 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -179,7 +183,7 @@ class EngineCore:
 
     def add_input_stream(self, stream_id: str, token_ids: list[int], cache_salt: str | None = None) -> None:
         """Start reading a stream's input into KV (see engine/input_stream.py)."""
-        self._check_stream_tokens(token_ids)
+        self.check_stream_tokens(token_ids)
         self.scheduler.add_request(
             Request(
                 request_id=stream_id,
@@ -197,7 +201,7 @@ class EngineCore:
         req = self.scheduler.requests.get(stream_id)
         if req is None or not req.input_only:
             raise ValueError(f"no open input stream {stream_id!r}")
-        self._check_stream_tokens(req.all_token_ids[:keep] + append)
+        self.check_stream_tokens(req.all_token_ids[:keep] + append)
         self.scheduler.update_input(stream_id, keep, append)
 
     def input_stream_progress(self, stream_id: str) -> tuple[int, int]:
@@ -205,7 +209,8 @@ class EngineCore:
         req = self.scheduler.requests[stream_id]
         return req.num_tokens, req.num_computed_tokens
 
-    def _check_stream_tokens(self, token_ids: list[int]) -> None:
+    def check_stream_tokens(self, token_ids: list[int]) -> None:
+        """ValueError unless a stream may hold ``token_ids`` (vocabulary, context, KV)."""
         vocab = self.model_config.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
@@ -277,6 +282,8 @@ class EngineCore:
             num_session_pins_expired=sessions.num_expired,
             num_session_pins_dropped=sessions.num_dropped,
             num_session_pins_closed=sessions.num_closed,
+            num_input_streams=sum(r.input_only for r in self.scheduler.requests.values()),
+            num_computed_tokens=self.scheduler.num_computed_tokens,
         )
 
 

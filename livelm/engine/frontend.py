@@ -73,14 +73,16 @@ class Frontend:
         prompt: str | list[int],
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
+        fork_from: str | None = None,
     ) -> RequestState:
-        """Tokenize (unless ``prompt_token_ids`` are given), validate and queue one request."""
+        """Tokenize (unless ``prompt_token_ids`` are given), validate and queue one request
+        (``fork_from``: the input stream it replies to)."""
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and not prompt:
             raise ValueError("the prompt is empty: give at least one character")
         ids = prompt_token_ids if prompt_token_ids is not None else self.prompt_ids(prompt)
-        self.core.add_request(request_id, ids, params)
+        self.core.add_request(request_id, ids, params, fork_from)
         state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer)
         self.states[request_id] = state
         return state
@@ -118,6 +120,10 @@ class Frontend:
     def has_unfinished(self) -> bool:
         """True while any request is in flight."""
         return self.core.has_unfinished()
+
+    def has_pending_work(self) -> bool:
+        """True while a step would do something (idle input streams need none)."""
+        return self.core.has_pending_work()
 
     def close_session(self, session_id: str) -> bool:
         """Release a session's pinned KV now; False when the session is unknown."""

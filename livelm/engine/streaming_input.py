@@ -71,6 +71,16 @@ class StreamingTextInput:
         """Tokens of all text so far, as a one-shot prompt of it would be tokenized."""
         return self.tokenizer(self.text).input_ids
 
+    def checkpoint(self) -> tuple:
+        """Everything :meth:`restore` needs to undo later calls (a refused chunk)."""
+        return (self.text, list(self.committed_ids), self._committed_chars, self.closed, self._decoder.getstate())
+
+    def restore(self, checkpoint: tuple) -> None:
+        """Return to the state of a :meth:`checkpoint`."""
+        self.text, committed, self._committed_chars, self.closed, decoder_state = checkpoint
+        self.committed_ids = list(committed)
+        self._decoder.setstate(decoder_state)
+
     def close(self) -> InputUpdate:
         """No more input: commit the tail, correcting any token that changed after all."""
         if not self.closed:
@@ -78,7 +88,7 @@ class StreamingTextInput:
             self.text += tail
             self.closed = True
         final = self.current_ids()
-        keep = _common_prefix(self.committed_ids, final)
+        keep = common_prefix(self.committed_ids, final)
         self.committed_ids = final
         self._committed_chars = len(self.text)
         return InputUpdate(keep, final[keep:])
@@ -89,7 +99,7 @@ class StreamingTextInput:
         enc = self.tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
         cut_token, cut_char = _safe_cut(self.text, enc["offset_mapping"])
         stable = self._prefix_ids + enc["input_ids"][:cut_token]
-        keep = _common_prefix(self.committed_ids, stable)
+        keep = common_prefix(self.committed_ids, stable)
         self.committed_ids = stable
         self._committed_chars = cut_char
         return InputUpdate(keep, stable[keep:])
@@ -111,7 +121,8 @@ def _safe_cut(text: str, offsets: list[tuple[int, int]]) -> tuple[int, int]:
     return 0, 0
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
