@@ -350,8 +350,8 @@ class AsyncEngine:
                     self._deliver(rid, _Failure(RuntimeError(f"engine step failed: {e}")))
                 self._stats = fe.stats()
                 continue
+            self._stats = fe.stats()  # first, so a caller woken by its output sees it
             for state, out in moved:
                 self._deliver(state.request_id, out)
             if self._open_in_core:
                 self._publish_stream_progress()
-            self._stats = fe.stats()

@@ -95,12 +95,6 @@ class InputStream:
         self._check_open()
         if self.input_closed:
             raise ValueError("the stream's input is closed: no more input can be appended")
-        if self._pending_tokens() > self._engine.config.max_stream_pending_tokens:
-            raise ValueError(
-                f"stream {self.stream_id!r} has {self._pending_tokens()} input tokens still waiting to be "
-                f"prefilled (limit max_stream_pending_tokens={self._engine.config.max_stream_pending_tokens}): "
-                "wait for the engine to catch up before appending more"
-            )
         if isinstance(chunk, str | bytes):
             text = self._text_input()
             checkpoint = text.checkpoint()
@@ -248,9 +242,6 @@ class InputStream:
             raise StreamClosedError(f"stream {self.stream_id!r} is closed ({self.closed_reason})")
         self.last_activity = time.monotonic()
 
-    def _pending_tokens(self) -> int:
-        return len(self._ids) - min(self._num_computed, len(self._ids))
-
     def _text_input(self) -> StreamingTextInput:
         if self._mode == "tokens":
             raise ValueError("this stream takes token ids (its first chunk was token ids), not text")
@@ -266,9 +257,9 @@ class InputStream:
         return list(chunk)
 
     def _token_input(self, chunk) -> list[int]:
+        ids = self._token_chunk(chunk)
         if self._mode == "text":
             raise ValueError("this stream takes text (its first chunk was text), not token ids")
-        ids = self._token_chunk(chunk)
         self._mode = "tokens"
         return ids
 
@@ -277,12 +268,22 @@ class InputStream:
         new_ids = self._ids[: update.keep] + update.append
         try:
             self._engine.check_stream_input(new_ids)
+            limit = self._engine.config.max_stream_pending_tokens
+            pending = len(new_ids) - min(self._num_computed, update.keep)
+            if pending > limit:
+                raise ValueError(
+                    f"stream {self.stream_id!r} would have {pending} input tokens waiting to be prefilled, "
+                    f"more than max_stream_pending_tokens={limit}: send smaller pieces, or wait for the "
+                    "engine to catch up (wait_prefilled) before sending more"
+                )
         except ValueError:
             if undo is not None:
                 undo()
             raise
         if update.keep == len(self._ids) and not update.append:
             return
+        if update.keep < len(self._ids):
+            # Conservative until the engine reports: a shared block is recomputed from its start.
+            self._num_computed = min(self._num_computed, update.keep - update.keep % self._engine.config.block_size)
         self._ids = new_ids
-        self._num_computed = min(self._num_computed, update.keep)
         self._engine._update_stream(self.stream_id, update.keep, list(update.append))
