@@ -14,6 +14,7 @@ same text.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -159,6 +160,8 @@ class InputStream:
         if not ids:
             raise ValueError("the stream has no input yet: append some before generating")
         prompt_text = self._text.text + (suffix if isinstance(suffix, str) else "") if self._text else None
+        if self.cache_salt is not None:  # the reply's own blocks join the stream's salt
+            params = dataclasses.replace(params, extra={**(params.extra or {}), "cache_salt": self.cache_salt})
         rid = request_id or self._engine.new_request_id()
         self._generations.add(rid)
         self.last_activity = time.monotonic()
