@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
+QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -65,6 +68,11 @@ class EngineConfig:
     open at once; a stream untouched for ``stream_idle_timeout_s`` seconds is closed; an
     append is refused while more than ``max_stream_pending_tokens`` of a stream's input
     tokens still wait to be prefilled.
+
+    ``quantization`` sets how linear-layer weights are kept in memory: ``auto`` keeps a
+    GGUF's own quantized format (the default model stays Q4_1) and loads other checkpoints
+    as they are; ``none`` dequantizes everything to ``dtype``; ``q8_0``, ``q4_0``, ``q4_1``
+    or ``int8`` quantize at load (docs/quantization.md).
     """
 
     model: str | None = None
@@ -85,8 +93,13 @@ class EngineConfig:
     max_input_streams: int = 64
     stream_idle_timeout_s: float = 600.0
     max_stream_pending_tokens: int = 16384
+    quantization: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"unsupported quantization {self.quantization!r}; supported: {', '.join(QUANTIZATION_CHOICES)}"
+            )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -93,7 +93,9 @@ class EngineCore:
                 "max_model_len %d exceeds the model's %d positions", self.max_model_len, mc.max_position_embeddings
             )
         t0 = time.perf_counter()
-        model = load_model(model_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE))
+        model = load_model(
+            model_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE), config.quantization
+        )
         logger.info("loaded %s (%s, %s) in %.1fs", model_dir, self.dtype, self.device, time.perf_counter() - t0)
 
         num_blocks = self._num_kv_blocks()

@@ -15,6 +15,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     # An interactive session needs far less KV memory than a batch job's 4 GiB default.
     p.add_argument("--kv-cache-gib", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--quantization", default="auto",
+                   choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],
+                   help="weights in memory: auto keeps a GGUF's own format (default), none = float, "
+                        "or quantize at load (docs/quantization.md)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV of shared prompt prefixes (on by default)")
 
@@ -28,7 +32,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads}
+    kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads,
+          "quantization": args.quantization}
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
     if args.kv_cache_gib is not None:

@@ -40,6 +40,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="token budget of one engine step")
     engine.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU")
     engine.add_argument("--seed", type=int, default=None, help="engine seed")
+    engine.add_argument("--quantization", default=None,
+                        choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],
+                        help="weights in memory: auto keeps a GGUF's own format (default), none = "
+                             "float, or quantize at load (docs/quantization.md)")
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV of shared prompt prefixes (on by default)")
     engine.add_argument("--session-ttl", dest="session_ttl_s", type=float, default=None,

@@ -41,9 +41,15 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quantization: str = "auto",
 ) -> LlamaForCausalLM:
     """Instantiate the architecture named in config.json and fill it with its weights."""
+    if quantization not in ("auto", "none"):  # quantizing at load lands with livelm/quant
+        raise ValueError(f"quantization {quantization!r} is not available yet; supported: auto, none")
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):

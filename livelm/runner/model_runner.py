@@ -30,7 +30,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         cfg = model.config
-        param = model.embed_tokens.weight
+        param = model.norm.weight  # always a float parameter (embeddings may be quantized)
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
         num_slots = num_blocks * block_size
@@ -46,7 +46,7 @@ class ModelRunner:
         self.tied_head: PackedLinear | None = None
         if onednn_available(param):
             if model.lm_head is None:
-                self.tied_head = PackedLinear(param, None)
+                self.tied_head = PackedLinear(model.embed_tokens.weight, None)
             pack_linear_layers(model)
         self.sampler = Sampler()
         # The compiled decode-attention kernel covers fp32 on CPU; other cases use torch ops.
