@@ -140,13 +140,22 @@ _WEIGHT_CASES += [("llama", q) for q in (Q.BF16, Q.Q4_0, Q.Q4_1)]  # the other t
 
 @pytest.mark.parametrize(("arch", "qtype"), _WEIGHT_CASES, ids=lambda v: getattr(v, "name", v))
 def test_weights_round_trip(tiny: dict[str, Path], tmp_path: Path, arch: str, qtype: Q) -> None:
+    from livelm.models.loader import Checkpoint
+    from livelm.quant.formats import QuantizedTensor, dequantize
+
     out = _convert(tiny, tmp_path, arch, qtype)
     original = load_file(tiny[arch] / "model.safetensors")
-    converted = load_file(out / "model.safetensors")
+    converted = dict(Checkpoint([out / "model.safetensors"]).tensors())
     assert converted.keys() == original.keys()
     for name, w in original.items():
-        assert converted[name].dtype == torch.float32
-        assert torch.equal(converted[name], _expected(w, qtype)), name
+        got = converted[name]
+        # Quantized 2-D weights stay quantized (GGUF's own blocks); their values are exact.
+        assert isinstance(got, QuantizedTensor) == (w.dim() == 2 and qtype.name in ("Q8_0", "Q4_0", "Q4_1")), name
+        if isinstance(got, QuantizedTensor):
+            assert got.fmt == qtype.name.lower()
+            got = dequantize(got)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, _expected(w, qtype)), name
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -178,15 +178,11 @@ def test_default_model_real() -> None:
     )
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
-    # The un-permuted, dequantized Q4_1 weights make a working model: it knows its capitals.
-    import torch
-    from transformers import AutoModelForCausalLM
+    # The un-permuted Q4_1 weights (kept quantized) make a working model: it knows its capitals.
+    from livelm.engine.llm import LLM
+    from livelm.sampling_params import SamplingParams
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = LLM(str(model_dir), kv_cache_gib=0.05, max_model_len=256)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(
-        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+    out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text

@@ -1,8 +1,10 @@
 """Convert a GGUF file (llama.cpp's format) into a Hugging Face-format model directory.
 
 The engine loads only HF-format directories, so a GGUF is turned once into `config.json`,
-fp32 `model.safetensors` and tokenizer files. Weights are dequantized with the `gguf`
-package; the tokenizer is rebuilt by transformers' own GGUF tokenizer conversion.
+`model.safetensors` and tokenizer files. Quantized weights stay quantized: Q8_0 / Q4_0 /
+Q4_1 blocks are repacked bit-exactly, K-quants requantized into those block formats
+(livelm/quant/gguf_repack.py), float tensors stored as fp32. The tokenizer is rebuilt by
+transformers' own GGUF tokenizer conversion.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ logger = logging.getLogger("livelm")
 
 # Part of every cache key for converted models: bump it when the output of a conversion
 # changes, so that caches made by an older livelm are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: quantized weights kept quantized (was: dequantized to fp32)
 
 # general.architecture -> (transformers model_type, architectures entry)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -134,21 +136,31 @@ def _check_tensors(reader: Any) -> None:
 
 
 def _read_weights(reader: Any, arch: str, n_head: int, n_head_kv: int) -> dict[str, Any]:
+    """HF name -> fp32 tensor, or QuantizedTensor for quantized 2-D weights (owning copies:
+    the reader memory-maps the file read-only)."""
     import torch
-    from gguf.quants import dequantize
 
-    weights: dict[str, torch.Tensor] = {}
+    from livelm.quant.formats import QuantizedTensor
+    from livelm.quant.gguf_repack import K_QUANT_TARGETS, repack_gguf_tensor
+
+    weights: dict[str, Any] = {}
+    requantized: dict[str, int] = {}
     for tensor in reader.tensors:
         name = _hf_tensor_name(tensor.name)
         # GGUF lists dimensions fastest-first; numpy/torch want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        w = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        if arch == "llama" and ".attn_q." in tensor.name:
-            w = _unpermute_rows(w, n_head)
-        elif arch == "llama" and ".attn_k." in tensor.name:
-            w = _unpermute_rows(w, n_head_kv)
-        # Copy: the reader memory-maps the file read-only, and the tensor must own its data.
-        weights[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
+        w = repack_gguf_tensor(tensor.data, tensor.tensor_type.name, shape)
+        if tensor.tensor_type.name in K_QUANT_TARGETS and isinstance(w, QuantizedTensor):
+            key = f"{tensor.tensor_type.name} -> {w.fmt}"
+            requantized[key] = requantized.get(key, 0) + 1
+        heads = n_head if ".attn_q." in tensor.name else n_head_kv if ".attn_k." in tensor.name else 0
+        if arch == "llama" and heads:
+            # Rows are independent in every format, so permuting them is exact.
+            perm = torch.from_numpy(_unpermute_rows(np.arange(shape[0]), heads).copy())
+            w = w.index_rows(perm) if isinstance(w, QuantizedTensor) else w[perm]
+        weights[name] = w if isinstance(w, QuantizedTensor) else w.contiguous().clone()
+    for key, count in sorted(requantized.items()):
+        logger.info("GGUF K-quant tensors requantized %s: %d", key, count)
     return weights
 
 
@@ -280,8 +292,9 @@ def convert_gguf_to_hf(
 ) -> Path:
     """Convert a llama / qwen2 / qwen3 GGUF file into an HF-format directory at ``out_dir``.
 
-    Writes ``config.json``, ``generation_config.json``, fp32 ``model.safetensors`` (HF tensor
-    names, llama q/k rows un-permuted) and the tokenizer files with the chat template. The
+    Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (HF tensor
+    names, llama q/k rows un-permuted; quantized weights as ``<name>.qs/.d/.m`` listed in the
+    file's ``livelm.quant`` metadata, see livelm/quant/storage.py) and the tokenizer files with the chat template. The
     result is built in a temporary sibling directory and renamed into place, so an
     interrupted conversion never leaves a partial ``out_dir``; an existing ``out_dir`` is
     replaced. Raises ValueError for a sha256 mismatch (when ``expected_sha256`` is given), an
@@ -289,6 +302,8 @@ def convert_gguf_to_hf(
     """
     from gguf import GGUFReader
     from safetensors.torch import save_file
+
+    from livelm.quant.storage import flatten_for_safetensors
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
@@ -322,7 +337,8 @@ def convert_gguf_to_hf(
         weights = _read_weights(reader, arch, n_head, n_head_kv)
         _build_config(reader, arch, weights).save_pretrained(tmp)
         _write_generation_config(reader, tmp)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tensors, metadata = flatten_for_safetensors(weights)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         del weights
         _write_tokenizer(gguf_path, reader, tmp)
         _move_into_place(tmp, out_dir)

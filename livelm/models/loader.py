@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -12,6 +13,10 @@ from safetensors import safe_open
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.model_config import ModelConfig
 from livelm.models.rope import RotaryEmbedding
+from livelm.quant.formats import QuantizedTensor, check_format, dequantize, quantize
+from livelm.quant.modules import QuantizedModule, QuantLinear
+from livelm.quant.plan import check_quantization, plan_formats, swap_modules
+from livelm.quant.storage import QUANT_METADATA_KEY, stored_quantized
 
 logger = logging.getLogger("livelm")
 
@@ -47,34 +52,132 @@ def load_model(
     max_positions: int,
     quantization: str = "auto",
 ) -> LlamaForCausalLM:
-    """Instantiate the architecture named in config.json and fill it with its weights."""
-    if quantization not in ("auto", "none"):  # quantizing at load lands with livelm/quant
-        raise ValueError(f"quantization {quantization!r} is not available yet; supported: auto, none")
+    """Instantiate the architecture named in config.json and fill it with its weights.
+
+    ``quantization`` (see EngineConfig): ``auto`` keeps quantized checkpoint tensors (a
+    converted GGUF's) quantized and float ones float, ``none`` dequantizes everything, a
+    format name quantizes every linear layer and the token embedding at load.
+    """
+    check_quantization(quantization)
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
+    checkpoint = Checkpoint(safetensors_files(model_dir))
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
+        stored: dict[str, set[str | None]] = {}
+        for name in checkpoint.names():
+            target = _target(cfg, name)
+            if target is not None:
+                stored.setdefault(target[0], set()).add(checkpoint.formats.get(name))
+        plan = plan_formats(model, quantization, stored)
+        swap_modules(model, plan)
+        if cfg.tie_word_embeddings and "embed_tokens" in plan:
+            # The tied LM head reads the embedding's quantized table through its own kernels.
+            model.lm_head = QuantLinear(cfg.hidden_size, cfg.vocab_size, plan["embed_tokens"])
     model = model.to_empty(device=device).to(dtype)
+    if isinstance(model.lm_head, QuantLinear) and cfg.tie_word_embeddings:
+        model.lm_head.share_weight(model.embed_tokens)
     # Rotary tables are derived, not loaded: rebuild them (meta init left them empty).
     model.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope).to(device)
+    if plan:
+        counts = Counter(plan.values())
+        logger.info("quantized weights: %s", ", ".join(f"{n} layers {f}" for f, n in sorted(counts.items())))
 
     params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    expected = set(params) | {f"{p}.weight" for p in plan if not (p == "lm_head" and cfg.tie_word_embeddings)}
     loaded: set[str] = set()
-    for path in safetensors_files(model_dir):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                target = _copy_weight(cfg, params, name, f.get_tensor(name))
-                if target:
-                    loaded.add(target)
-    missing = sorted(set(params) - {t.split(":")[0] for t in loaded})
+    for name, tensor in checkpoint.tensors():
+        target = _target(cfg, name)
+        if target is None:
+            continue
+        tname, start, rows = target
+        module = modules.get(tname.rpartition(".")[0])
+        if tname.endswith(".weight") and isinstance(module, QuantizedModule):
+            _copy_quantized(name, module, start, rows, tensor)
+        elif tname in params:
+            src = dequantize(tensor) if isinstance(tensor, QuantizedTensor) else tensor
+            param = params[tname].data
+            dst = param if rows is None else param.narrow(0, start, rows)
+            _check_shape(name, dst, src)
+            dst.copy_(src)
+        else:
+            logger.warning("ignoring unexpected checkpoint tensor %s", name)
+            continue
+        loaded.add(tname)
+    missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks weights for: {', '.join(missing[:8])}")
     model.eval()
     return model
 
 
-def _copy_weight(cfg: ModelConfig, params: dict, name: str, tensor: torch.Tensor) -> str | None:
-    """Copy one checkpoint tensor into its (possibly fused) parameter; returns its name."""
+class Checkpoint:
+    """The tensors of a checkpoint's safetensors files, quantized ones (``<name>.qs``,
+    ``.d``, ``.m``, formats listed in the file's ``livelm.quant`` metadata) grouped back
+    into QuantizedTensors under their weight's name."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.formats: dict[str, str] = {}
+        self._keys: dict[Path, list[str]] = {}
+        for path in files:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                self._keys[path] = list(f.keys())
+                meta = (f.metadata() or {}).get(QUANT_METADATA_KEY)
+                if meta:
+                    self.formats.update(json.loads(meta))
+        for fmt in self.formats.values():
+            check_format(fmt)
+
+    def names(self) -> list[str]:
+        """Weight names (a quantized weight's name, not its parts')."""
+        out: list[str] = []
+        for keys in self._keys.values():
+            out.extend(k for k in keys if _base(k) not in self.formats)
+        return out + list(self.formats)
+
+    def tensors(self):
+        """(name, float tensor or QuantizedTensor) for every weight, file by file."""
+        for path, keys in self._keys.items():
+            parts: dict[str, dict[str, torch.Tensor]] = {}
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in keys:
+                    base = _base(key)
+                    if base in self.formats:
+                        parts.setdefault(base, {})[key.rpartition(".")[2]] = f.get_tensor(key)
+                    else:
+                        yield key, f.get_tensor(key)
+            for base, t in parts.items():
+                yield base, stored_quantized(self.formats[base], t)
+
+
+def _base(key: str) -> str:
+    head, _, tail = key.rpartition(".")
+    return head if tail in ("qs", "d", "m") else key
+
+
+def _copy_quantized(name: str, module: QuantizedModule, start: int, rows: int | None, src) -> None:
+    """Write checkpoint weight ``src`` into rows of a quantized module (requantizing if needed)."""
+    if isinstance(src, QuantizedTensor) and src.fmt != module.fmt:
+        logger.info("%s: stored as %s, requantized to %s", name, src.fmt, module.fmt)
+        src = dequantize(src)
+    if not isinstance(src, QuantizedTensor):
+        if src.dim() != 2 or src.shape[1] != module.in_features:
+            raise ValueError(f"weight {name} has shape {tuple(src.shape)}, expected [*, {module.in_features}]")
+        src = quantize(src, module.fmt)
+    dst = module.qweight
+    if rows is not None:
+        dst = dst.rows(start, rows)
+    if src.shape != dst.shape:
+        raise ValueError(f"weight {name} has shape {src.shape}, expected {dst.shape}")
+    for key, t in dst.tensors().items():
+        t.copy_(src.tensors()[key])
+
+
+def _target(cfg: ModelConfig, name: str) -> tuple[str, int, int | None] | None:
+    """Where checkpoint tensor ``name`` goes: (model tensor name, first row, rows or None
+    for the whole tensor), or None for tensors that are not loaded."""
     if name.startswith("model."):
         name = name[len("model.") :]
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -84,26 +187,15 @@ def _copy_weight(cfg: ModelConfig, params: dict, name: str, tensor: torch.Tensor
     parts = name.split(".")
     fused = _FUSED.get(parts[-2]) if len(parts) >= 2 else None
     if fused is None:
-        param = params.get(name)
-        if param is None:
-            logger.warning("ignoring unexpected checkpoint tensor %s", name)
-            return None
-        _check_shape(name, param, tensor)
-        param.data.copy_(tensor)
-        return name
+        return name, 0, None
     fused_name, part = fused
     target = ".".join([*parts[:-2], fused_name, parts[-1]])
-    param = params[target]
     if fused_name == "qkv_proj":
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         sizes = [q, kv, kv]
     else:
         sizes = [cfg.intermediate_size] * 2
-    start = sum(sizes[:part])
-    dst = param.data.narrow(0, start, sizes[part])
-    _check_shape(name, dst, tensor)
-    dst.copy_(tensor)
-    return f"{target}:{part}"
+    return target, sum(sizes[:part]), sizes[part]
 
 
 def _check_shape(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:

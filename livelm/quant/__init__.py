@@ -1,0 +1,1 @@
+"""Quantized weights: formats, CPU/CUDA kernels, and the modules that use them."""

@@ -1,0 +1,114 @@
+"""Matrix products with quantized weights: the C++ CPU kernels, their torch fallback, CUDA.
+
+- CPU, few rows of activations (decode): the fused dequantize-and-multiply kernel in
+  ``livelm/runner/csrc/quant_linear.cpp`` reads each weight byte once.
+- CPU, many rows (prefill): weight rows are dequantized tile by tile (exactly) into fp32
+  and multiplied by torch's fp32 GEMM, so quantized weights never lose to fp32 ones there.
+- No compiler, or ``LIVELM_DISABLE_CPP_KERNELS=1``: the same tiles dequantized with torch
+  ops (same results, slower; said once in the log).
+- CUDA: the weight is dequantized with torch ops into the activations' dtype, then matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from livelm.quant.formats import BLOCK, FORMAT_CODES, QuantizedTensor, dequantize
+
+logger = logging.getLogger("livelm")
+
+_SOURCE = Path(__file__).resolve().parent.parent / "runner" / "csrc" / "quant_linear.cpp"
+
+# Rows of activations up to which the fused kernel beats dequantize + fp32 GEMM (measured
+# on AVX2/AVX-512 CPUs with the model shapes of SmolLM2-135M; see docs/quantization.md).
+FUSED_MAX_ROWS = 16
+# Weights dequantized per tile of the prefill path: 512 KiB of fp32, about an L2 cache.
+_TILE_WEIGHTS = 1 << 17
+
+
+@functools.cache
+def quant_kernels() -> ModuleType | None:
+    """The compiled quantized-matmul module, or None (said once in the log) without one."""
+    if os.environ.get("LIVELM_DISABLE_CPP_KERNELS") == "1":
+        logger.info("C++ quantized kernels disabled by LIVELM_DISABLE_CPP_KERNELS; quantized layers use torch ops")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="livelm_quant_kernels",
+            sources=[str(_SOURCE)],
+            # Compile with -fopenmp (for `omp simd`) but never link it: a second libgomp next to
+            # torch's bundled one made every torch op ~100x slower (see cpu_kernels.py).
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
+        logger.warning("C++ quantized kernels unavailable (%s); quantized layers use the slower torch path", e)
+        return None
+
+
+def _kernel_args(qt: QuantizedTensor) -> tuple:
+    return qt.qs, qt.d, qt.m, FORMAT_CODES[qt.fmt]
+
+
+def dequantize_rows(qt: QuantizedTensor, start: int, length: int) -> torch.Tensor:
+    """Exact fp32 rows [start, start + length) of ``qt``."""
+    ext = quant_kernels() if qt.qs.device.type == "cpu" else None
+    if ext is None:
+        return dequantize(qt.rows(start, length))
+    qs, d, m, code = _kernel_args(qt)
+    return ext.dequantize_rows(qs, d, m, code, qt.shape[1], start, length, None)
+
+
+def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 rows ``ids`` of ``qt`` (an embedding lookup that dequantizes only those)."""
+    flat = ids.reshape(-1)
+    ext = quant_kernels() if qt.qs.device.type == "cpu" else None
+    if ext is None:
+        m = None if qt.m is None else qt.m[flat]
+        rows = dequantize(QuantizedTensor(qt.fmt, (flat.numel(), qt.shape[1]), qt.qs[flat], qt.d[flat], m))
+    else:
+        qs, d, m, code = _kernel_args(qt)
+        rows = ext.dequantize_rows(qs, d, m, code, qt.shape[1], 0, 0, flat)
+    return rows.reshape(*ids.shape, qt.shape[1])
+
+
+def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequantize(qt).T + bias`` for ``x`` [..., K]; the result has ``x``'s dtype."""
+    n, k = qt.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x.device.type == "cuda":
+        w = dequantize(qt).to(x.dtype)
+        return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*lead, n)
+    xf = x2.float()
+    ext = quant_kernels()
+    if ext is not None and xf.shape[0] <= FUSED_MAX_ROWS:
+        qs, d, m, code = _kernel_args(qt)
+        out = ext.quantized_matmul(xf.contiguous(), qs, d, m, bias, code)
+    else:
+        out = _tiled_linear(xf, qt, bias)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def _tiled_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize ``qt`` tile by tile into fp32 GEMMs (memory: one tile, not the weight)."""
+    n, k = qt.shape
+    tile = max(BLOCK, _TILE_WEIGHTS // max(k, 1) // BLOCK * BLOCK)
+    if tile >= n:
+        return F.linear(x, dequantize_rows(qt, 0, n), None if bias is None else bias.float())
+    out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, tile):
+        length = min(tile, n - start)
+        w = dequantize_rows(qt, start, length)
+        b = None if bias is None else bias[start : start + length].float()
+        out[:, start : start + length] = F.linear(x, w, b)
+    return out

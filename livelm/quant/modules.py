@@ -1,0 +1,64 @@
+"""nn.Modules whose weights stay quantized: a linear layer and an embedding table.
+
+The quantized tensors are buffers (``qs``, ``d`` and, for q4_1, ``m``) so ``.to(device)``
+moves them; scales are integer bit patterns, so ``.to(dtype)`` leaves them alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from livelm.quant.formats import QuantizedTensor, empty_quantized
+from livelm.quant.kernels import embedding_rows, quantized_linear
+
+
+class QuantizedModule(nn.Module):
+    """Holds one [out, in] quantized weight as buffers."""
+
+    def __init__(self, fmt: str, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.fmt, self.out_features, self.in_features = fmt, out_features, in_features
+        qt = empty_quantized(fmt, out_features, in_features)
+        for name, t in qt.tensors().items():
+            self.register_buffer(name, t)
+        if qt.m is None:
+            self.m = None
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor (views of the buffers)."""
+        return QuantizedTensor(self.fmt, (self.out_features, self.in_features), self.qs, self.d, self.m)
+
+    def share_weight(self, other: QuantizedModule) -> None:
+        """Use ``other``'s buffers (a tied LM head reads the embedding's quantized table)."""
+        assert (other.fmt, other.out_features, other.in_features) == (self.fmt, self.out_features, self.in_features)
+        self.qs, self.d, self.m = other.qs, other.d, other.m
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, out_features={self.out_features}, in_features={self.in_features}"
+
+
+class QuantLinear(QuantizedModule):
+    """``y = x @ W.T + b`` with W quantized (fused kernels for decode, tiled GEMM for prefill)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False) -> None:
+        super().__init__(fmt, out_features, in_features)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        return quantized_linear(x, self.qweight, self.bias)
+
+
+class QuantEmbedding(QuantizedModule):
+    """An embedding table kept quantized; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str) -> None:
+        super().__init__(fmt, num_embeddings, embedding_dim)
+        # Empty float buffer whose dtype follows module.to(dtype): the dtype of the lookups.
+        self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> [..., embedding_dim] in the module's float dtype."""
+        return embedding_rows(self.qweight, ids).to(self.dtype_probe.dtype)
