@@ -331,3 +331,23 @@ def test_stream_limits(llama_dir):
             await eng.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_reply_to_closed_input_takes_over_the_remaining_prefill(engine, hf):
+    rng = random.Random(5)
+    ids = [rng.randrange(3, 300) for _ in range(300)]
+
+    async def main():
+        async with engine.open_stream() as stream:
+            before = engine.stats().num_computed_tokens
+            stream.append(ids)
+            stream.close_input()
+            got = await _reply(stream, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            state = await stream.wait_prefilled(timeout=30)  # returns: nothing left to do
+            return engine.stats().num_computed_tokens - before, got, state
+
+    computed, got, state = asyncio.run(main())
+    assert got == hf_greedy(hf, ids, 1)
+    # Every input token computed once; at most the stream's last partial block twice.
+    assert 300 <= computed < 300 + 16
+    assert state.status == "input_closed"

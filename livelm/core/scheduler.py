@@ -298,8 +298,9 @@ class Scheduler:
 
     # ------------------------------------------------------------ streaming input
 
-    def update_input(self, request_id: str, keep: int, append: list[int]) -> Request:
-        """Revise a stream's input: keep its first ``keep`` tokens, then ``append``.
+    def update_input(self, request_id: str, keep: int, append: list[int], close: bool = False) -> Request:
+        """Revise a stream's input: keep its first ``keep`` tokens, then ``append``
+        (``close``: no more input will come).
 
         KV computed for the kept tokens stays; everything from the first changed token is
         computed again, in the background, by the steps that follow.
@@ -311,6 +312,7 @@ class Scheduler:
             self.kv.truncate(req, keep)
             req.truncate_input(keep)
         req.append_input(append)
+        req.input_closed = req.input_closed or close
         if req.status == RequestStatus.WAITING_FOR_INPUT and req.num_computed_tokens < req.num_tokens:
             req.status = RequestStatus.RUNNING
         return req

@@ -184,8 +184,8 @@ class AsyncEngine:
         """ValueError unless a stream may hold ``token_ids`` (vocabulary and length)."""
         self._frontend.core.check_stream_tokens(token_ids)
 
-    def _update_stream(self, stream_id: str, keep: int, append: list[int]) -> None:
-        self._send(("stream_update", stream_id, keep, append))
+    def _update_stream(self, stream_id: str, keep: int, append: list[int], close: bool) -> None:
+        self._send(("stream_update", stream_id, keep, append, close))
 
     def _close_stream(self, stream_id: str) -> None:
         self._input_streams.pop(stream_id, None)
@@ -246,10 +246,10 @@ class AsyncEngine:
                 fe.core.add_input_stream(sid, [], salt)
                 self._open_in_core[sid] = 0
             elif cmd[0] == "stream_update":
-                _, sid, keep, append = cmd
+                _, sid, keep, append, close = cmd
                 if sid in self._open_in_core:
                     try:
-                        fe.core.update_input_stream(sid, keep, append)
+                        fe.core.update_input_stream(sid, keep, append, close)
                     except ValueError as e:  # checked by the caller already; never expected
                         logger.error("closing input stream %s: %s", sid, e)
                         self._close_stream_in_core(sid, f"invalid input: {e}")

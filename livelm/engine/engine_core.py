@@ -164,6 +164,12 @@ class EngineCore:
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(prompt_token_ids))
         session_id, session_ttl, cache_salt = request_options(params)
+        stream = self.scheduler.requests.get(fork_from or "")
+        if stream is not None and stream.input_only and stream.input_closed:
+            # A reply to a closed stream does not wait for the stream's prefill to finish:
+            # it shares what is computed and computes the rest within its own prompt, so
+            # the stream stops where it is (its input is of use only to replies now).
+            self.scheduler.update_input(stream.request_id, stream.num_computed_tokens, [])
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             self.scheduler.add_request(
@@ -197,14 +203,14 @@ class EngineCore:
             )
         )
 
-    def update_input_stream(self, stream_id: str, keep: int, append: list[int]) -> None:
+    def update_input_stream(self, stream_id: str, keep: int, append: list[int], close: bool = False) -> None:
         """Keep the stream's first ``keep`` input tokens and append ``append`` (ValueError
-        when the result would not leave room for a reply)."""
+        when the result would not leave room for a reply); ``close`` ends its input."""
         req = self.scheduler.requests.get(stream_id)
         if req is None or not req.input_only:
             raise ValueError(f"no open input stream {stream_id!r}")
         self.check_stream_tokens(req.all_token_ids[:keep] + append)
-        self.scheduler.update_input(stream_id, keep, append)
+        self.scheduler.update_input(stream_id, keep, append, close)
 
     def input_stream_progress(self, stream_id: str) -> tuple[int, int]:
         """``(input tokens received, input tokens with KV)`` of an open stream."""

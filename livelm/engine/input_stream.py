@@ -45,13 +45,19 @@ class StreamState:
     input_closed: bool
     closed: bool
     num_generations: int  # replies in flight
+    # A reply to the closed input took over the prefill the stream had not done yet.
+    prefill_handed_over: bool = False
 
     @property
     def status(self) -> str:
-        """``closed``, ``prefilling`` or ``waiting_for_input`` (all input has KV)."""
+        """``closed``; ``input_closed`` (no more work: all input has KV, or the rest was
+        handed to a reply); ``prefilling``; or ``waiting_for_input`` (all input has KV)."""
         if self.closed:
             return "closed"
-        return "prefilling" if self.num_computed_tokens < self.num_input_tokens else "waiting_for_input"
+        caught_up = self.num_computed_tokens >= self.num_input_tokens
+        if self.input_closed and (caught_up or self.prefill_handed_over):
+            return "input_closed"
+        return "waiting_for_input" if caught_up else "prefilling"
 
     def as_dict(self) -> dict:
         """JSON-ready form (the HTTP state events)."""
@@ -63,6 +69,7 @@ class StreamState:
             "pending_text_chars": self.pending_text_chars,
             "input_closed": self.input_closed,
             "num_generations": self.num_generations,
+            "prefill_handed_over": self.prefill_handed_over,
         }
 
 
@@ -82,6 +89,7 @@ class InputStream:
         self._ids: list[int] = []  # committed input tokens, as sent to the engine
         self._mode: str | None = None  # "text" or "tokens", fixed by the first chunk
         self.input_closed = False
+        self._prefill_handed_over = False
         self.closed_reason: str | None = None
         self._generations: set[str] = set()
         self._num_computed = 0
@@ -127,7 +135,9 @@ class InputStream:
             return
         if self._text is not None:
             checkpoint = self._text.checkpoint()
-            self._apply(self._text.close(), undo=lambda: self._text.restore(checkpoint))
+            self._apply(self._text.close(), undo=lambda: self._text.restore(checkpoint), close=True)
+        else:
+            self._apply(InputUpdate(len(self._ids), []), close=True)
         self.input_closed = True
 
     # ---------------------------------------------------------------- replying
@@ -163,6 +173,8 @@ class InputStream:
         if self.cache_salt is not None:  # the reply's own blocks join the stream's salt
             params = dataclasses.replace(params, extra={**(params.extra or {}), "cache_salt": self.cache_salt})
         rid = request_id or self._engine.new_request_id()
+        # The engine lets a reply to closed input compute what the stream has not yet.
+        self._prefill_handed_over = self.input_closed
         self._generations.add(rid)
         self.last_activity = time.monotonic()
         try:
@@ -186,13 +198,15 @@ class InputStream:
             input_closed=self.input_closed,
             closed=self.closed_reason is not None,
             num_generations=len(self._generations),
+            prefill_handed_over=self._prefill_handed_over and self._num_computed < len(self._ids),
         )
 
     async def wait_prefilled(self, timeout: float | None = None) -> StreamState:
-        """Wait until every committed input token has KV (or the stream closes)."""
+        """Wait until every committed input token has KV (or the stream closes, or a
+        reply to its closed input took the rest of the prefill over)."""
 
         async def caught_up() -> None:
-            while self.closed_reason is None and self._num_computed < len(self._ids):
+            while self.state().status == "prefilling":
                 self._progress.clear()
                 await self._progress.wait()
 
@@ -266,7 +280,7 @@ class InputStream:
         self._mode = "tokens"
         return ids
 
-    def _apply(self, update: InputUpdate, undo=None) -> None:
+    def _apply(self, update: InputUpdate, undo=None, close: bool = False) -> None:
         """Check the revised input against the limits, then hand it to the engine."""
         new_ids = self._ids[: update.keep] + update.append
         try:
@@ -283,10 +297,10 @@ class InputStream:
             if undo is not None:
                 undo()
             raise
-        if update.keep == len(self._ids) and not update.append:
+        if update.keep == len(self._ids) and not update.append and not close:
             return
         if update.keep < len(self._ids):
             # Conservative until the engine reports: a shared block is recomputed from its start.
             self._num_computed = min(self._num_computed, update.keep - update.keep % self._engine.config.block_size)
         self._ids = new_ids
-        self._engine._update_stream(self.stream_id, update.keep, list(update.append))
+        self._engine._update_stream(self.stream_id, update.keep, list(update.append), close)
