@@ -248,3 +248,22 @@ def test_generation_waits_for_the_stream_to_compute_what_it_shares():
     while s.has_unfinished():
         _run_step(s)
     assert s.kv.num_free_blocks == 64
+
+
+def test_input_streams_take_no_batch_slot():
+    s = _scheduler(budget=64, seqs=2)
+    for i in range(3):
+        s.add_request(Request(f"st{i}", [100 * (i + 1) + t for t in range(5)], SamplingParams(max_tokens=1),
+                              input_closed=False, input_only=True))
+    s.add_request(_req("a", 3))
+    s.add_request(_req("b", 3))
+    s.add_request(_req("c", 3))
+    out = _run_step(s)
+    # Three streams and two requests run; the third request waits for a batch slot.
+    assert sorted(c.request_id for c in out.chunks) == ["a", "b", "st0", "st1", "st2"]
+    assert [r.request_id for r in s.waiting] == ["c"]
+    for i in range(3):
+        s.finish_request(f"st{i}")
+    while s.has_unfinished():
+        _run_step(s)
+    assert s.kv.num_free_blocks == 64

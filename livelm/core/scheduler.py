@@ -122,7 +122,11 @@ class Scheduler:
 
     def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # Input streams do not count: waiting for input, they hold KV but take no batch slot.
+        num_seqs = sum(not r.input_only for r in self.running)
+        while self.waiting and budget > 0:
+            if num_seqs >= self.config.max_num_seqs and not self.waiting[0].input_only:
+                break
             req = self.waiting.popleft()
             if req.fork_from is not None and not self._try_fork(req):
                 skipped.append(req)  # its prompt is still being computed by the first sequence
@@ -148,6 +152,7 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             self.running.append(req)
+            num_seqs += not req.input_only
             if n > 0:
                 chunks.append(self._chunk(req, n))
                 budget -= n
