@@ -350,6 +350,11 @@ class AsyncEngine:
                     self._deliver(rid, _Failure(RuntimeError(f"engine step failed: {e}")))
                 self._stats = fe.stats()
                 continue
+            if fe.core.last_step_was_empty:
+                # Waiting requests that cannot start yet (KV full, a fork waiting for its
+                # stream) and nothing running: do not spin, a command or an output wakes us.
+                self._wakeup.wait(0.005)
+                self._wakeup.clear()
             self._stats = fe.stats()  # first, so a caller woken by its output sees it
             for state, out in moved:
                 self._deliver(state.request_id, out)

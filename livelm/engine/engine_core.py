@@ -107,6 +107,7 @@ class EngineCore:
             self.cache_config,
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids)
+        self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.eos_token_ids)
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
@@ -263,6 +264,7 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """One scheduling + model step; returns what each touched sequence produced."""
         sched = self.scheduler.schedule()
+        self.last_step_was_empty = sched.is_empty
         if sched.is_empty:
             if sched.finished_request_ids:
                 self.runner.execute(sched)
