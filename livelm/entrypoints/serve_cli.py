@@ -49,6 +49,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--session-ttl", dest="session_ttl_s", type=float, default=None,
                         help="seconds a session's KV stays pinned after a turn "
                              "(default 30; requests may set session_ttl)")
+    streams = parser.add_argument_group("streaming input (/v1/stream, /v1/sessions)")
+    streams.add_argument("--max-input-streams", dest="max_input_streams", type=int, default=None,
+                         help="input sessions open at once; more get 429 (default 64)")
+    streams.add_argument("--stream-idle-timeout", dest="stream_idle_timeout_s", type=float,
+                         default=None,
+                         help="seconds an input session may stay idle before it is closed "
+                              "(default 600)")
+    streams.add_argument("--max-stream-pending-tokens", dest="max_stream_pending_tokens",
+                         type=int, default=None,
+                         help="input tokens of a session that may wait for prefill; appends "
+                              "beyond get 429 (default 16384)")
 
 
 def serve_main(args: argparse.Namespace) -> None:

@@ -36,6 +36,8 @@ from livelm.entrypoints.openai.protocol import (
 from livelm.entrypoints.openai.serving_chat import chat_prompt_ids, create_chat_completion
 from livelm.entrypoints.openai.serving_completions import create_completion
 from livelm.entrypoints.openai.state import ServerState
+from livelm.entrypoints.openai.streaming_sessions import add_session_routes
+from livelm.entrypoints.openai.websocket_stream import add_websocket_route
 
 logger = logging.getLogger("livelm.server")
 
@@ -89,6 +91,8 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     _add_routes(app, state)
+    add_session_routes(app, state)  # streaming input over REST/SSE
+    add_websocket_route(app, state)  # and over a WebSocket (/v1/stream)
 
     # Added innermost first: CORS sees every request, then auth, then the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes, on_reject=reject)
@@ -132,7 +136,12 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str) -> SessionDeleted:
-        """Release a session's pinned KV now (instead of at the end of its TTL)."""
+        """Close an input session (streaming input) with that id, or else release a
+        session's pinned KV now (instead of at the end of its TTL)."""
+        stream = getattr(state.engine, "get_stream", lambda _: None)(session_id)
+        if stream is not None:
+            await stream.close()  # aborts its replies, frees its KV
+            return SessionDeleted(id=session_id, deleted=True)
         close = getattr(state.engine, "close_session", None)
         if close is None:
             raise OpenAIError("this engine keeps no sessions", 501, "server_error")
@@ -196,6 +205,9 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if getattr(args, "no_prefix_caching", False):
         kwargs["enable_prefix_caching"] = False
+    for name in ("max_input_streams", "stream_idle_timeout_s", "max_stream_pending_tokens"):
+        if getattr(args, name, None) is not None:  # streaming-input limits
+            kwargs[name] = getattr(args, name)
     return kwargs
 
 
@@ -217,6 +229,9 @@ def run_server(args: argparse.Namespace) -> None:
         log_level=args.log_level.lower(),
         access_log=False,  # one JSON line per request is logged by the app itself
         timeout_graceful_shutdown=args.shutdown_timeout,
+        # WebSocket messages over --max-body-bytes get an error event from /v1/stream; far
+        # larger ones are refused by the protocol layer (close code 1009) before buffering.
+        ws_max_size=2 * args.max_body_bytes,
     )
     logger.info("serving %s on http://%s:%d/v1", app.state.livelm.model_name, args.host, args.port)
     # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, lifespan shutdown), then

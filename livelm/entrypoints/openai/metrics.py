@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -51,7 +51,19 @@ class _LiveGauges(Collector):
         yield CounterMetricFamily(
             "livelm_num_preemptions", "Requests preempted by the scheduler.", value=stats.num_preemptions
         )
+        yield from _stream_metrics(stats)
         yield from _cache_metrics(stats)
+
+
+def _stream_metrics(stats: Any) -> Iterator[Any]:
+    """Streaming input and computed tokens (absent from stats of engines that have none)."""
+    if hasattr(stats, "num_input_streams"):
+        yield GaugeMetricFamily("livelm_input_streams", "Input streams (streaming-input "
+                                "sessions) open in the engine.", value=stats.num_input_streams)
+    if hasattr(stats, "num_computed_tokens"):
+        yield CounterMetricFamily("livelm_computed_tokens", "Tokens whose KV the model computed "
+                                  "(prompts, streamed input, generated tokens).",
+                                  value=stats.num_computed_tokens)
 
 
 def _cache_metrics(stats: Any) -> Iterator[Any]:
@@ -101,6 +113,9 @@ class ServerMetrics:
         self.prompt_tokens = Counter("livelm_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter(
             "livelm_generation_tokens", "Tokens generated.", registry=r
+        )
+        self.websockets = Gauge(
+            "livelm_server_websockets", "Open /v1/stream WebSocket connections.", registry=r
         )
         self.ttft = Histogram(
             "livelm_time_to_first_token_seconds", "Time from arrival to the first generated token.",

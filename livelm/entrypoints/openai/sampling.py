@@ -110,3 +110,26 @@ def chat_sampling_params(req: ChatCompletionRequest, room: int) -> SamplingParam
         "logprobs": "top_logprobs",
     }
     return _build(kwargs, names, "messages")
+
+
+def stream_reply_sampling_params(req: SamplingRequest) -> SamplingParams:
+    """SamplingParams of a reply to streamed input (``/v1/stream`` generate events and
+    ``/v1/sessions/{id}/generate``): completions' fields and defaults, without ``prompt``.
+
+    The reply forks the input stream's KV, so the per-request session and salt fields do
+    not apply (the salt is the stream's, set when it opens).
+    """
+    _check_common(req)
+    for param in ("session_id", "session_ttl", "cache_salt"):
+        if getattr(req, param) is not None:
+            raise OpenAIError(
+                f"{param} does not apply to a reply to streamed input (it shares the input "
+                "session's KV; give cache_salt when opening the session)", 400, param=param,
+            )
+    if getattr(req, "echo", False):
+        raise _unsupported("echo", "echo in a reply to streamed input")
+    kwargs = _common_kwargs(req)
+    kwargs["max_tokens"] = 16 if req.max_tokens is None else req.max_tokens
+    kwargs["logprobs"] = getattr(req, "logprobs", None)
+    names = {name: name for name in _SAMPLING_FIELDS}
+    return _build(kwargs, names, "suffix")

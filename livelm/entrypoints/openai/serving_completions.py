@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -152,6 +153,17 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     tracker = RequestTracker(state.metrics, response_id, "/v1/completions", state.model_name,
                              req.stream, params.n)
     streams = open_streams(state.engine, prompt_ids, params, response_id)
+    return await respond_completion(state, req, raw, params, prompts, streams, ticket, tracker,
+                                    response_id)
+
+
+async def respond_completion(state: ServerState, req: CompletionRequest, raw: Request,
+                             params: SamplingParams, prompts: list[str | list[int]],
+                             streams: list[EngineStream], ticket: Any, tracker: RequestTracker,
+                             response_id: str) -> Response:
+    """Answer from engine streams already opened (one per prompt): SSE chunks when
+    ``req.stream``, else one response. Replies to streamed input use it too (``req`` is then
+    any request with ``stream``, ``include_usage``, ``logprobs`` and ``echo``)."""
     builder = _CompletionStream(state, req, params, prompts, len(prompts))
 
     async def finalize(status: int = 499, error: str | None = "client disconnected") -> None:
