@@ -2,8 +2,9 @@
 
 - CPU, few rows of activations (decode): the fused dequantize-and-multiply kernel in
   ``livelm/runner/csrc/quant_linear.cpp`` reads each weight byte once.
-- CPU, many rows (prefill): weight rows are dequantized tile by tile (exactly) into fp32
-  and multiplied by torch's fp32 GEMM, so quantized weights never lose to fp32 ones there.
+- CPU, many rows (prefill, big batches): weight rows are dequantized tile by tile
+  (exactly) into fp32 and multiplied by an fp32 GEMM: oneDNN's where torch has it (2-2.5x
+  MKL's speed on AMD CPUs, see livelm/runner/onednn_linear.py), else ``F.linear``.
 - No compiler, or ``LIVELM_DISABLE_CPP_KERNELS=1``: the same tiles dequantized with torch
   ops (same results, slower; said once in the log).
 - CUDA: the weight is dequantized with torch ops into the activations' dtype, then matmul.
@@ -27,10 +28,10 @@ logger = logging.getLogger("livelm")
 _SOURCE = Path(__file__).resolve().parent.parent / "runner" / "csrc" / "quant_linear.cpp"
 
 # Rows of activations up to which the fused kernel beats dequantize + fp32 GEMM (measured
-# on AVX2/AVX-512 CPUs with the model shapes of SmolLM2-135M; see docs/quantization.md).
-FUSED_MAX_ROWS = 16
-# Weights dequantized per tile of the prefill path: 512 KiB of fp32, about an L2 cache.
-_TILE_WEIGHTS = 1 << 17
+# on an AVX-512 EPYC with the model shapes of SmolLM2-135M, against oneDNN; docs/quantization.md).
+FUSED_MAX_ROWS = 12
+# Weights dequantized per tile of the prefill path: 1 MiB of fp32, about one L2 cache.
+_TILE_WEIGHTS = 1 << 18
 
 
 @functools.cache
@@ -99,16 +100,40 @@ def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
     return out.to(x.dtype).reshape(*lead, n)
 
 
+@functools.cache
+def _onednn_linear():
+    """oneDNN's fp32 linear (plain weight layout), or None where torch lacks it or it is off."""
+    if os.environ.get("LIVELM_DISABLE_ONEDNN") == "1" or not torch.backends.mkldnn.is_available():
+        return None
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return None
+    try:  # some builds register the op but cannot run it on this CPU
+        op(torch.ones(2, 8), torch.ones(4, 8), None, "none", [], "")
+    except Exception as e:  # noqa: BLE001 - any failure means: use F.linear
+        logger.info("oneDNN linear unavailable (%s); quantized prefill uses F.linear", e)
+        return None
+    return op
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    op = _onednn_linear()
+    if op is None:
+        return F.linear(x, w, bias)
+    return op(x, w, bias, "none", [], "")
+
+
 def _tiled_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Dequantize ``qt`` tile by tile into fp32 GEMMs (memory: one tile, not the weight)."""
     n, k = qt.shape
+    x = x.contiguous()
     tile = max(BLOCK, _TILE_WEIGHTS // max(k, 1) // BLOCK * BLOCK)
     if tile >= n:
-        return F.linear(x, dequantize_rows(qt, 0, n), None if bias is None else bias.float())
+        return _gemm(x, dequantize_rows(qt, 0, n), None if bias is None else bias.float())
     out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
     for start in range(0, n, tile):
         length = min(tile, n - start)
         w = dequantize_rows(qt, start, length)
         b = None if bias is None else bias[start : start + length].float()
-        out[:, start : start + length] = F.linear(x, w, b)
+        out[:, start : start + length] = _gemm(x, w, b)
     return out
