@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from livelm.quant.formats import QuantizedTensor, empty_quantized
-from livelm.quant.kernels import embedding_rows, quantized_linear
+from livelm.quant import kernels
+from livelm.quant.formats import FORMAT_CODES, QuantizedTensor, empty_quantized
 
 
 class QuantizedModule(nn.Module):
@@ -48,7 +48,13 @@ class QuantLinear(QuantizedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
-        return quantized_linear(x, self.qweight, self.bias)
+        # Decode steps call this ~120 times per token: skip the dispatcher when the fused
+        # CPU kernel applies (fp32 rows, few of them).
+        if x.dim() == 2 and x.shape[0] <= kernels.FUSED_MAX_ROWS and x.dtype == torch.float32 and not x.is_cuda:
+            ext = kernels.quant_kernels()
+            if ext is not None:
+                return ext.quantized_matmul(x, self.qs, self.d, self.m, self.bias, FORMAT_CODES[self.fmt])
+        return kernels.quantized_linear(x, self.qweight, self.bias)
 
 
 class QuantEmbedding(QuantizedModule):
@@ -61,4 +67,4 @@ class QuantEmbedding(QuantizedModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] -> [..., embedding_dim] in the module's float dtype."""
-        return embedding_rows(self.qweight, ids).to(self.dtype_probe.dtype)
+        return kernels.embedding_rows(self.qweight, ids).to(self.dtype_probe.dtype)

@@ -253,8 +253,16 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
   }
   if (fmt == kQ4_1) {
     p.m = reinterpret_cast<const uint16_t*>(m->data_ptr<int16_t>());
-    xsum = x.view({M, K / kBlock, kBlock}).sum(-1).contiguous();
-    p.xsum = xsum.data_ptr<float>();
+    // Plain loops: a torch reduction here would cost more than the sums (decode is ~1 row).
+    xsum = torch::empty({M, K / kBlock}, x.options());
+    float* xs = xsum.data_ptr<float>();
+    const float* xp = x.data_ptr<float>();
+    for (int64_t i = 0; i < M * (K / kBlock); ++i) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) s += xp[i * kBlock + j];
+      xs[i] = s;
+    }
+    p.xsum = xs;
   }
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
