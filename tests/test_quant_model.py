@@ -146,3 +146,15 @@ def test_layers_that_do_not_fit_blocks_stay_float_with_a_log_line(tmp_path: Path
     # int8 has no blocks: every layer fits.
     model = load_model(src, torch.float32, CPU, 64, quantization="int8")
     assert isinstance(model.layers[0].self_attn.qkv_proj, QuantLinear)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_quantized_engine_matches_cpu(tiny_model_dirs: dict[str, Path]) -> None:
+    prompts = [list(range(3, 40, 2)), [5, 9, 11]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    tokens = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(str(tiny_model_dirs["llama"]), quantization="q8_0", device=device, dtype="float32",
+                  kv_cache_gib=0.05, gpu_memory_utilization=0.1)
+        tokens[device] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens["cuda"] == tokens["cpu"]

@@ -88,6 +88,7 @@ def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x.device.type == "cuda":
+        _say_cuda_path()
         w = dequantize(qt).to(x.dtype)
         return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*lead, n)
     xf = x2.float()
@@ -121,6 +122,11 @@ def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.
     if op is None:
         return F.linear(x, w, bias)
     return op(x, w, bias, "none", [], "")
+
+
+@functools.cache
+def _say_cuda_path() -> None:
+    logger.info("quantized weights on CUDA are dequantized per call with torch ops (no fused CUDA kernel yet)")
 
 
 def _tiled_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
