@@ -58,8 +58,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                               "(default 600)")
     streams.add_argument("--max-stream-pending-tokens", dest="max_stream_pending_tokens",
                          type=int, default=None,
-                         help="input tokens of a session that may wait for prefill; appends "
-                              "beyond get 429 (default 16384)")
+                         help="input tokens of a session that may wait for prefill; a piece "
+                              "that would leave more gets 429 (default 16384)")
 
 
 def serve_main(args: argparse.Namespace) -> None:
