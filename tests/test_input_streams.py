@@ -351,3 +351,14 @@ def test_a_reply_to_closed_input_takes_over_the_remaining_prefill(engine, hf):
     # Every input token computed once; at most the stream's last partial block twice.
     assert 300 <= computed < 300 + 16
     assert state.status == "input_closed"
+
+
+def test_a_reply_takes_its_prompt_when_generate_is_called(engine, hf):
+    async def main():
+        async with engine.open_stream() as stream:
+            stream.append(TEXT[:40])
+            replies = stream.generate(GREEDY)
+            stream.append(TEXT[40:])  # after the call, before the iteration starts
+            return [t async for out in replies for t in out.outputs[0].token_ids]
+
+    assert asyncio.run(main()) == _one_shot(engine, hf, TEXT[:40])

@@ -156,14 +156,15 @@ class InputStream:
             ids = list(self._ids)
         return ids + (self._token_chunk(suffix) if suffix else [])
 
-    async def generate(
+    def generate(
         self, params: SamplingParams, suffix: str | list[int] | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Reply to the input as it is now (plus ``suffix``, for this reply only).
+        """Reply to the input as it is at this call (plus ``suffix``, for this reply only).
 
-        Yields output deltas like :meth:`AsyncEngine.generate`; the stream keeps reading
-        input meanwhile. The reply shares the KV the stream has computed, so only the
-        input's newest tokens are prefilled for it.
+        Returns an async iterator of output deltas like :meth:`AsyncEngine.generate`; the
+        prompt is fixed here, so input appended before the iteration starts is not part of
+        it. The stream keeps reading input meanwhile. The reply shares the KV the stream has
+        computed, so only the input's newest tokens are prefilled for it.
         """
         self._check_open()
         ids = self.prompt_ids(suffix)
@@ -172,11 +173,14 @@ class InputStream:
         prompt_text = self._text.text + (suffix if isinstance(suffix, str) else "") if self._text else None
         if self.cache_salt is not None:  # the reply's own blocks join the stream's salt
             params = dataclasses.replace(params, extra={**(params.extra or {}), "cache_salt": self.cache_salt})
-        rid = request_id or self._engine.new_request_id()
+        return self._reply(ids, params, request_id or self._engine.new_request_id(), prompt_text, self.input_closed)
+
+    async def _reply(self, ids: list[int], params: SamplingParams, rid: str, prompt_text: str | None,
+                     after_close: bool) -> AsyncIterator[RequestOutput]:
+        self._check_open()
         # The engine lets a reply to closed input compute what the stream has not yet.
-        self._prefill_handed_over = self.input_closed
+        self._prefill_handed_over = self._prefill_handed_over or after_close
         self._generations.add(rid)
-        self.last_activity = time.monotonic()
         try:
             async for out in self._engine.generate_ids(ids, params, rid, fork_from=self.stream_id,
                                                        prompt_text=prompt_text):
