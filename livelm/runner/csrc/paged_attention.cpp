@@ -12,13 +12,23 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__SSE__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX512F__)
+  if (n % 32 == 0) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 32) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   if (n % 16 == 0) {
     // Two accumulators hide the FMA latency; one horizontal sum at the end.
@@ -42,6 +52,14 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int64_t i = 0; i < n; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    return;
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   if (n % 8 == 0) {
     const __m256 va = _mm256_set1_ps(alpha);
@@ -52,6 +70,15 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// Ask for the next block's rows while this one is computed: a request's blocks are
+// scattered over the pool, which the hardware prefetcher does not follow.
+inline void prefetch_rows(const float* p, int64_t floats) {
+#if defined(__SSE__)
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < floats * 4; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+#endif
 }
 
 }  // namespace
@@ -94,6 +121,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const float* kblock = kh + table[t0 / block_size] * block_size * head_dim;
         const int64_t n = std::min(block_size, len - t0);
+        if (t0 + block_size < len)
+          prefetch_rows(kh + table[t0 / block_size + 1] * block_size * head_dim,
+                        std::min(block_size, len - t0 - block_size) * head_dim);
+        else
+          prefetch_rows(vh + table[0] * block_size * head_dim, std::min(block_size, len) * head_dim);
         for (int64_t i = 0; i < n; ++i) {
           const float* krow = kblock + i * head_dim;
           for (int64_t g = 0; g < group; ++g)
@@ -123,6 +155,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const float* vblock = vh + table[t0 / block_size] * block_size * head_dim;
         const int64_t n = std::min(block_size, len - t0);
+        if (t0 + block_size < len)
+          prefetch_rows(vh + table[t0 / block_size + 1] * block_size * head_dim,
+                        std::min(block_size, len - t0 - block_size) * head_dim);
         for (int64_t i = 0; i < n; ++i) {
           const float* vrow = vblock + i * head_dim;
           for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t0 + i], vrow, oh + g * head_dim, head_dim);
