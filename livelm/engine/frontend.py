@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -77,13 +78,14 @@ class Frontend:
     ) -> RequestState:
         """Tokenize (unless ``prompt_token_ids`` are given), validate and queue one request
         (``fork_from``: the input stream it replies to)."""
+        arrival = time.perf_counter()
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and not prompt:
             raise ValueError("the prompt is empty: give at least one character")
         ids = prompt_token_ids if prompt_token_ids is not None else self.prompt_ids(prompt)
         self.core.add_request(request_id, ids, params, fork_from)
-        state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer)
+        state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer, arrival)
         self.states[request_id] = state
         return state
 

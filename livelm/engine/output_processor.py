@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -51,8 +52,14 @@ class RequestState:
         prompt_token_ids: list[int],
         params: SamplingParams,
         tokenizer: PreTrainedTokenizerBase,
+        arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
+        # time.perf_counter() stamps for RequestOutput.metrics (TTFT, decode speed).
+        self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.num_generated_tokens = 0
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -85,6 +92,12 @@ class RequestState:
         seq = self.seqs[out.index]
         if seq.finish_reason is not None:
             return StepResult(None)
+        if out.new_token_ids:
+            now = time.perf_counter()
+            if self.first_token_time is None:
+                self.first_token_time = now
+            self.last_token_time = now
+            self.num_generated_tokens += len(out.new_token_ids)
         new_lps = self._position_logprobs(out.new_logprobs) if out.new_logprobs else None
         delta_text = seq.detokenizer.add_tokens(out.new_token_ids)
         stop_matched = None
@@ -135,7 +148,18 @@ class RequestState:
             outputs=deltas,
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
+            metrics=self.metrics(),
         )
+
+    def metrics(self) -> dict[str, float]:
+        """Timing so far (``time.perf_counter()`` seconds): ``arrival_time`` (the request was
+        added), ``first_token_time`` and ``last_token_time`` (the frontend received the
+        first / latest generated token), ``num_generated_tokens`` (over all sequences)."""
+        m = {"arrival_time": self.arrival_time, "num_generated_tokens": float(self.num_generated_tokens)}
+        if self.first_token_time is not None:
+            m["first_token_time"] = self.first_token_time
+            m["last_token_time"] = self.last_token_time
+        return m
 
     def final_output(self) -> RequestOutput:
         """The whole result, every sequence complete."""
@@ -158,6 +182,7 @@ class RequestState:
             outputs=outputs,
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
+            metrics=self.metrics(),
         )
 
     # ----------------------------------------------------------------- logprobs
