@@ -75,11 +75,12 @@ def paged_attention(
 
     d = meta.num_decodes
     if d and meta.decode_kernel is not None:
-        od = meta.decode_kernel.paged_decode_attention(
-            q[:d].contiguous(), k_cache, v_cache, meta.decode_block_tables, meta.decode_lens,
-            meta.block_size, scale,
+        # Reads q in place (rows of the fused qkv output) and writes straight into out.
+        qd = q[:d] if q.stride(2) == 1 and q.stride(1) == head_dim else q[:d].contiguous()
+        meta.decode_kernel.paged_decode_attention_out(
+            qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens,
+            meta.block_size, scale, out[:d].view(d, num_heads, head_dim),
         )
-        out[:d] = od.view(d, num_heads * head_dim)
     elif d:
         # Query heads sharing a KV head ride along the "query length" axis, so GQA needs
         # no repeated K/V, and everything stays KV-head-major like the cache:

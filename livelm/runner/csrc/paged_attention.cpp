@@ -83,20 +83,24 @@ inline void prefetch_rows(const float* p, int64_t floats) {
 
 }  // namespace
 
-// q: [D, Hq, hd]; k_cache, v_cache: [Hkv, S, hd]; block_tables: [D, max_blocks] int64;
-// context_lens: [D] int64. Returns [D, Hq, hd].
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens,
-                                     int64_t block_size, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32, "fp32 only");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+// q, out: [D, Hq, hd], each row's heads packed (any row stride); k_cache, v_cache:
+// [Hkv, S, hd]; block_tables: [D, max_blocks] int64; context_lens: [D] int64.
+void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                torch::Tensor block_tables, torch::Tensor context_lens,
+                                int64_t block_size, double scale, torch::Tensor out) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32,
+              "fp32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: [D, Hq, hd], heads packed");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1 && out.stride(1) == out.size(2),
+              "out: q's shape, heads packed");
   auto bt = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = bt.size(1);
-  auto out = torch::empty_like(q);
+  const int64_t q_row = q.stride(0), out_row = out.stride(0);
 
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -112,7 +116,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t len = lp[s];
       scores.assign(static_cast<size_t>(group * len), 0.f);
-      const float* qh = qp + (s * num_heads + h * group) * head_dim;
+      const float* qh = qp + s * q_row + h * group * head_dim;
       const float* kh = kp + h * num_slots * head_dim;
       const float* vh = vp + h * num_slots * head_dim;
       const int64_t* table = btp + s * max_blocks;
@@ -150,7 +154,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
         inv_sum[g] = 1.f / sum;
       }
       // Pass 2: weighted sum of values.
-      float* oh = op + (s * num_heads + h * group) * head_dim;
+      float* oh = op + s * out_row + h * group * head_dim;
       std::fill(oh, oh + group * head_dim, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const float* vblock = vh + table[t0 / block_size] * block_size * head_dim;
@@ -169,9 +173,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
     }
   });
+}
+
+// As above, into a fresh [D, Hq, hd] tensor.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens,
+                                     int64_t block_size, double scale) {
+  auto out = torch::empty(q.sizes(), q.options());
+  paged_decode_attention_out(q.contiguous(), k_cache, v_cache, block_tables, context_lens, block_size, scale, out);
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (fp32, CPU)");
+  m.def("paged_decode_attention_out", &paged_decode_attention_out,
+        "paged decode attention (fp32, CPU) written into out; q and out may have padded rows");
 }
