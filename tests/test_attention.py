@@ -1,4 +1,4 @@
-"""Paged attention: the C++ decode kernel and the torch paths against plain attention."""
+"""Paged attention: the C++ decode and prefill kernels and the torch paths against plain attention."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from livelm.runner.attention import AttentionMetadata, PrefillSegment, paged_attention
-from livelm.runner.cpu_kernels import cpu_kernels
+from livelm.runner.cpu_kernels import cpu_kernels, prefill_kernels
 
 
 def _reference(q, k_ctx, v_ctx, scale, q_positions):
@@ -40,7 +40,8 @@ def _slots(table, positions, block):
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_mixed_batch_decodes_and_chunked_prefills(use_kernel):
     kernel = cpu_kernels() if use_kernel else None
-    if use_kernel and kernel is None:
+    prefill_kernel = prefill_kernels() if use_kernel else None
+    if use_kernel and (kernel is None or prefill_kernel is None):
         pytest.skip("no C++ compiler here: the torch path is tested below")
     heads, kv_heads, dim, block = 6, 2, 16, 4
     decode_lens = [1, 5, 17, 33]  # context incl. the new token
@@ -71,6 +72,7 @@ def test_mixed_batch_decodes_and_chunked_prefills(use_kernel):
     meta = AttentionMetadata(
         slot_mapping=torch.cat(slot_mapping), num_decodes=len(decode_lens), decode_block_tables=table_t,
         decode_lens=lens_t, block_size=block, prefills=segments, decode_kernel=kernel,
+        prefill_kernel=prefill_kernel,
     )
     if kernel is None:
         offsets = torch.arange(maxb * block)
@@ -100,3 +102,40 @@ def test_mixed_batch_decodes_and_chunked_prefills(use_kernel):
         row += n
     # The cache now holds the new K/V exactly where the slot mapping says.
     torch.testing.assert_close(kc, kc_ref)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("dim", [16, 64])
+def test_prefill_kernel_matches_sdpa(group, dim):
+    """The C++ prefill kernel against the torch path (SDPA over gathered K/V) on chunks of
+    1..300 queries, at position 0 or after contexts that end mid-block, two per batch, with
+    queries read from a strided fused-QKV view as the model passes them."""
+    kernel = prefill_kernels()
+    if kernel is None:
+        pytest.skip("no C++ compiler here")
+    kv_heads, block = 3, 16
+    heads = kv_heads * group
+    g = torch.Generator().manual_seed(100 * group + dim)
+    cases = [(0, 1), (0, 37), (0, 300), (5, 1), (17, 16), (250, 3), (33, 300), (300, 129), (1000, 64)]
+    for (ctx0, n0), (ctx1, n1) in zip(cases, cases[1:] + cases[:1], strict=True):
+        lens = [ctx0 + n0, ctx1 + n1]
+        k_cache, v_cache, tables, _ = _setup(len(lens) + ctx0 + ctx1, lens, heads, kv_heads, dim, block, num_blocks=200)
+        num_new = n0 + n1
+        qkv = torch.randn(num_new, (heads + 2 * kv_heads) * dim, generator=g)
+        q = qkv[:, : heads * dim].view(num_new, heads, dim)  # strided rows, like the model's
+        k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(num_new, kv_heads, dim)
+        v = qkv[:, (heads + kv_heads) * dim :].view(num_new, kv_heads, dim)
+        slot_mapping, segments, row = [], [], 0
+        for t, (ctx, n) in zip(tables, [(ctx0, n0), (ctx1, n1)], strict=True):
+            slot_mapping.append(_slots(t, range(ctx, ctx + n), block))
+            ctx_slots = None if ctx == 0 else _slots(t, range(ctx + n), block)
+            segments.append(PrefillSegment(row, n, ctx_slots, None))
+            row += n
+        outs = []
+        for kern in (kernel, None):
+            meta = AttentionMetadata(
+                slot_mapping=torch.cat(slot_mapping), num_decodes=0, decode_block_tables=None, decode_lens=None,
+                block_size=block, prefills=segments, prefill_kernel=kern,
+            )
+            outs.append(paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, dim**-0.5))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)

@@ -44,6 +44,9 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None  # [D, Lmax] context slots of each decoding request
     decode_bias: torch.Tensor | None = None  # [1, D, 1, Lmax] float: 0 for real keys, -inf for padding
     decode_kernel: object | None = None  # the compiled kernel module when it applies
+    # The compiled prefill kernel (fp32 CPU, head_dim % 16 == 0): it reads K/V through the
+    # slots in place and masks from positions, so segments then need no causal_mask.
+    prefill_kernel: object | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -97,6 +100,11 @@ def paged_attention(
 
     for seg in meta.prefills:
         s, n = seg.query_start, seg.query_len
+        if meta.prefill_kernel is not None:
+            # A chunk at position 0 sees only itself: its slots are its own rows' slots.
+            slots = seg.context_slots if seg.context_slots is not None else meta.slot_mapping[s : s + n]
+            meta.prefill_kernel.prefill_attention(q[s : s + n], k_cache, v_cache, slots, out[s : s + n], scale)
+            continue
         # 4-D inputs: 3-D ones send torch's CPU SDPA down a ~20x slower path.
         qs = q[s : s + n].transpose(0, 1)[None]  # [1, Hq, n, hd]
         if seg.context_slots is None:
@@ -105,9 +113,12 @@ def paged_attention(
         else:
             ks = gather_slots(k_cache, seg.context_slots)[None]
             vs = gather_slots(v_cache, seg.context_slots)[None]
-            os = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=seg.causal_mask, scale=scale, enable_gqa=group > 1
-            )
+            mask = seg.causal_mask
+            if mask is None:
+                ctx = seg.context_slots.shape[0]
+                keys = torch.arange(ctx, device=q.device)
+                mask = keys[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
+            os = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[s : s + n] = os[0].transpose(0, 1).reshape(n, num_heads * head_dim)
     return out
 

@@ -17,24 +17,35 @@ logger = logging.getLogger("livelm")
 _SOURCES = Path(__file__).parent / "csrc"
 
 
-@functools.cache
-def cpu_kernels() -> ModuleType | None:
-    """The compiled kernel module, or None (said once in the log) when it cannot be built."""
+# -fopenmp only when compiling: linking it would pull in the system libgomp next to torch's
+# bundled copy, and two OpenMP pools spinning on the same cores made every torch op ~100x
+# slower. Unlinked, the GOMP symbols resolve to torch's own.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
+
+
+def _build(name: str, source: str, what: str) -> ModuleType | None:
     if os.environ.get("LIVELM_DISABLE_CPP_KERNELS") == "1":
-        logger.info("C++ CPU kernels disabled by LIVELM_DISABLE_CPP_KERNELS; using torch ops")
+        logger.info("C++ CPU kernels disabled by LIVELM_DISABLE_CPP_KERNELS; %s uses torch ops", what)
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name="livelm_cpu_kernels",
-            sources=[str(_SOURCES / "paged_attention.cpp")],
-            # -fopenmp only when compiling: linking it would pull in the system libgomp next
-            # to torch's bundled copy, and two OpenMP pools spinning on the same cores made
-            # every torch op ~100x slower. Unlinked, the GOMP symbols resolve to torch's own.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
-            verbose=False,
-        )
+        return load(name=name, sources=[str(_SOURCES / source)], extra_cflags=_CFLAGS, verbose=False)
     except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
-        logger.warning("C++ CPU kernels unavailable (%s); decode attention uses the slower torch path", e)
+        logger.warning("C++ CPU kernels unavailable (%s); %s uses the slower torch path", e, what)
         return None
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled decode-attention module, or None (said once in the log) when it cannot be built."""
+    return _build("livelm_cpu_kernels", "paged_attention.cpp", "decode attention")
+
+
+@functools.cache
+def prefill_kernels() -> ModuleType | None:
+    """The compiled prefill-attention module (``csrc/prefill_attention.cpp``), or None.
+
+    A module of its own, so each source compiles (and can change) independently.
+    """
+    return _build("livelm_prefill_attention", "prefill_attention.cpp", "prefill attention")

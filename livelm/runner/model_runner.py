@@ -13,7 +13,7 @@ from livelm.core.scheduler_output import (
 )
 from livelm.models.llama import LlamaForCausalLM
 from livelm.runner.attention import AttentionMetadata, PrefillSegment
-from livelm.runner.cpu_kernels import cpu_kernels
+from livelm.runner.cpu_kernels import cpu_kernels, prefill_kernels
 from livelm.runner.onednn_linear import PackedLinear, onednn_available, pack_linear_layers
 from livelm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
@@ -51,6 +51,11 @@ class ModelRunner:
         self.sampler = Sampler()
         # The compiled decode-attention kernel covers fp32 on CPU; other cases use torch ops.
         self.decode_kernel = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        self.prefill_kernel = (
+            prefill_kernels()
+            if self.device.type == "cpu" and self.dtype == torch.float32 and cfg.head_dim % 16 == 0
+            else None
+        )
         self.eos_token_ids = set(eos_token_ids)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -123,6 +128,7 @@ class ModelRunner:
             block_size=bs,
             prefills=[],
             decode_kernel=self.decode_kernel,
+            prefill_kernel=self.prefill_kernel,
         )
         if decode_lens:
             max_blocks = max(len(t) for t in decode_tables)
@@ -143,8 +149,9 @@ class ModelRunner:
             offsets = torch.arange(ctx, device=dev)
             tbl = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=dev)
             ctx_slots = tbl[offsets // bs] * bs + offsets % bs
-            q_pos = torch.arange(start_pos, ctx, device=dev)
-            mask = offsets[None, :] <= q_pos[:, None]
+            mask = None  # the prefill kernel masks from positions
+            if self.prefill_kernel is None:
+                mask = offsets[None, :] <= torch.arange(start_pos, ctx, device=dev)[:, None]
             meta.prefills.append(PrefillSegment(start_row, n, ctx_slots, mask))
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions_t = torch.tensor(pos, dtype=torch.long, device=dev)
