@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -73,7 +75,7 @@ class Workload:
     batch_requests: int = 64
     batch_prompt_len: int = 256
     batch_new_tokens: int = 128
-    hf_batch_sizes: tuple[int, ...] = (64, 16)
+    hf_batch_sizes: tuple[int, ...] = (64,)
 
 
 QUICK = Workload(prompt_len=128, new_tokens=32, repeat=1, batch_requests=8, batch_prompt_len=64,
@@ -275,39 +277,10 @@ def transformers_batch(model, prompts: list[list[int]], new_tokens: int, batch_s
 
 
 def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether llama-cpp-python is installed (found, not imported: see :class:`LlamaCppArm`)."""
+    import importlib.util
 
-
-def llama_cpp_files(gguf: Path, cache: Path) -> dict[str, Path]:
-    """The GGUF as shipped (under its own type's name) plus Q8_0 and F32 conversions made
-    by llama.cpp's quantizer (``allow_requantize``: dequantize, then quantize), cached."""
-    import ctypes
-
-    import llama_cpp
-
-    own = _gguf_main_type(gguf)
-    files = {own: gguf}
-    cache.mkdir(parents=True, exist_ok=True)
-    for name, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("f32", llama_cpp.LLAMA_FTYPE_ALL_F32)):
-        if name == own:
-            continue
-        out = cache / f"{gguf.stem}.{name}.gguf"
-        if not out.is_file():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.nthread = 2
-            params.ftype = ftype
-            params.allow_requantize = True
-            tmp = out.with_suffix(".tmp")
-            rc = llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params))
-            if rc != 0:
-                raise RuntimeError(f"llama_model_quantize to {name} failed ({rc})")
-            tmp.rename(out)
-        files[name] = out
-    return files
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def _gguf_main_type(path: Path) -> str:
@@ -330,86 +303,159 @@ def gguf_weight_bytes(path: Path) -> int:
 
 
 class LlamaCppArm:
-    """One GGUF loaded twice: a small context for single-stream, a batched one on demand."""
+    """llama.cpp on one GGUF, every call in a fresh child process.
+
+    Never in this process: llama.cpp brings its own OpenMP runtime and thread pool, and
+    once it has run here torch's ops slow down several times over (measured: livelm q8_0
+    decode 135 -> 18 tok/s in the same process), which would wreck the other arms.
+    """
 
     def __init__(self, path: Path, threads: int) -> None:
-        from llama_cpp import Llama
-
         self.path, self.threads = path, threads
-        self.llm = Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-                         n_batch=512, verbose=False)
+
+    def _call(self, spec: dict) -> dict:
+        spec = spec | {"path": str(self.path), "threads": self.threads}
+        proc = subprocess.run([sys.executable, __file__, "--llamacpp-worker"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=3600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"llama.cpp worker failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        return json.loads(lines[-1])
 
     def single(self, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-        self.llm.reset()  # no KV reuse from the previous run
-        times: list[float] = []
-        tokens: list[int] = []
-        t0 = time.perf_counter()
-        for tok in self.llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
-            times.append(time.perf_counter())
-            tokens.append(int(tok))
-            if len(times) == new_tokens:
-                break
-        return times[0] - t0, (new_tokens - 1) / (times[-1] - times[0]), tokens
+        r = self._call({"mode": "single", "prompt": prompt, "new_tokens": new_tokens})
+        return r["ttft_s"], r["decode_tok_s"], r["tokens"]
 
     def batch(self, prompts: list[list[int]], new_tokens: int) -> float:
-        """Seconds for all prompts as parallel sequences of one context (greedy on the
-        logits, as llama.cpp's batched examples do), prompts prefilled in 2048-token batches."""
-        import ctypes
+        return self._call({"mode": "batch", "prompts": prompts, "new_tokens": new_tokens})["seconds"]
 
-        import llama_cpp as L
-        import numpy as np
+    @staticmethod
+    def convert(src: Path, dst: Path, fmt: str) -> None:
+        """``src`` requantized to ``fmt`` (``q8_0`` or ``f32``) by llama.cpp's quantizer."""
+        spec = {"mode": "convert", "path": str(src), "dst": str(dst), "fmt": fmt}
+        proc = subprocess.run([sys.executable, __file__, "--llamacpp-worker"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0 or not dst.is_file():
+            raise RuntimeError(f"llama.cpp conversion to {fmt} failed: {proc.stderr.strip()[-500:]}")
 
-        n_seq = len(prompts)
-        per_seq = max(len(p) for p in prompts) + new_tokens
-        mparams = L.llama_model_default_params()
-        model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_seq * ((per_seq + 255) // 256 * 256)
-        cparams.n_batch = 2048
-        cparams.n_ubatch = 512
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = cparams.n_threads_batch = self.threads
-        ctx = L.llama_init_from_model(model, cparams)
-        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-        batch = L.llama_batch_init(2048, 0, 1)
-        try:
-            def add(tok: int, pos: int, seq: int, logits: bool) -> None:
-                i = batch.n_tokens
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = logits
-                batch.n_tokens += 1
 
-            def decode(rows: int) -> np.ndarray:
-                if L.llama_decode(ctx, batch) != 0:
-                    raise RuntimeError("llama_decode failed")
-                batch.n_tokens = 0
-                ptr = L.llama_get_logits(ctx)
-                arr = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(rows, n_vocab))
-                return arr.argmax(axis=1)
+def llama_cpp_files(gguf: Path, cache: Path) -> dict[str, Path]:
+    """The GGUF as shipped (under its own type's name) plus Q8_0 and F32 conversions made
+    by llama.cpp's quantizer (``allow_requantize``: dequantize, then quantize), cached."""
+    own = _gguf_main_type(gguf)
+    files = {own: gguf}
+    cache.mkdir(parents=True, exist_ok=True)
+    for fmt in ("q8_0", "f32"):
+        if fmt == own:
+            continue
+        out = cache / f"{gguf.stem}.{fmt}.gguf"
+        if not out.is_file():
+            tmp = out.with_suffix(".tmp")
+            LlamaCppArm.convert(gguf, tmp, fmt)
+            tmp.rename(out)
+        files[fmt] = out
+    return files
 
+
+def llamacpp_worker(spec: dict) -> dict:
+    """The child process's side of :class:`LlamaCppArm` (reads a JSON spec on stdin)."""
+    import ctypes
+
+    import llama_cpp as L
+
+    if spec["mode"] == "convert":
+        params = L.llama_model_quantize_default_params()
+        params.nthread = 2
+        params.ftype = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "f32": L.LLAMA_FTYPE_ALL_F32}[spec["fmt"]]
+        params.allow_requantize = True
+        rc = L.llama_model_quantize(spec["path"].encode(), spec["dst"].encode(), ctypes.byref(params))
+        return {"rc": rc}
+    threads = spec["threads"]
+    if spec["mode"] == "single":
+        llm = L.Llama(spec["path"], n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                      verbose=False)
+
+        def generate(prompt: list[int], n: int) -> tuple[float, list[float], list[int]]:
+            llm.reset()  # no KV reuse from the previous call
+            times: list[float] = []
+            tokens: list[int] = []
             t0 = time.perf_counter()
-            last: list[int] = [0] * n_seq
-            pending: list[int] = []
+            for tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                times.append(time.perf_counter())
+                tokens.append(int(tok))
+                if len(times) == n:
+                    break
+            return t0, times, tokens
+
+        prompt, n = spec["prompt"], spec["new_tokens"]
+        generate(list(reversed(prompt))[:16], 4)  # warm-up
+        t0, times, tokens = generate(prompt, n)
+        return {"ttft_s": times[0] - t0, "decode_tok_s": (n - 1) / (times[-1] - times[0]), "tokens": tokens}
+    return {"seconds": _llamacpp_batch(L, spec["path"], threads, spec["prompts"], spec["new_tokens"])}
+
+
+def _llamacpp_batch(L, path: str, threads: int, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for all prompts as parallel sequences of one context (greedy on the logits,
+    as llama.cpp's batched examples do), prompts prefilled in 2048-token batches."""
+    import ctypes
+
+    import numpy as np
+
+    n_seq = len(prompts)
+    per_seq = max(len(p) for p in prompts) + new_tokens
+    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_seq * ((per_seq + 255) // 256 * 256)
+    cparams.n_batch = 2048
+    cparams.n_ubatch = 512
+    cparams.n_seq_max = n_seq
+    cparams.n_threads = cparams.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cparams)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(2048, 0, 1)
+
+    def add(tok: int, pos: int, seq: int, logits: bool) -> None:
+        i = batch.n_tokens
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+        batch.n_tokens += 1
+
+    def decode(rows: int) -> np.ndarray:
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        batch.n_tokens = 0
+        ptr = ctypes.cast(L.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float))
+        return np.ctypeslib.as_array(ptr, shape=(rows, n_vocab)).argmax(axis=1)
+
+    def run(prompts: list[list[int]], new_tokens: int) -> None:
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        last: list[int] = [0] * len(prompts)
+        pending: list[int] = []
+        for s, prompt in enumerate(prompts):
+            if batch.n_tokens + len(prompt) > 2048:
+                for seq, tok in zip(pending, decode(len(pending)), strict=True):
+                    last[seq] = int(tok)
+                pending = []
+            for j, tok in enumerate(prompt):
+                add(tok, j, s, j == len(prompt) - 1)
+            pending.append(s)
+        for seq, tok in zip(pending, decode(len(pending)), strict=True):
+            last[seq] = int(tok)
+        for step in range(1, new_tokens):
             for s, prompt in enumerate(prompts):
-                if batch.n_tokens + len(prompt) > 2048:
-                    for seq, tok in zip(pending, decode(len(pending)), strict=True):
-                        last[seq] = int(tok)
-                    pending = []
-                for j, tok in enumerate(prompt):
-                    add(tok, j, s, j == len(prompt) - 1)
-                pending.append(s)
-            for seq, tok in zip(pending, decode(len(pending)), strict=True):
-                last[seq] = int(tok)
-            for step in range(1, new_tokens):
-                for s, prompt in enumerate(prompts):
-                    add(last[s], len(prompt) + step - 1, s, True)
-                last = [int(t) for t in decode(n_seq)]
-            return time.perf_counter() - t0
-        finally:
-            L.llama_batch_free(batch)
-            L.llama_free(ctx)
-            L.llama_model_free(model)
+                add(last[s], len(prompt) + step - 1, s, True)
+            last = [int(t) for t in decode(len(prompts))]
+
+    try:
+        run([p[:16] for p in prompts[:2]], 4)  # warm-up
+        t0 = time.perf_counter()
+        run(prompts, new_tokens)
+        return time.perf_counter() - t0
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -429,6 +475,8 @@ def resolve_inputs(model: str | None) -> tuple[str | None, Path | None, Path | N
 
 def run(args: argparse.Namespace) -> dict:
     wl = QUICK if args.quick else Workload(repeat=args.repeat)
+    if args.hf_batch_sizes:
+        wl = replace(wl, hf_batch_sizes=tuple(int(b) for b in args.hf_batch_sizes.split(",")))
     torch.set_num_threads(args.threads)
     started = utc_now()
     machine = machine_info(args.threads)
@@ -477,8 +525,9 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     warm = random_prompt(rng, 16, vocab)
     for name, eng in engines.items():  # untimed warm-up (kernel builds, allocator, packing)
-        _single(arms[name], eng, warm, 4)
-    for rep in range(wl.repeat):
+        if arms[name].engine != "llama.cpp" and not args.skip_single:  # warms up in its own process, every call
+            _single(arms[name], eng, warm, 4)
+    for rep in range(0 if args.skip_single else wl.repeat):
         prompt = random_prompt(rng, wl.prompt_len, vocab)
         order = list(engines)
         order = order[rep % len(order):] + order[: rep % len(order)]
@@ -562,6 +611,7 @@ def run(args: argparse.Namespace) -> dict:
         "load_start": load_start,
         "load_end": load_end,
         "quick": args.quick,
+        "skipped": {"single": args.skip_single, "batch": args.skip_batch},
         "model": args.model or "default (SmolLM2-135M-Instruct Q4_1 GGUF)",
         "workload": wl.__dict__ | {"hf_batch_sizes": list(wl.hf_batch_sizes)},
         "api": {"livelm": "LLM.generate (RequestOutput.metrics timestamps)",
@@ -674,12 +724,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="single-stream runs per arm (best counts)")
     parser.add_argument("--formats", default="fp32,q8_0,q4_1", help="livelm formats to run")
     parser.add_argument("--quick", action="store_true", help="short run: 1 repeat, 32 new tokens, batch 8x64x16")
-    parser.add_argument("--skip-batch", action="store_true")
+    parser.add_argument("--skip-single", action="store_true", help="batch workload only")
+    parser.add_argument("--skip-batch", action="store_true", help="single-stream workload only")
+    parser.add_argument("--hf-batch-sizes", default=None,
+                        help="transformers batch sizes to try on the batch workload, the fastest counts (default 64)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--llamacpp-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.llamacpp_worker:
+        print(json.dumps(llamacpp_worker(json.load(sys.stdin))))
+        return
     record = run(args)
     if not args.no_save:
         append_jsonl(RESULTS_FILE, record)
