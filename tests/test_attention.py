@@ -131,11 +131,14 @@ def test_prefill_kernel_matches_sdpa(group, dim):
             ctx_slots = None if ctx == 0 else _slots(t, range(ctx + n), block)
             segments.append(PrefillSegment(row, n, ctx_slots, None))
             row += n
-        outs = []
+        outs, caches = [], []
         for kern in (kernel, None):
             meta = AttentionMetadata(
                 slot_mapping=torch.cat(slot_mapping), num_decodes=0, decode_block_tables=None, decode_lens=None,
                 block_size=block, prefills=segments, prefill_kernel=kern,
             )
-            outs.append(paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, dim**-0.5))
+            caches.append((k_cache.clone(), v_cache.clone()))
+            outs.append(paged_attention(q, k, v, *caches[-1], meta, dim**-0.5))
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+        # The kernel's write_kv (strided k/v rows) stores exactly what index_copy_ does.
+        assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])

@@ -297,6 +297,41 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   });
 }
 
+// Stores new K/V [T, Hkv, hd] (rows may be strided: views of the fused QKV projection) into
+// their slots of the caches [Hkv, S, hd]. torch's index_copy_ over the transposed view took
+// 2-15 ms for a 4,096-token chunk (by load); this is a plain row copy.
+void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slots) {
+  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32 &&
+                  k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
+              "fp32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
+  TORCH_CHECK(k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2) && v.dim() == 3 && v.stride(2) == 1 &&
+                  v.stride(1) == v.size(2) && v.sizes() == k.sizes(),
+              "k/v rows must hold packed heads");
+  TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.numel() == k.size(0), "one int64 slot per token");
+  auto sl = slots.contiguous();
+  const int64_t n = k.size(0), num_kv_heads = k.size(1), hd = k.size(2), num_slots = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(0) == num_kv_heads && k_cache.size(2) == hd, "cache shape");
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const size_t row_bytes = static_cast<size_t>(hd) * sizeof(float);
+  // One thread: a 4,096-token chunk copies in ~0.2 ms, less than waking a second one costs.
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t slot = sp[t];
+    TORCH_CHECK(slot >= 0 && slot < num_slots, "slot out of range");
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      std::memcpy(kc + (h * num_slots + slot) * hd, kp + t * ks + h * hd, row_bytes);
+      std::memcpy(vc + (h * num_slots + slot) * hd, vp + t * vs + h * hd, row_bytes);
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "paged prefill attention (fp32, CPU), writes out in place");
+  m.def("write_kv", &write_kv, "store new K/V rows into their cache slots (fp32, CPU)");
 }
