@@ -3,6 +3,8 @@ matmul of the exactly dequantized weights (compiled C++ and the pure-torch fallb
 
 from __future__ import annotations
 
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -82,17 +84,52 @@ def test_linear_matches_dequantized_matmul(path: str, fmt: str, m: int) -> None:
         assert _rel_err(kernels.quantized_linear(x3, qt, b), ref3) < 1e-4
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 7, 64, 300])
-def test_fused_kernel_at_every_m(fmt: str, m: int) -> None:
-    """The fused kernel itself (not only up to the size the dispatcher sends it)."""
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def ext_build(request):
+    """The kernels as compiled for this CPU and, on an AVX-512 CPU, an AVX2-only build (the
+    code path of CPUs without AVX-512)."""
     ext = _compiled()
-    n, k = (45, 70) if fmt == "int8" else (45, 160)
-    qt = quantize(_weight(n, k, 7), fmt)
-    x = torch.randn(m, k)
-    bias = torch.randn(n)
-    got = ext.quantized_matmul(x, qt.qs, qt.d, qt.m, bias, kernels.FORMAT_CODES[fmt])
-    assert _rel_err(got, torch.nn.functional.linear(x, dequantize(qt), bias)) < 1e-4
+    if request.param == "avx2":
+        if ext.simd() != "avx512":
+            pytest.skip(f"the native build is already {ext.simd()}")
+        ext = kernels.build_kernels("livelm_quant_kernels_avx2", ("-mno-avx512f",))
+        assert ext.simd() == "avx2"
+    return ext
+
+
+# Row counts around every tile size and path switch of the C++ kernels (4x4 and 8x2 tiles,
+# the GEMM from 20 rows in 32-row panels with a last one of <= 16, 512 KiB passes of x).
+KERNEL_MS = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 20, 21, 31, 33, 48, 64, 300]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_kernel_at_every_m(ext_build, fmt: str) -> None:
+    """The C++ kernel itself at every row count (not only those the dispatcher sends it),
+    with ragged output rows (not a multiple of any tile) and, for int8, ragged K."""
+    shapes = [(45, 160), (13, 576)] + ([(11, 70), (6, 17), (29, 200)] if fmt == "int8" else [(7, 32)])
+    for n, k in shapes:
+        qt = quantize(_weight(n, k, 7), fmt)
+        w = dequantize(qt)
+        for bias in (torch.randn(n), None):
+            for m in KERNEL_MS:
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+                got = ext_build.quantized_matmul(x, qt.qs, qt.d, qt.m, bias, kernels.FORMAT_CODES[fmt])
+                assert _rel_err(got, torch.nn.functional.linear(x, w, bias)) < 1e-4, (n, k, m)
+
+
+def test_gemm_path_passes_over_x_in_chunks() -> None:
+    """Enough rows of x that the GEMM path takes several 512 KiB passes (K=1536: 64 rows each)."""
+    ext = _compiled()
+    qt = quantize(_weight(70, 1536, 8), "q4_1")
+    x = torch.randn(150, 1536)
+    got = ext.quantized_matmul(x, qt.qs, qt.d, qt.m, None, kernels.FORMAT_CODES["q4_1"])
+    assert _rel_err(got, x @ dequantize(qt).T) < 1e-4
+
+
+def test_avx512_builds_take_every_row_count() -> None:
+    ext = _compiled()
+    limit = kernels.fused_max_rows(ext)
+    assert limit == (sys.maxsize if ext.simd() == "avx512" else kernels.FUSED_MAX_ROWS_AVX2)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

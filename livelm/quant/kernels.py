@@ -1,10 +1,13 @@
 """Matrix products with quantized weights: the C++ CPU kernels, their torch fallback, CUDA.
 
-- CPU, few rows of activations (decode): the fused dequantize-and-multiply kernel in
-  ``livelm/runner/csrc/quant_linear.cpp`` reads each weight byte once.
-- CPU, many rows (prefill, big batches): weight rows are dequantized tile by tile
-  (exactly) into fp32 and multiplied by an fp32 GEMM: oneDNN's where torch has it (2-2.5x
-  MKL's speed on AMD CPUs, see livelm/runner/onednn_linear.py), else ``F.linear``.
+- CPU, compiled for AVX-512: every call goes to ``livelm/runner/csrc/quant_linear.cpp``:
+  fused dequantize-and-multiply tiles for decode-sized rows (each weight byte read once),
+  an outer-product GEMM over weights dequantized 12 rows at a time from 20 rows on
+  (batched decode, prefill); both at least as fast as oneDNN's fp32 on the model shapes.
+- CPU, compiled for AVX2 only: the fused kernel up to ``FUSED_MAX_ROWS_AVX2`` rows; more
+  rows are dequantized tile by tile (exactly) into fp32 and multiplied by an fp32 GEMM:
+  oneDNN's where torch has it (2-2.5x MKL's speed on AMD CPUs, see
+  livelm/runner/onednn_linear.py), else ``F.linear``.
 - No compiler, or ``LIVELM_DISABLE_CPP_KERNELS=1``: the same tiles dequantized with torch
   ops (same results, slower; said once in the log).
 - CUDA: the weight is dequantized with torch ops into the activations' dtype, then matmul.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -27,9 +31,10 @@ logger = logging.getLogger("livelm")
 
 _SOURCE = Path(__file__).resolve().parent.parent / "runner" / "csrc" / "quant_linear.cpp"
 
-# Rows of activations up to which the fused kernel beats dequantize + fp32 GEMM (measured
-# on an AVX-512 EPYC with the model shapes of SmolLM2-135M, against oneDNN; docs/quantization.md).
-FUSED_MAX_ROWS = 12
+# Rows of activations up to which the AVX2 fused kernel beats dequantize + fp32 GEMM
+# (measured with the model shapes of SmolLM2-135M, against oneDNN; docs/quantization.md).
+# AVX-512 builds take every row count (their GEMM path beats the tiles, see fused_max_rows).
+FUSED_MAX_ROWS_AVX2 = 12
 # Weights dequantized per tile of the prefill path: 1 MiB of fp32, about one L2 cache.
 _TILE_WEIGHTS = 1 << 18
 
@@ -41,19 +46,36 @@ def quant_kernels() -> ModuleType | None:
         logger.info("C++ quantized kernels disabled by LIVELM_DISABLE_CPP_KERNELS; quantized layers use torch ops")
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="livelm_quant_kernels",
-            sources=[str(_SOURCE)],
-            # Compile with -fopenmp (for `omp simd`) but never link it: a second libgomp next to
-            # torch's bundled one made every torch op ~100x slower (see cpu_kernels.py).
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
-            verbose=False,
-        )
+        ext = build_kernels("livelm_quant_kernels")
     except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
         logger.warning("C++ quantized kernels unavailable (%s); quantized layers use the slower torch path", e)
         return None
+    logger.info("C++ quantized kernels compiled for %s", ext.simd())
+    return ext
+
+
+def build_kernels(name: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or load the cached build of) the kernels as module ``name``, for this CPU.
+
+    ``extra_cflags`` can narrow the instruction set (the tests build an AVX2-only copy with
+    ``-mno-avx512f`` to check that path on an AVX-512 machine)."""
+    from torch.utils.cpp_extension import load
+
+    return load(
+        name=name,
+        sources=[str(_SOURCE)],
+        # Compile with -fopenmp (for `omp simd`) but never link it: a second libgomp next to
+        # torch's bundled one made every torch op ~100x slower (see cpu_kernels.py).
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", *extra_cflags],
+        verbose=False,
+    )
+
+
+@functools.cache
+def fused_max_rows(ext: ModuleType) -> int:
+    """Rows of activations up to which ``ext.quantized_matmul`` is the faster CPU path."""
+    simd = ext.simd() if hasattr(ext, "simd") else "avx2"
+    return sys.maxsize if simd == "avx512" else FUSED_MAX_ROWS_AVX2
 
 
 def _kernel_args(qt: QuantizedTensor) -> tuple:
@@ -93,7 +115,7 @@ def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
         return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*lead, n)
     xf = x2.float()
     ext = quant_kernels()
-    if ext is not None and xf.shape[0] <= FUSED_MAX_ROWS:
+    if ext is not None and xf.shape[0] <= fused_max_rows(ext):
         qs, d, m, code = _kernel_args(qt)
         out = ext.quantized_matmul(xf.contiguous(), qs, d, m, bias, code)
     else:

@@ -48,11 +48,11 @@ class QuantLinear(QuantizedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
-        # Decode steps call this ~120 times per token: skip the dispatcher when the fused
-        # CPU kernel applies (fp32 rows, few of them).
-        if x.dim() == 2 and x.shape[0] <= kernels.FUSED_MAX_ROWS and x.dtype == torch.float32 and not x.is_cuda:
+        # Decode steps call this ~120 times per token: skip the dispatcher when the C++
+        # CPU kernel applies (2-D fp32 rows, as many as it is the faster path for).
+        if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda:
             ext = kernels.quant_kernels()
-            if ext is not None:
+            if ext is not None and x.shape[0] <= kernels.fused_max_rows(ext):
                 return ext.quantized_matmul(x, self.qs, self.d, self.m, self.bias, FORMAT_CODES[self.fmt])
         return kernels.quantized_linear(x, self.qweight, self.bias)
 

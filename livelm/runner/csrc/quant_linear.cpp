@@ -9,12 +9,18 @@
 // A q4 block is GGUF's 16 bytes: byte j holds weight j (low nibble) and j + 16 (high).
 // Scales arrive as raw bits (int16 / int32 tensors) so that model.to(dtype) never casts them.
 //
-// Decode-sized batches (few rows of x) are memory-bound: quantized_matmul streams each
-// weight row once, decodes a block into registers and multiplies it with up to four rows
-// of x at a time, so a weight byte is read from memory once per call. The block scale is
-// applied to the block's partial sums (sum_j d*q_j*x_j = d * sum_j q_j*x_j), and the q4_1
-// minimum through per-block sums of x (sum_j m*x_j = m * sum_j x_j). Prefill-sized batches
-// use dequantize_rows tile by tile into torch's fp32 GEMM instead (in Python).
+// Kernels (all fp32 multiply-adds on exactly dequantized weights or their integers):
+// - AVX-512 builds, fewer than kGemmMinRows rows of x (decode): tiles of up to 8 rows of x
+//   by 2-4 weight rows; a weight block is dequantized into registers once per tile (q4:
+//   vpermps on a 16-entry table d*i + m) and multiplied with every row of the tile, so a
+//   call reads each weight byte from memory once.
+// - AVX-512 builds, more rows (batched decode, prefill): an outer-product GEMM; x is
+//   transposed into 32-row panels once per call, 12 weight rows at a time are dequantized
+//   into an L1 buffer and reused by every panel (2x12 zmm accumulators per k step).
+// - AVX2 builds: one weight row at a time with up to four rows of x, the block scale on the
+//   block's partial sums and the q4_1 minimum through per-block sums of x; Python sends
+//   more rows than FUSED_MAX_ROWS_AVX2 to dequantize_rows + torch's fp32 GEMM instead.
+// - Otherwise a scalar loop with the same arithmetic.
 //
 // Threads: at::parallel_for over output rows (torch's own pool; never link -fopenmp).
 #include <torch/extension.h>
@@ -24,11 +30,16 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LIVELM_QUANT_AVX2 1
+#endif
+#if defined(LIVELM_QUANT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#define LIVELM_QUANT_AVX512 1
 #endif
 
 namespace {
@@ -163,6 +174,266 @@ inline void int8_row(const Problem& p, int64_t n, int64_t t0) {
 }
 #endif  // LIVELM_QUANT_AVX2
 
+#ifdef LIVELM_QUANT_AVX512
+// AVX-512 kernel: a tile of MT rows of x times NT weight rows. Each 32-weight block of
+// the NT rows is dequantized exactly into registers once (q4: a 16-entry table d*i + m or
+// d*(i - 8) indexed by the nibbles with vpermps; q8_0: d * q) and multiplied with the
+// MT rows of x, so the dequantization cost is shared by MT rows and the x loads by NT
+// rows. The MT*NT accumulators hold 16 partial sums each, reduced 4 at a time at the end.
+
+// Sums of a, b, c, d (16 lanes each) as the 4 lanes of the result.
+__attribute__((always_inline)) inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Exact fp32 weights of one 32-weight block: lo = weights 0..15, hi = 16..31.
+template <int64_t F>
+__attribute__((always_inline)) inline void dequant_block512(const uint8_t* blk, const float* d, const float* m, __m512& lo, __m512& hi) {
+  if constexpr (F == kQ8_0) {
+    const __m512 vd = _mm512_set1_ps(*d);
+    lo = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))));
+    hi = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))));
+  } else if constexpr (F == kInt8) {  // unscaled (one scale per row, applied to the sums)
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk))));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16))));
+  } else {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // d * i is exact in fp32, so the fused add rounds once, as the reference d * q + m does.
+    const __m512 table = F == kQ4_1 ? _mm512_fmadd_ps(_mm512_set1_ps(*d), iota, _mm512_set1_ps(*m))
+                                    : _mm512_mul_ps(_mm512_set1_ps(*d), _mm512_sub_ps(iota, _mm512_set1_ps(8.f)));
+    const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    lo = _mm512_permutexvar_ps(raw, table);  // vpermps reads the index's low 4 bits: the low nibble
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), table);
+  }
+}
+
+struct Tile {
+  const float* x;      // first row of x
+  int64_t K;           // row stride of x and the reduction length
+  const uint8_t* q;    // first weight row
+  int64_t rb;          // bytes per weight row
+  const float* ds;     // fp32 scales of the first row, row stride nb (block formats)
+  const float* ms;     // q4_1 minimums, same layout
+  int64_t nb;
+  float* out;          // out[t * ldo + j]
+  int64_t ldo;
+  const float* scale;  // int8: per-row scales of the first row
+  const float* bias;   // of the first row, or null
+};
+
+template <int64_t F, int MT, int NT>
+__attribute__((always_inline)) inline void tile512(const Tile& T) {
+  __m512 acc[MT * NT];
+  _Pragma("GCC unroll 32") for (int i = 0; i < MT * NT; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t K = T.K;
+  const int64_t full = F == kInt8 ? K / kBlock : T.nb;
+  const int64_t bb = row_bytes(F, kBlock);
+  for (int64_t b = 0; b < full; ++b) {
+    __m512 lo[NT], hi[NT];
+    _Pragma("GCC unroll 32") for (int j = 0; j < NT; ++j)
+      dequant_block512<F>(T.q + j * T.rb + b * bb, T.ds + j * T.nb + b, T.ms + j * T.nb + b, lo[j], hi[j]);
+    const float* xb = T.x + b * kBlock;
+    _Pragma("GCC unroll 32") for (int t = 0; t < MT; ++t) {
+      const __m512 x0 = _mm512_loadu_ps(xb + t * K);
+      _Pragma("GCC unroll 32") for (int j = 0; j < NT; ++j) acc[t * NT + j] = _mm512_fmadd_ps(lo[j], x0, acc[t * NT + j]);
+      const __m512 x1 = _mm512_loadu_ps(xb + t * K + 16);
+      _Pragma("GCC unroll 32") for (int j = 0; j < NT; ++j) acc[t * NT + j] = _mm512_fmadd_ps(hi[j], x1, acc[t * NT + j]);
+    }
+  }
+  if constexpr (F == kInt8) {  // any K: 16 at a time, then a masked rest
+    for (int64_t k = full * kBlock; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      __m512 w[NT];
+      _Pragma("GCC unroll 32") for (int j = 0; j < NT; ++j)
+        w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, T.q + j * T.rb + k)));
+      _Pragma("GCC unroll 32") for (int t = 0; t < MT; ++t) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mask, T.x + t * K + k);
+        _Pragma("GCC unroll 32") for (int j = 0; j < NT; ++j) acc[t * NT + j] = _mm512_fmadd_ps(w[j], xv, acc[t * NT + j]);
+      }
+    }
+  }
+  constexpr int kAcc = MT * NT;
+  for (int g = 0; g < kAcc; g += 4) {
+    const __m512 z = _mm512_setzero_ps();
+    const __m128 r = reduce4(acc[g], g + 1 < kAcc ? acc[g + 1] : z, g + 2 < kAcc ? acc[g + 2] : z,
+                             g + 3 < kAcc ? acc[g + 3] : z);
+    if constexpr (NT == 4) {  // one row of x, four consecutive outputs
+      __m128 y = r;
+      if constexpr (F == kInt8) y = _mm_mul_ps(y, _mm_loadu_ps(T.scale));
+      if (T.bias) y = _mm_add_ps(y, _mm_loadu_ps(T.bias));
+      _mm_storeu_ps(T.out + (g / 4) * T.ldo, y);
+    } else {
+      alignas(16) float v[4];
+      _mm_store_ps(v, r);
+      _Pragma("GCC unroll 32") for (int i = 0; i < 4 && g + i < kAcc; ++i) {
+        const int t = (g + i) / NT, j = (g + i) % NT;
+        float y = v[i];
+        if constexpr (F == kInt8) y *= T.scale[j];
+        if (T.bias) y += T.bias[j];
+        T.out[t * T.ldo + j] = y;
+      }
+    }
+  }
+}
+
+template <int64_t F, int NT, int MT>
+inline void tile_dispatch(int mt, const Tile& T) {
+  if constexpr (MT >= 1) {
+    if (mt == MT) return tile512<F, MT, NT>(T);
+    return tile_dispatch<F, NT, MT - 1>(mt, T);
+  }
+}
+
+template <int64_t F, int MaxMT, int NT>
+inline void tile_dispatch_nt(int nt, int mt, const Tile& T) {
+  if constexpr (NT >= 1) {
+    if (nt == NT) return tile_dispatch<F, NT, MaxMT>(mt, T);
+    return tile_dispatch_nt<F, MaxMT, NT - 1>(nt, mt, T);
+  }
+}
+
+// Output rows [n0, n1) for all M rows of x, in tiles of up to MaxMT rows of x by NT
+// weight rows (measured here: 4 x 4 for M <= 4, 8 x 2 above).
+template <int64_t F, int MaxMT, int NT>
+void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, nb = F == kInt8 ? 0 : K / kBlock, rb = row_bytes(F, K);
+  // Weight rows per chunk (~8 KiB of them): they stay in L1 while every row block of x
+  // passes over them, and a row block of x stays in L1 across the chunk's rows.
+  const int64_t chunk = std::max<int64_t>(NT, (8 << 10) / std::max<int64_t>(rb, 1) / NT * NT);
+  // Rows of x per pass: about 256 KiB of them (L2).
+  const int64_t mchunk = std::max<int64_t>(MaxMT, (256 << 10) / (4 * K));
+  std::vector<float> ds(F == kInt8 ? 0 : chunk * nb), ms(F == kQ4_1 ? chunk * nb : 0);
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    if constexpr (F != kInt8) row_scales(p.d + c0 * nb, (c1 - c0) * nb, ds.data());
+    if constexpr (F == kQ4_1) row_scales(p.m + c0 * nb, (c1 - c0) * nb, ms.data());
+    for (int64_t m0 = 0; m0 < p.M; m0 += mchunk) {
+      const int64_t m1 = std::min(p.M, m0 + mchunk);
+      // Row blocks of x as even as possible, at most MaxMT rows each.
+      const int64_t nblk = (m1 - m0 + MaxMT - 1) / MaxMT;
+      int64_t t0 = m0;
+      for (int64_t i = 0; i < nblk; ++i) {
+        const int mt = static_cast<int>((m1 - t0 + (nblk - i) - 1) / (nblk - i));
+        for (int64_t n = c0; n < c1; n += NT) {
+          const int nt = static_cast<int>(std::min<int64_t>(NT, c1 - n));
+          Tile T{p.x + t0 * K, K, p.qs + n * rb, rb,
+                 ds.data() + (n - c0) * nb, ms.data() + (n - c0) * nb, nb,
+                 p.out + t0 * p.N + n, p.N, p.scale ? p.scale + n : nullptr, p.bias ? p.bias + n : nullptr};
+          tile_dispatch_nt<F, MaxMT, NT>(nt, mt, T);
+        }
+        t0 += mt;
+      }
+    }
+  }
+}
+
+template <int64_t F>
+void rows_range_fused512(const Problem& p, int64_t n0, int64_t n1) {
+  if (p.M <= 4) rows_range512<F, 4, 4>(p, n0, n1);
+  else rows_range512<F, 8, 2>(p, n0, n1);
+}
+
+// Many rows of x (M > kFusedRows): an outer-product GEMM. x is transposed once per call
+// into panels of 16 * MV rows ([K][16 * MV], zero padded); NR weight rows are dequantized
+// exactly into a row-major fp32 buffer (in L1) and reused by every panel. Per k, each
+// weight is broadcast and multiplied with MV vectors of 16 rows of x.
+constexpr int kGemmNR = 12;
+// Rows of x from which the GEMM beats the fused tiles (measured on the model shapes).
+constexpr int64_t kGemmMinRows = 20;
+
+template <int MV, int NR>
+__attribute__((always_inline)) inline void gemm_tile(const float* xp, const float* w, int64_t ldw, int64_t K, float* tmp) {
+  __m512 acc[NR * MV];
+  _Pragma("GCC unroll 32") for (int i = 0; i < NR * MV; ++i) acc[i] = _mm512_setzero_ps();
+  _Pragma("GCC unroll 2") for (int64_t k = 0; k < K; ++k) {
+    __m512 xv[MV];
+    _Pragma("GCC unroll 4") for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(xp + k * 16 * MV + 16 * v);
+    _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
+      const __m512 wb = _mm512_set1_ps(w[j * ldw + k]);
+      _Pragma("GCC unroll 4") for (int v = 0; v < MV; ++v) acc[j * MV + v] = _mm512_fmadd_ps(wb, xv[v], acc[j * MV + v]);
+    }
+  }
+  _Pragma("GCC unroll 32") for (int i = 0; i < NR * MV; ++i) _mm512_storeu_ps(tmp + 16 * i, acc[i]);
+}
+
+template <int MV, int NR = kGemmNR>
+inline void gemm_dispatch(int nr, const float* xp, const float* w, int64_t ldw, int64_t K, float* tmp) {
+  if constexpr (NR >= 1) {
+    if (nr == NR) return gemm_tile<MV, NR>(xp, w, ldw, K, tmp);
+    return gemm_dispatch<MV, NR - 1>(nr, xp, w, ldw, K, tmp);
+  }
+}
+
+// Exact fp32 values of weight row n (int8: unscaled integers) into dst[K].
+template <int64_t F>
+inline void dequant_row512(const Problem& p, int64_t n, float* dst, float* ds, float* ms) {
+  const int64_t K = p.K, rb = row_bytes(F, K), bb = row_bytes(F, kBlock);
+  const uint8_t* q = p.qs + n * rb;
+  const int64_t nb = K / kBlock;
+  if constexpr (F != kInt8) row_scales(p.d + n * nb, nb, ds);
+  if constexpr (F == kQ4_1) row_scales(p.m + n * nb, nb, ms);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 lo, hi;
+    dequant_block512<F>(q + b * bb, ds + b, ms + b, lo, hi);
+    _mm512_storeu_ps(dst + b * kBlock, lo);
+    _mm512_storeu_ps(dst + b * kBlock + 16, hi);
+  }
+  if constexpr (F == kInt8)
+    for (int64_t k = nb * kBlock; k < K; ++k) dst[k] = static_cast<float>(reinterpret_cast<const int8_t*>(q)[k]);
+}
+
+template <int64_t F>
+void rows_range_gemm(const Problem& p, const float* xT, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, M = p.M, ldw = (K + 15) / 16 * 16;
+  std::vector<float> w(kGemmNR * ldw), ds(K / kBlock + 1), ms(K / kBlock + 1), tmp(kGemmNR * 32);
+  // Rows of x per pass (a multiple of the panel width): ~512 KiB of panels, kept in L2 while
+  // the thread's weight rows pass over them (each weight row is dequantized once per pass).
+  const int64_t mchunk = std::max<int64_t>(32, (512 << 10) / (4 * K) / 32 * 32);
+  for (int64_t mc = 0; mc < M; mc += mchunk) {
+    const int64_t mend = std::min(M, mc + mchunk);
+    for (int64_t n = n0; n < n1; n += kGemmNR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, n1 - n));
+      for (int j = 0; j < nr; ++j) dequant_row512<F>(p, n + j, w.data() + j * ldw, ds.data(), ms.data());
+      for (int64_t m0 = mc; m0 < mend; m0 += 32) {
+        const int mv = M - m0 > 16 ? 2 : 1, rows = static_cast<int>(std::min<int64_t>(16 * mv, M - m0));
+        const float* xp = xT + m0 * K;  // panels of 32 rows are [K][32]; a last one of <= 16 rows is [K][16]
+        if (mv == 2) gemm_dispatch<2>(nr, xp, w.data(), ldw, K, tmp.data());
+        else gemm_dispatch<1>(nr, xp, w.data(), ldw, K, tmp.data());
+        // Row by row (tmp is [nr][16 * mv]): each output row's cache line is written in one burst.
+        const int ld = 16 * mv;
+        for (int r = 0; r < rows; ++r) {
+          float* o = p.out + (m0 + r) * p.N + n;
+          for (int j = 0; j < nr; ++j) {
+            float y = tmp[j * ld + r];
+            if constexpr (F == kInt8) y *= p.scale[n + j];
+            o[j] = p.bias ? y + p.bias[n + j] : y;
+          }
+        }
+      }
+    }
+  }
+}
+
+// x [M, K] -> panels: rows m0..m0+32 as [K][32] at xT + m0*K; a last panel of <= 16 rows as [K][16].
+void transpose_x(const float* x, int64_t M, int64_t K, float* xT) {
+  at::parallel_for(0, (M + 31) / 32, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      const int64_t m0 = pi * 32, width = M - m0 > 16 ? 32 : 16, rows = std::min<int64_t>(width, M - m0);
+      float* dst = xT + m0 * K;
+      for (int64_t k = 0; k < K; ++k) {
+        float* d = dst + k * width;
+        for (int64_t r = 0; r < rows; ++r) d[r] = x[(m0 + r) * K + k];
+        for (int64_t r = rows; r < width; ++r) d[r] = 0.f;
+      }
+    }
+  });
+}
+#endif  // LIVELM_QUANT_AVX512
+
 // Portable path: the same arithmetic one weight at a time.
 inline float weight_int(int64_t fmt, const uint8_t* row, int64_t k) {
   if (fmt == kQ8_0 || fmt == kInt8) return static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
@@ -253,6 +524,7 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
   }
   if (fmt == kQ4_1) {
     p.m = reinterpret_cast<const uint16_t*>(m->data_ptr<int16_t>());
+#ifndef LIVELM_QUANT_AVX512
     // Plain loops: a torch reduction here would cost more than the sums (decode is ~1 row).
     xsum = torch::empty({M, K / kBlock}, x.options());
     float* xs = xsum.data_ptr<float>();
@@ -263,6 +535,7 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
       xs[i] = s;
     }
     p.xsum = xs;
+#endif
   }
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -272,7 +545,34 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
   }
   // Enough rows per task that a thread's share outweighs waking it (~64K weight reads).
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+#ifdef LIVELM_QUANT_AVX512
+  if (M >= kGemmMinRows) {
+    // xT: panels of 32 rows ([K][32]); the last one may be 16 wide (padded with zeros).
+    auto xT = torch::empty({(M + 31) / 32 * 32 * K}, x.options());
+    transpose_x(p.x, M, K, xT.data_ptr<float>());
+    const float* xt = xT.data_ptr<float>();
+    at::parallel_for(0, (N + kGemmNR - 1) / kGemmNR, 1, [&](int64_t g0, int64_t g1) {
+      const int64_t n0 = g0 * kGemmNR, n1 = std::min(N, g1 * kGemmNR);
+      switch (fmt) {
+        case kQ8_0: rows_range_gemm<kQ8_0>(p, xt, n0, n1); break;
+        case kQ4_0: rows_range_gemm<kQ4_0>(p, xt, n0, n1); break;
+        case kQ4_1: rows_range_gemm<kQ4_1>(p, xt, n0, n1); break;
+        default: rows_range_gemm<kInt8>(p, xt, n0, n1); break;
+      }
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+#ifdef LIVELM_QUANT_AVX512
+    switch (fmt) {
+      case kQ8_0: rows_range_fused512<kQ8_0>(p, n0, n1); break;
+      case kQ4_0: rows_range_fused512<kQ4_0>(p, n0, n1); break;
+      case kQ4_1: rows_range_fused512<kQ4_1>(p, n0, n1); break;
+      default: rows_range_fused512<kInt8>(p, n0, n1); break;
+    }
+    return;
+#endif
     switch (fmt) {
       case kQ8_0: rows_range<kQ8_0>(p, n0, n1); break;
       case kQ4_0: rows_range<kQ4_0>(p, n0, n1); break;
@@ -343,7 +643,19 @@ torch::Tensor dequantize_rows(torch::Tensor qs, torch::Tensor d, std::optional<t
   return out;
 }
 
+// The instruction set the kernels were compiled for: "avx512", "avx2" or "scalar".
+std::string simd() {
+#if defined(LIVELM_QUANT_AVX512)
+  return "avx512";
+#elif defined(LIVELM_QUANT_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("simd", &simd, "instruction set of the compiled kernels");
   mod.def("quantized_matmul", &quantized_matmul, "x @ dequantize(W).T (+ bias) for quantized W (fp32, CPU)");
   mod.def("dequantize_rows", &dequantize_rows, "exact fp32 rows of a quantized weight (CPU)");
 }
