@@ -477,6 +477,9 @@ def run(args: argparse.Namespace) -> dict:
     wl = QUICK if args.quick else Workload(repeat=args.repeat)
     if args.hf_batch_sizes:
         wl = replace(wl, hf_batch_sizes=tuple(int(b) for b in args.hf_batch_sizes.split(",")))
+    if args.batch_requests:
+        wl = replace(wl, batch_requests=args.batch_requests,
+                     hf_batch_sizes=tuple(min(b, args.batch_requests) for b in wl.hf_batch_sizes))
     torch.set_num_threads(args.threads)
     started = utc_now()
     machine = machine_info(args.threads)
@@ -726,6 +729,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short run: 1 repeat, 32 new tokens, batch 8x64x16")
     parser.add_argument("--skip-single", action="store_true", help="batch workload only")
     parser.add_argument("--skip-batch", action="store_true", help="single-stream workload only")
+    parser.add_argument("--batch-requests", type=int, default=None,
+                        help="requests in the batch workload (default 64; fewer for a loaded machine)")
     parser.add_argument("--hf-batch-sizes", default=None,
                         help="transformers batch sizes to try on the batch workload, the fastest counts (default 64)")
     parser.add_argument("--skip-transformers", action="store_true")
