@@ -386,34 +386,56 @@ inline void dequant_row512(const Problem& p, int64_t n, float* dst, float* ds, f
     for (int64_t k = nb * kBlock; k < K; ++k) dst[k] = static_cast<float>(reinterpret_cast<const int8_t*>(q)[k]);
 }
 
+inline void prefetch_range(const void* ptr, int64_t bytes) {
+  const char* c = static_cast<const char*>(ptr);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
 template <int64_t F>
 void rows_range_gemm(const Problem& p, const float* xT, int64_t n0, int64_t n1) {
   const int64_t K = p.K, M = p.M, ldw = (K + 15) / 16 * 16;
-  std::vector<float> w(kGemmNR * ldw), ds(K / kBlock + 1), ms(K / kBlock + 1), tmp(kGemmNR * 32);
   // Rows of x per pass (a multiple of the panel width): ~512 KiB of panels, kept in L2 while
   // the thread's weight rows pass over them (each weight row is dequantized once per pass).
   const int64_t mchunk = std::max<int64_t>(32, (512 << 10) / (4 * K) / 32 * 32);
+  // Outputs are staged kStage columns at a time and copied out row by row, so each output
+  // row is written in runs of 96 columns rather than 12 (rows whose stride is a multiple of
+  // 4 KiB, N = 3072 or 49152, share cache sets).
+  constexpr int64_t kStage = 8 * kGemmNR;
+  std::vector<float> w(kGemmNR * ldw), ds(K / kBlock + 1), ms(K / kBlock + 1), tmp(kGemmNR * 32);
+  std::vector<float> stage(std::min(M, mchunk) * kStage);
   for (int64_t mc = 0; mc < M; mc += mchunk) {
     const int64_t mend = std::min(M, mc + mchunk);
-    for (int64_t n = n0; n < n1; n += kGemmNR) {
-      const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, n1 - n));
-      for (int j = 0; j < nr; ++j) dequant_row512<F>(p, n + j, w.data() + j * ldw, ds.data(), ms.data());
-      for (int64_t m0 = mc; m0 < mend; m0 += 32) {
-        const int mv = M - m0 > 16 ? 2 : 1, rows = static_cast<int>(std::min<int64_t>(16 * mv, M - m0));
-        const float* xp = xT + m0 * K;  // panels of 32 rows are [K][32]; a last one of <= 16 rows is [K][16]
-        if (mv == 2) gemm_dispatch<2>(nr, xp, w.data(), ldw, K, tmp.data());
-        else gemm_dispatch<1>(nr, xp, w.data(), ldw, K, tmp.data());
-        // Row by row (tmp is [nr][16 * mv]): each output row's cache line is written in one burst.
-        const int ld = 16 * mv;
-        for (int r = 0; r < rows; ++r) {
-          float* o = p.out + (m0 + r) * p.N + n;
-          for (int j = 0; j < nr; ++j) {
-            float y = tmp[j * ld + r];
-            if constexpr (F == kInt8) y *= p.scale[n + j];
-            o[j] = p.bias ? y + p.bias[n + j] : y;
+    for (int64_t s0 = n0; s0 < n1; s0 += kStage) {
+      const int64_t s1 = std::min(n1, s0 + kStage);
+      for (int64_t n = s0; n < s1; n += kGemmNR) {
+        const int nr = static_cast<int>(std::min<int64_t>(kGemmNR, s1 - n));
+        for (int j = 0; j < nr; ++j) dequant_row512<F>(p, n + j, w.data() + j * ldw, ds.data(), ms.data());
+        // The next rows' quantized bytes and scales load while these multiply (a large
+        // weight, e.g. the LM head, comes from memory, and its rows are read far apart).
+        const int64_t next = std::min<int64_t>(kGemmNR, n1 - (n + nr));
+        if (next > 0) {
+          prefetch_range(p.qs + (n + nr) * row_bytes(F, K), next * row_bytes(F, K));
+          if constexpr (F != kInt8) prefetch_range(p.d + (n + nr) * (K / kBlock), next * (K / kBlock) * 2);
+          if constexpr (F == kQ4_1) prefetch_range(p.m + (n + nr) * (K / kBlock), next * (K / kBlock) * 2);
+        }
+        for (int64_t m0 = mc; m0 < mend; m0 += 32) {
+          const int mv = M - m0 > 16 ? 2 : 1, rows = static_cast<int>(std::min<int64_t>(16 * mv, M - m0));
+          const float* xp = xT + m0 * K;  // panels of 32 rows are [K][32]; a last one of <= 16 rows is [K][16]
+          if (mv == 2) gemm_dispatch<2>(nr, xp, w.data(), ldw, K, tmp.data());
+          else gemm_dispatch<1>(nr, xp, w.data(), ldw, K, tmp.data());
+          const int ld = 16 * mv;  // tmp is [nr][ld]
+          for (int r = 0; r < rows; ++r) {
+            float* o = stage.data() + (m0 - mc + r) * kStage + (n - s0);
+            for (int j = 0; j < nr; ++j) {
+              float y = tmp[j * ld + r];
+              if constexpr (F == kInt8) y *= p.scale[n + j];
+              o[j] = p.bias ? y + p.bias[n + j] : y;
+            }
           }
         }
       }
+      for (int64_t m = mc; m < mend; ++m)
+        std::memcpy(p.out + m * p.N + s0, stage.data() + (m - mc) * kStage, (s1 - s0) * sizeof(float));
     }
   }
 }
