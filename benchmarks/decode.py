@@ -485,6 +485,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     started = utc_now()
     machine = machine_info(args.threads)
+    commit_start = git_commit()  # the kernels are compiled from the tree as it is now
     load_start = load1()
     print(f"decode benchmark, {started}, commit {(git_commit() or '?')[:7]}, {args.threads} threads, "
           f"load {load_start:.2f}", flush=True)
@@ -611,7 +612,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "decode",
         "date": started,
-        "git_commit": git_commit(),
+        "git_commit": commit_start,
+        "git_commit_at_end": git_commit(),
         "machine": machine,
         "load_start": load_start,
         "load_end": load_end,
