@@ -19,17 +19,16 @@ import functools
 import logging
 import os
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from livelm.quant.formats import BLOCK, FORMAT_CODES, QuantizedTensor, dequantize
+from livelm.runner.cpu_kernels import build_extension, compile_extension
 
 logger = logging.getLogger("livelm")
 
-_SOURCE = Path(__file__).resolve().parent.parent / "runner" / "csrc" / "quant_linear.cpp"
 
 # Rows of activations up to which the AVX2 fused kernel beats dequantize + fp32 GEMM
 # (measured with the model shapes of SmolLM2-135M, against oneDNN; docs/quantization.md).
@@ -42,13 +41,8 @@ _TILE_WEIGHTS = 1 << 18
 @functools.cache
 def quant_kernels() -> ModuleType | None:
     """The compiled quantized-matmul module, or None (said once in the log) without one."""
-    if os.environ.get("LIVELM_DISABLE_CPP_KERNELS") == "1":
-        logger.info("C++ quantized kernels disabled by LIVELM_DISABLE_CPP_KERNELS; quantized layers use torch ops")
-        return None
-    try:
-        ext = build_kernels("livelm_quant_kernels")
-    except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
-        logger.warning("C++ quantized kernels unavailable (%s); quantized layers use the slower torch path", e)
+    ext = build_extension("livelm_quant_kernels", "quant_linear.cpp", "quantized layers")
+    if ext is None:
         return None
     logger.info("C++ quantized kernels compiled for %s", ext.simd())
     return ext
@@ -59,16 +53,7 @@ def build_kernels(name: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
 
     ``extra_cflags`` can narrow the instruction set (the tests build an AVX2-only copy with
     ``-mno-avx512f`` to check that path on an AVX-512 machine)."""
-    from torch.utils.cpp_extension import load
-
-    return load(
-        name=name,
-        sources=[str(_SOURCE)],
-        # Compile with -fopenmp (for `omp simd`) but never link it: a second libgomp next to
-        # torch's bundled one made every torch op ~100x slower (see cpu_kernels.py).
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only", *extra_cflags],
-        verbose=False,
-    )
+    return compile_extension(name, "quant_linear.cpp", extra_cflags)
 
 
 @functools.cache

@@ -23,14 +23,23 @@ _SOURCES = Path(__file__).parent / "csrc"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 
 
-def _build(name: str, source: str, what: str) -> ModuleType | None:
+def compile_extension(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or load the cached build of) ``csrc/<source>`` as module ``name`` for this
+    CPU; raises when it cannot be built. ``extra_cflags`` add to the shared flags."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=name, sources=[str(_SOURCES / source)], extra_cflags=[*_CFLAGS, *extra_cflags],
+                verbose=False)
+
+
+def build_extension(name: str, source: str, what: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
+    """:func:`compile_extension`, or None (said in the log) when the kernels are disabled
+    or cannot be built; ``what`` names the code that then takes its torch path."""
     if os.environ.get("LIVELM_DISABLE_CPP_KERNELS") == "1":
         logger.info("C++ CPU kernels disabled by LIVELM_DISABLE_CPP_KERNELS; %s uses torch ops", what)
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        return load(name=name, sources=[str(_SOURCES / source)], extra_cflags=_CFLAGS, verbose=False)
+        return compile_extension(name, source, extra_cflags)
     except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
         logger.warning("C++ CPU kernels unavailable (%s); %s uses the slower torch path", e, what)
         return None
@@ -39,7 +48,7 @@ def _build(name: str, source: str, what: str) -> ModuleType | None:
 @functools.cache
 def cpu_kernels() -> ModuleType | None:
     """The compiled decode-attention module, or None (said once in the log) when it cannot be built."""
-    return _build("livelm_cpu_kernels", "paged_attention.cpp", "decode attention")
+    return build_extension("livelm_cpu_kernels", "paged_attention.cpp", "decode attention")
 
 
 @functools.cache
@@ -48,4 +57,4 @@ def prefill_kernels() -> ModuleType | None:
 
     A module of its own, so each source compiles (and can change) independently.
     """
-    return _build("livelm_prefill_attention", "prefill_attention.cpp", "prefill attention")
+    return build_extension("livelm_prefill_attention", "prefill_attention.cpp", "prefill attention")

@@ -9,38 +9,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from livelm.runner.cpu_kernels import build_extension
+
 logger = logging.getLogger("livelm")
 
-_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
 
 
 @functools.cache
 def fused_kernels() -> ModuleType | None:
     """The compiled module, or None (said once in the log) when it cannot be built."""
-    if os.environ.get("LIVELM_DISABLE_CPP_KERNELS") == "1":
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name="livelm_fused_ops",
-            sources=[str(_SOURCE)],
-            # -fopenmp only when compiling (see cpu_kernels.py). No FMA contraction: the
-            # kernels round like the separate torch ops they replace.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only",
-                          "-ffp-contract=off"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no ninja, no headers: the torch ops still work
-        logger.warning("C++ fused ops unavailable (%s); using torch ops", e)
-        return None
+    # No FMA contraction: the kernels round like the separate torch ops they replace.
+    return build_extension("livelm_fused_ops", "fused_ops.cpp", "norm/SiLU/rotary", ("-ffp-contract=off",))
 
 
 def _kernels_for(x: torch.Tensor) -> ModuleType | None:
