@@ -348,9 +348,33 @@ def test_a_reply_to_closed_input_takes_over_the_remaining_prefill(engine, hf):
 
     computed, got, state = asyncio.run(main())
     assert got == hf_greedy(hf, ids, 1)
-    # Every input token computed once; at most the stream's last partial block twice.
-    assert 300 <= computed < 300 + 16
+    # The piece, the close and the reply reach the engine together: the reply computes
+    # every input token, once; the stream computes none.
+    assert computed == 300
     assert state.status == "input_closed"
+
+
+def test_the_last_piece_sent_with_the_reply_is_computed_once_by_the_reply(engine, hf):
+    rng = random.Random(6)
+    ids = [rng.randrange(3, 300) for _ in range(300)]
+    block = engine.config.block_size
+
+    async def main():
+        async with engine.open_stream() as stream:
+            stream.append(ids[:100])
+            await stream.wait_prefilled(timeout=30)
+            before = engine.stats().num_computed_tokens
+            stream.append(ids[100:])  # the last piece, then at once the reply to it
+            stream.close_input()
+            got = await _reply(stream, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            return engine.stats().num_computed_tokens - before, got
+
+    computed, got = asyncio.run(main())
+    assert got == hf_greedy(hf, ids, 1)
+    # The reply shares the stream's full blocks and computes the rest in its own steps;
+    # only the head of the stream's partial block is computed twice.
+    assert computed == 300 - 100 // block * block
+    assert 100 % block  # (the case above needs a partial block)
 
 
 def test_a_reply_takes_its_prompt_when_generate_is_called(engine, hf):

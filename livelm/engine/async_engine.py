@@ -49,6 +49,12 @@ class AsyncEngine:
         self.max_num_seqs = self.config.max_num_seqs
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
+        # Commands held back until the caller's event loop gets control again, then queued
+        # as one batch (see _send): a stream's last piece, its close and the reply to it
+        # reach the engine together, so the reply prefills that piece itself in one step.
+        self._outbox: list[tuple] = []
+        self._outbox_loop: asyncio.AbstractEventLoop | None = None
+        self._outbox_lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self._frontend.stats()
         # Open input streams, by id: created on the caller's loop, read by the engine thread
@@ -123,7 +129,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, stream)
-        self._send(("add", rid, prompt, params, fork_from, prompt_text))
+        # A reply rides in the same batch as the stream updates made just before it.
+        self._send(("add", rid, prompt, params, fork_from, prompt_text), batch=fork_from is not None)
         finished = False
         try:
             while True:
@@ -185,7 +192,7 @@ class AsyncEngine:
         self._frontend.core.check_stream_tokens(token_ids)
 
     def _update_stream(self, stream_id: str, keep: int, append: list[int], close: bool) -> None:
-        self._send(("stream_update", stream_id, keep, append, close))
+        self._send(("stream_update", stream_id, keep, append, close), batch=True)
 
     def _close_stream(self, stream_id: str) -> None:
         self._input_streams.pop(stream_id, None)
@@ -207,9 +214,42 @@ class AsyncEngine:
 
     # ------------------------------------------------------------- engine thread
 
-    def _send(self, command: tuple) -> None:
+    def _send(self, command: tuple, batch: bool = False) -> None:
+        """Queue a command for the engine thread (thread-safe).
+
+        ``batch`` holds it back until the running event loop next gets control, and every
+        command sent meanwhile (from any thread, so their order holds) joins it: they are
+        queued as one item, which the engine thread applies between two steps. Without
+        it, a step could start between a stream's last piece and the reply sent right
+        after it, and the reply would wait for that step and then need one of its own.
+        """
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._outbox_lock:
+            if self._outbox:
+                if loop is self._outbox_loop:
+                    self._outbox.append(command)
+                    return
+                # Another thread or loop: send what waits, then this, in order, now.
+                commands, self._outbox = [*self._outbox, command], []
+                self._commands.put(("batch", commands))
+                self._wakeup.set()
+                return
+            if batch and loop is not None:
+                self._outbox, self._outbox_loop = [command], loop
+                loop.call_soon(self._flush_outbox)
+                return
         self._commands.put(command)
         self._wakeup.set()
+
+    def _flush_outbox(self) -> None:
+        with self._outbox_lock:  # held while queueing, so no later command overtakes these
+            commands, self._outbox = self._outbox, []
+            if commands:
+                self._commands.put(("batch", commands))
+                self._wakeup.set()
 
     def _deliver(self, rid: str, item) -> None:
         target = self._streams.get(rid)
@@ -222,58 +262,66 @@ class AsyncEngine:
             self._frontend.abort(rid)
 
     def _drain_commands(self) -> bool:
-        fe = self._frontend
+        """Apply every queued command (engine thread); False once told to stop."""
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return True
-            if cmd[0] == "add":
-                _, rid, prompt, params, fork_from, prompt_text = cmd
-                if rid not in self._streams:
-                    continue  # the caller already gave up
+            for c in cmd[1] if cmd[0] == "batch" else (cmd,):
+                if not self._apply_command(c):
+                    return False
+
+    def _apply_command(self, cmd: tuple) -> bool:
+        """One command (engine thread); False for stop."""
+        fe = self._frontend
+        if cmd[0] == "add":
+            _, rid, prompt, params, fork_from, prompt_text = cmd
+            if rid not in self._streams:
+                return True  # the caller already gave up
+            try:
+                if fork_from is not None and fork_from not in self._open_in_core:
+                    raise StreamClosedError(f"stream {fork_from!r} is closed")
+                if prompt_text is None:
+                    fe.add(rid, prompt, params, fork_from=fork_from)
+                else:
+                    fe.add(rid, prompt_text, params, prompt_token_ids=prompt, fork_from=fork_from)
+            except Exception as e:  # validation errors go back to the caller
+                self._deliver(rid, _Failure(e))
+        elif cmd[0] == "stream_open":
+            _, sid, salt = cmd
+            fe.core.add_input_stream(sid, [], salt)
+            self._open_in_core[sid] = 0
+        elif cmd[0] == "stream_update":
+            _, sid, keep, append, close = cmd
+            if sid in self._open_in_core:
                 try:
-                    if fork_from is not None and fork_from not in self._open_in_core:
-                        raise StreamClosedError(f"stream {fork_from!r} is closed")
-                    if prompt_text is None:
-                        fe.add(rid, prompt, params, fork_from=fork_from)
-                    else:
-                        fe.add(rid, prompt_text, params, prompt_token_ids=prompt, fork_from=fork_from)
-                except Exception as e:  # validation errors go back to the caller
-                    self._deliver(rid, _Failure(e))
-            elif cmd[0] == "stream_open":
-                _, sid, salt = cmd
-                fe.core.add_input_stream(sid, [], salt)
-                self._open_in_core[sid] = 0
-            elif cmd[0] == "stream_update":
-                _, sid, keep, append, close = cmd
-                if sid in self._open_in_core:
-                    try:
-                        fe.core.update_input_stream(sid, keep, append, close)
-                    except ValueError as e:  # checked by the caller already; never expected
-                        logger.error("closing input stream %s: %s", sid, e)
-                        self._close_stream_in_core(sid, f"invalid input: {e}")
-            elif cmd[0] == "stream_close":
-                self._close_stream_in_core(cmd[1], None)
-            elif cmd[0] == "abort":
-                out = fe.abort(cmd[1])
+                    fe.core.update_input_stream(sid, keep, append, close)
+                except ValueError as e:  # checked by the caller already; never expected
+                    logger.error("closing input stream %s: %s", sid, e)
+                    self._close_stream_in_core(sid, f"invalid input: {e}")
+        elif cmd[0] == "stream_close":
+            self._close_stream_in_core(cmd[1], None)
+        elif cmd[0] == "abort":
+            out = fe.abort(cmd[1])
+            if out is not None:
+                self._deliver(cmd[1], out)
+        elif cmd[0] == "close_session":
+            _, session_id, loop, done = cmd
+            closed = fe.close_session(session_id)
+            try:
+                loop.call_soon_threadsafe(_resolve, done, closed)
+            except RuntimeError:  # the caller's loop is gone
+                pass
+        elif cmd[0] == "stop":
+            for rid in list(fe.states):
+                out = fe.abort(rid)
                 if out is not None:
-                    self._deliver(cmd[1], out)
-            elif cmd[0] == "close_session":
-                _, session_id, loop, done = cmd
-                closed = fe.close_session(session_id)
-                try:
-                    loop.call_soon_threadsafe(_resolve, done, closed)
-                except RuntimeError:  # the caller's loop is gone
-                    pass
-            elif cmd[0] == "stop":
-                for rid in list(fe.states):
-                    out = fe.abort(rid)
-                    if out is not None:
-                        self._deliver(rid, out)
-                for sid in list(self._open_in_core):
-                    self._close_stream_in_core(sid, "the engine shut down")
-                return False
+                    self._deliver(rid, out)
+            for sid in list(self._open_in_core):
+                self._close_stream_in_core(sid, "the engine shut down")
+            return False
+        return True
 
     def _close_stream_in_core(self, sid: str, reason: str | None) -> None:
         """Free a stream's KV (engine thread); ``reason`` tells its owner why, if not asked."""

@@ -40,6 +40,14 @@ class StreamingTextInput:
         self.closed = False
         # Special tokens a one-shot encode puts before the text (a BOS), found once.
         self._prefix_ids = tokenizer("", add_special_tokens=True).input_ids
+        # Whether a one-shot encode is just those ids + the plain encode (no EOS or other
+        # special tokens after the text): then the encode done for committing also gives
+        # current_ids(), and the last piece, close_input and a reply tokenize once, not 3x.
+        self._prefix_only = all(
+            tokenizer(t).input_ids == self._prefix_ids + tokenizer(t, add_special_tokens=False).input_ids
+            for t in ("Hello world", " a b\n")
+        )
+        self._encoded: tuple[str, list[int]] | None = None  # (text, current_ids() of it)
         self.committed_ids: list[int] = list(self._prefix_ids)
         self._committed_chars = 0
 
@@ -69,7 +77,9 @@ class StreamingTextInput:
 
     def current_ids(self) -> list[int]:
         """Tokens of all text so far, as a one-shot prompt of it would be tokenized."""
-        return self.tokenizer(self.text).input_ids
+        if self._encoded is None or self._encoded[0] != self.text:
+            self._encoded = (self.text, self.tokenizer(self.text).input_ids)
+        return list(self._encoded[1])
 
     def checkpoint(self) -> tuple:
         """Everything :meth:`restore` needs to undo later calls (a refused chunk)."""
@@ -97,6 +107,8 @@ class StreamingTextInput:
         # The whole text is tokenized each time: tokenizing only the tail would differ at
         # its start for SentencePiece-style normalizers that prepend "▁" to every input.
         enc = self.tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+        if self._prefix_only:
+            self._encoded = (self.text, self._prefix_ids + enc["input_ids"])
         cut_token, cut_char = _safe_cut(self.text, enc["offset_mapping"])
         stable = self._prefix_ids + enc["input_ids"][:cut_token]
         keep = common_prefix(self.committed_ids, stable)
