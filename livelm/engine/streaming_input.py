@@ -48,6 +48,11 @@ class StreamingTextInput:
             for t in ("Hello world", " a b\n")
         )
         self._encoded: tuple[str, list[int]] | None = None  # (text, current_ids() of it)
+        # Whether the text after a safe boundary tokenizes alone as it does inside the whole
+        # text (byte-level BPE: yes; a normalizer that prepends "▁" or strips: no). Then an
+        # append tokenizes only the uncommitted tail, not the whole text again, so a stream
+        # that runs for hours costs the same per piece as a fresh one.
+        self._tail_only = self._prefix_only and _tails_tokenize_alone(tokenizer)
         self.committed_ids: list[int] = list(self._prefix_ids)
         self._committed_chars = 0
 
@@ -65,7 +70,7 @@ class StreamingTextInput:
         elif not isinstance(chunk, str):
             raise ValueError("a text chunk must be str or bytes")
         self.text += chunk
-        return self._commit_stable()
+        return self._commit_stable(self._committed_chars if self._tail_only else 0)
 
     def replace(self, text: str) -> InputUpdate:
         """Revise the whole input (update mode): keep the longest common token prefix."""
@@ -103,18 +108,40 @@ class StreamingTextInput:
         self._committed_chars = len(self.text)
         return InputUpdate(keep, final[keep:])
 
-    def _commit_stable(self) -> InputUpdate:
-        # The whole text is tokenized each time: tokenizing only the tail would differ at
-        # its start for SentencePiece-style normalizers that prepend "▁" to every input.
-        enc = self.tokenizer(self.text, add_special_tokens=False, return_offsets_mapping=True)
+    def _commit_stable(self, start: int = 0) -> InputUpdate:
+        """Commit the tokens before the last safe boundary, tokenizing from ``start`` (0, or
+        the last commit point when tails tokenize alone: its tokens are committed already)."""
+        # From 0 the whole text is tokenized: a tail alone would differ at its start for
+        # SentencePiece-style normalizers that prepend "▁" to every input.
+        enc = self.tokenizer(self.text[start:], add_special_tokens=False, return_offsets_mapping=True)
+        offsets = [(a + start, b + start) for a, b in enc["offset_mapping"]]
+        head = self.committed_ids if start else self._prefix_ids
         if self._prefix_only:
-            self._encoded = (self.text, self._prefix_ids + enc["input_ids"])
-        cut_token, cut_char = _safe_cut(self.text, enc["offset_mapping"])
-        stable = self._prefix_ids + enc["input_ids"][:cut_token]
+            self._encoded = (self.text, head + enc["input_ids"])
+        cut_token, cut_char = _safe_cut(self.text, offsets)
+        stable = head + enc["input_ids"][:cut_token]
         keep = common_prefix(self.committed_ids, stable)
         self.committed_ids = stable
-        self._committed_chars = cut_char
+        self._committed_chars = cut_char if cut_token else start
         return InputUpdate(keep, stable[keep:])
+
+
+def _tails_tokenize_alone(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True when, on probe texts, the tokens after every safe boundary are those of the
+    text after it alone (see :meth:`StreamingTextInput._commit_stable`)."""
+    probes = (
+        "The quick brown fox, 3.14159 and 12345 items! Le café coûte trois euros.",
+        "def add(a, b):\n    return a + b  # done  x 日本語 のテキスト 🚀🔥 ok",
+    )
+    for text in probes:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        for i in range(1, len(offsets)):
+            if _boundary_before(text, offsets, i):
+                end = offsets[i - 1][1]
+                if tokenizer(text[end:], add_special_tokens=False).input_ids != ids[i:]:
+                    return False
+    return True
 
 
 def _safe_cut(text: str, offsets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -122,15 +149,23 @@ def _safe_cut(text: str, offsets: list[tuple[int, int]]) -> tuple[int, int]:
     # Scan from the end for a token that ends right before " word" (space then non-space);
     # the token after it must start a new pre-token, whatever text follows later.
     for i in range(len(offsets) - 1, 0, -1):
-        end = offsets[i - 1][1]
-        if end + 1 < len(text) and text[end] == " " and not text[end + 1].isspace() and not text[end - 1].isspace():
-            if offsets[i][0] >= end:  # a token boundary, not the inside of a token
-                return i, end
+        if _boundary_before(text, offsets, i):
+            return i, offsets[i - 1][1]
     for i in range(len(offsets) - 1, 0, -1):
         end = offsets[i - 1][1]
         if len(text) - end >= _FALLBACK_HOLDBACK_CHARS and offsets[i][0] >= end:
             return i, end
     return 0, 0
+
+
+def _boundary_before(text: str, offsets: list[tuple[int, int]], i: int) -> bool:
+    """Whether token ``i`` starts a new pre-token whatever text follows: the token before it
+    ends right before " word" (a space, then non-space, after non-space)."""
+    end = offsets[i - 1][1]
+    return (
+        end + 1 < len(text) and text[end] == " " and not text[end + 1].isspace() and not text[end - 1].isspace()
+        and offsets[i][0] >= end  # a token boundary, not the inside of a token
+    )
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
