@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pieces", type=int, default=16)
     p.add_argument("--seconds", type=float, default=8.0, help="arrival spread of the pieces")
     p.add_argument("--output-tokens", type=int, default=16)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--concurrent", type=int, default=8, help="ordinary requests in the TPOT test")
     p.add_argument("--tpot-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
