@@ -96,3 +96,45 @@ def test_errors_after_close_and_bad_chunks(tokenizers):
         stream.append(" more")
     with pytest.raises(ValueError, match="closed"):
         stream.replace("x")
+
+
+def test_appends_tokenize_only_the_uncommitted_tail(tokenizers):
+    tok = tokenizers["byte_bpe"]
+    stream = StreamingTextInput(tok)
+    assert stream._tail_only  # byte-level BPE: a tail after " word" tokenizes alone
+    assert not StreamingTextInput(tokenizers["llama2"])._tail_only  # merges across "▁": no
+    seen: list[int] = []
+    calls = tok.__class__.__call__
+
+    def recording(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return calls(self, text, *args, **kwargs)
+
+    text = TEXT * 8
+    words = text.split(" ")
+    try:
+        tok.__class__.__call__ = recording
+        for word in words:
+            stream.append(word + " ")
+    finally:
+        tok.__class__.__call__ = calls
+    # Each append tokenized its piece plus the held-back tail, never the whole text.
+    assert len(seen) == len(words)
+    assert max(seen) < 120 < len(text)
+    stream.close()
+    assert stream.committed_ids == tok(text + " ").input_ids
+
+
+@pytest.mark.parametrize("name", ["byte_bpe", "unigram"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(0, 1200), max_size=25))
+def test_long_runs_without_spaces_are_exact_at_close(tokenizers, name, cuts):
+    # 600 characters without a space: commits fall back to a hold-back distance, which is
+    # not a pre-token boundary, so the next append must tokenize from the start again.
+    tok = tokenizers[name]
+    text = "Intro words here. " + "日本語のテキスト" * 75 + " and then words again, " + TEXT
+    stream = StreamingTextInput(tok)
+    for piece in _pieces(text, [c % (len(text) + 1) for c in cuts]):
+        stream.append(piece)
+    stream.close()
+    assert stream.committed_ids == tok(text).input_ids

@@ -55,6 +55,7 @@ class StreamingTextInput:
         self._tail_only = self._prefix_only and _tails_tokenize_alone(tokenizer)
         self.committed_ids: list[int] = list(self._prefix_ids)
         self._committed_chars = 0
+        self._committed_at_boundary = False  # the commit point is a safe boundary (a tail may start there)
 
     @property
     def pending_text(self) -> str:
@@ -70,7 +71,8 @@ class StreamingTextInput:
         elif not isinstance(chunk, str):
             raise ValueError("a text chunk must be str or bytes")
         self.text += chunk
-        return self._commit_stable(self._committed_chars if self._tail_only else 0)
+        tail_only = self._tail_only and self._committed_at_boundary
+        return self._commit_stable(self._committed_chars if tail_only else 0)
 
     def replace(self, text: str) -> InputUpdate:
         """Revise the whole input (update mode): keep the longest common token prefix."""
@@ -88,11 +90,12 @@ class StreamingTextInput:
 
     def checkpoint(self) -> tuple:
         """Everything :meth:`restore` needs to undo later calls (a refused chunk)."""
-        return (self.text, list(self.committed_ids), self._committed_chars, self.closed, self._decoder.getstate())
+        return (self.text, list(self.committed_ids), self._committed_chars, self._committed_at_boundary, self.closed,
+                self._decoder.getstate())
 
     def restore(self, checkpoint: tuple) -> None:
         """Return to the state of a :meth:`checkpoint`."""
-        self.text, committed, self._committed_chars, self.closed, decoder_state = checkpoint
+        self.text, committed, self._committed_chars, self._committed_at_boundary, self.closed, decoder_state = checkpoint
         self.committed_ids = list(committed)
         self._decoder.setstate(decoder_state)
 
@@ -118,11 +121,14 @@ class StreamingTextInput:
         head = self.committed_ids if start else self._prefix_ids
         if self._prefix_only:
             self._encoded = (self.text, head + enc["input_ids"])
-        cut_token, cut_char = _safe_cut(self.text, offsets)
+        cut_token, cut_char, at_boundary = _safe_cut(self.text, offsets)
         stable = head + enc["input_ids"][:cut_token]
         keep = common_prefix(self.committed_ids, stable)
         self.committed_ids = stable
-        self._committed_chars = cut_char if cut_token else start
+        if cut_token:
+            self._committed_chars, self._committed_at_boundary = cut_char, at_boundary
+        elif not start:
+            self._committed_chars, self._committed_at_boundary = 0, False
         return InputUpdate(keep, stable[keep:])
 
 
@@ -144,18 +150,20 @@ def _tails_tokenize_alone(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
-def _safe_cut(text: str, offsets: list[tuple[int, int]]) -> tuple[int, int]:
-    """(number of tokens, character position) of the last safe commit point in ``text``."""
+def _safe_cut(text: str, offsets: list[tuple[int, int]]) -> tuple[int, int, bool]:
+    """(number of tokens, character position, whether it is a pre-token boundary) of the
+    last commit point in ``text``."""
     # Scan from the end for a token that ends right before " word" (space then non-space);
     # the token after it must start a new pre-token, whatever text follows later.
     for i in range(len(offsets) - 1, 0, -1):
         if _boundary_before(text, offsets, i):
-            return i, offsets[i - 1][1]
+            return i, offsets[i - 1][1], True
+    # No such boundary: a token far enough from the end (close() corrects it if it changed).
     for i in range(len(offsets) - 1, 0, -1):
         end = offsets[i - 1][1]
         if len(text) - end >= _FALLBACK_HOLDBACK_CHARS and offsets[i][0] >= end:
-            return i, end
-    return 0, 0
+            return i, end, False
+    return 0, 0, False
 
 
 def _boundary_before(text: str, offsets: list[tuple[int, int]], i: int) -> bool:

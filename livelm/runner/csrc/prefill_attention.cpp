@@ -151,7 +151,7 @@ void pv_block(const float* p, int64_t m, const float* const* vrows, int64_t nk, 
 // head_dim 64, so the AVX-512 version is short: n = round(x / ln2) by vrndscaleps, r = x -
 // n ln2 in two steps (hi + lo, exact to ~1e-10), e^r by its Taylor series to r^7 (|r| <=
 // ln2/2: truncation error 1.2e-8 relative), then 2^n by vscalefps with the lanes below the
-// cut-off zeroed by the same instruction: 13 operations, Cephes' accuracy (about 1 ulp).
+// cut-off zeroed by the same instruction: 13 operations, about Cephes' accuracy (1-2 ulp).
 typedef int32_t ivec __attribute__((vector_size(VW * 4)));
 #if defined(__AVX512F__)
 inline vec exp_vec(vec xv) {

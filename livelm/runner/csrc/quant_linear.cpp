@@ -316,8 +316,8 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
     const int64_t c1 = std::min(n1, c0 + chunk);
     // Decode reads each weight once, straight from memory, in short runs per call (a few
     // hundred KiB per thread): ask for the chunk after next now, so its bytes are on the
-    // way while this one multiplies (measured in one process, taking turns: a decode step's
-    // linears -21% time for q8_0, -8% for q4_1).
+    // way while this one multiplies (measured in one process, taking turns: all linears of a
+    // decode step 21% less time for q8_0, 8% for q4_1; end to end, q8_0 decode +6.5%).
     const int64_t ahead = std::min(n1, c1 + chunk), ahead_end = std::min(n1, ahead + chunk);
     if (ahead < ahead_end) {
       prefetch_range(p.qs + ahead * rb, (ahead_end - ahead) * rb);
