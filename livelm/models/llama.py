@@ -57,7 +57,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; ``rope`` holds this step's cos/sin tables."""
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj.forward(x)
         # q and k rotated in place inside the fused output when a kernel applies.
         rotated = self.q_norm is None and rotary_inplace(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -65,11 +65,11 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         if not rotated:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out)
+        return self.o_proj.forward(out)
 
 
 class MLP(nn.Module):
@@ -83,7 +83,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward(silu_and_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -101,12 +101,12 @@ class DecoderLayer(nn.Module):
         output (``residual`` is None at the first layer), so that each residual add fuses
         with the norm that follows it: returns (this layer's MLP output, residual)."""
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm.forward(x)
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.self_attn(rope, h, kv_cache, meta)
+        h = self.self_attn.forward(rope, h, kv_cache, meta)
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
-        return self.mlp(h), residual
+        return self.mlp.forward(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -133,13 +133,18 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flat batch of tokens."""
-        x = self.embed_tokens(input_ids)
+        """Hidden states [T, hidden] of a flat batch of tokens.
+
+        Submodules are run through ``.forward``, not ``__call__``: a decode step makes ~300
+        such calls, and skipping nn.Module's hook machinery made single-stream decode ~5%
+        faster (measured, A/B in one process). Hooks on submodules therefore do not fire.
+        """
+        x = self.embed_tokens.forward(input_ids)
         rope = self.rotary.tables(positions, x.dtype)
         residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(rope, x, residual, kv, meta)
-        return self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
+            x, residual = layer.forward(rope, x, residual, kv, meta)
+        return self.norm.forward(x) if residual is None else self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, vocab] for the selected hidden rows."""
