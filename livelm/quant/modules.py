@@ -30,6 +30,15 @@ class QuantizedModule(nn.Module):
         """The weight as a QuantizedTensor (views of the buffers)."""
         return QuantizedTensor(self.fmt, (self.out_features, self.in_features), self.qs, self.d, self.m)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("qs", "d", "m", "bias"):  # the cached kernel arguments name the old ones
+            self.__dict__.pop("_kernel_args", None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_kernel_args", None)  # .to() and friends make new buffers
+        return super()._apply(fn, recurse)
+
     def share_weight(self, other: QuantizedModule) -> None:
         """Use ``other``'s buffers (a tied LM head reads the embedding's quantized table)."""
         assert (other.fmt, other.out_features, other.in_features) == (self.fmt, self.out_features, self.in_features)
@@ -53,7 +62,12 @@ class QuantLinear(QuantizedModule):
         if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda:
             ext = kernels.quant_kernels()
             if ext is not None and x.shape[0] <= kernels.fused_max_rows(ext):
-                return ext.quantized_matmul(x, self.qs, self.d, self.m, self.bias, FORMAT_CODES[self.fmt])
+                # The buffers as one plain attribute: each buffer access goes through
+                # nn.Module.__getattr__ (~600 a decode step otherwise).
+                args = self.__dict__.get("_kernel_args")
+                if args is None:
+                    args = self.__dict__["_kernel_args"] = (self.qs, self.d, self.m, self.bias, FORMAT_CODES[self.fmt])
+                return ext.quantized_matmul(x, *args)
         return kernels.quantized_linear(x, self.qweight, self.bias)
 
 

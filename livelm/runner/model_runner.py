@@ -57,6 +57,7 @@ class ModelRunner:
             else None
         )
         self.eos_token_ids = set(eos_token_ids)
+        _bind_submodules(model)  # last: the modules are final now
         self._generators: dict[str, torch.Generator] = {}
 
     @staticmethod
@@ -223,3 +224,17 @@ class ModelRunner:
             top_ids=top_ids.tolist(),
             top_logprobs=top_lp.tolist(),
         )
+
+
+def _bind_submodules(model: torch.nn.Module) -> None:
+    """Make every submodule a plain instance attribute of its parent as well.
+
+    ``parent.child`` otherwise goes through ``nn.Module.__getattr__`` (a Python call with
+    dict lookups), ~300 times per decode step. Safe against later swaps: assigning a module
+    to an attribute (``setattr(parent, name, new)``) removes the instance entry first.
+    """
+    for module in model.modules():
+        for name, child in module._modules.items():
+            if child is not None:
+                module.__dict__[name] = child
+
