@@ -12,6 +12,7 @@ waits for its remaining bytes.
 from __future__ import annotations
 
 import codecs
+import functools
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -38,21 +39,8 @@ class StreamingTextInput:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         self.text = ""
         self.closed = False
-        # Special tokens a one-shot encode puts before the text (a BOS), found once.
-        self._prefix_ids = tokenizer("", add_special_tokens=True).input_ids
-        # Whether a one-shot encode is just those ids + the plain encode (no EOS or other
-        # special tokens after the text): then the encode done for committing also gives
-        # current_ids(), and the last piece, close_input and a reply tokenize once, not 3x.
-        self._prefix_only = all(
-            tokenizer(t).input_ids == self._prefix_ids + tokenizer(t, add_special_tokens=False).input_ids
-            for t in ("Hello world", " a b\n")
-        )
+        self._prefix_ids, self._prefix_only, self._tail_only = _tokenizer_traits(tokenizer)
         self._encoded: tuple[str, list[int]] | None = None  # (text, current_ids() of it)
-        # Whether the text after a safe boundary tokenizes alone as it does inside the whole
-        # text (byte-level BPE: yes; a normalizer that prepends "▁" or strips: no). Then an
-        # append tokenizes only the uncommitted tail, not the whole text again, so a stream
-        # that runs for hours costs the same per piece as a fresh one.
-        self._tail_only = self._prefix_only and _tails_tokenize_alone(tokenizer)
         self.committed_ids: list[int] = list(self._prefix_ids)
         self._committed_chars = 0
         self._committed_at_boundary = False  # the commit point is a safe boundary (a tail may start there)
@@ -130,6 +118,27 @@ class StreamingTextInput:
         elif not start:
             self._committed_chars, self._committed_at_boundary = 0, False
         return InputUpdate(keep, stable[keep:])
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_traits(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], bool, bool]:
+    """What a stream needs to know about its tokenizer, probed once per tokenizer:
+
+    - the special tokens a one-shot encode puts before the text (a BOS);
+    - whether a one-shot encode is just those ids + the plain encode (no EOS or other
+      special tokens after the text): then the encode done for committing also gives
+      current_ids(), and the last piece, close_input and a reply tokenize once, not 3x;
+    - whether the text after a safe boundary tokenizes alone as it does inside the whole
+      text (byte-level BPE: yes; a normalizer that prepends "▁" or strips: no): then an
+      append tokenizes only the uncommitted tail, so a stream that runs for hours costs
+      the same per piece as a fresh one.
+    """
+    prefix_ids = tokenizer("", add_special_tokens=True).input_ids
+    prefix_only = all(
+        tokenizer(t).input_ids == prefix_ids + tokenizer(t, add_special_tokens=False).input_ids
+        for t in ("Hello world", " a b\n")
+    )
+    return prefix_ids, prefix_only, prefix_only and _tails_tokenize_alone(tokenizer)
 
 
 def _tails_tokenize_alone(tokenizer: PreTrainedTokenizerBase) -> bool:
