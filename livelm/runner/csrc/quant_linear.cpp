@@ -211,6 +211,9 @@ __attribute__((always_inline)) inline void dequant_block512(const uint8_t* blk, 
   }
 }
 
+// How far ahead of the decode tiles weight rows are prefetched (see rows_range512).
+constexpr int64_t kPrefetchBytes = 4096;
+
 inline void prefetch_range(const void* ptr, int64_t bytes) {
   const char* c = static_cast<const char*>(ptr);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
@@ -312,22 +315,24 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
   // Rows of x per pass: about 256 KiB of them (L2).
   const int64_t mchunk = std::max<int64_t>(MaxMT, (256 << 10) / (4 * K));
   std::vector<float> ds(F == kInt8 ? 0 : chunk * nb), ms(F == kQ4_1 ? chunk * nb : 0);
+  // Decode reads each weight once, straight from memory, in short runs per call (a few
+  // hundred KiB per thread). Hardware prefetchers alone leave a thread waiting on memory
+  // (~10 GB/s), so the weight rows (and their scales) kPrefetchBytes ahead are asked for
+  // tile by tile, one run of lines per tile, and the first kPrefetchBytes all at once at the
+  // start. Measured in one process, taking turns: all linears of a decode step 27% less
+  // time for q4_1 and q8_0 than prefetching 8 KiB chunks in bursts; decode +27% (q4_1) and
+  // +38% (q8_0) end to end.
+  const int64_t ahead = std::max<int64_t>(NT, kPrefetchBytes / std::max<int64_t>(rb, 1));
+  const auto prefetch_rows = [&](int64_t r0, int64_t r1) {
+    r1 = std::min(n1, r1);
+    if (r0 >= r1) return;
+    prefetch_range(p.qs + r0 * rb, (r1 - r0) * rb);
+    if constexpr (F != kInt8) prefetch_range(p.d + r0 * nb, (r1 - r0) * nb * 2);
+    if constexpr (F == kQ4_1) prefetch_range(p.m + r0 * nb, (r1 - r0) * nb * 2);
+  };
+  prefetch_rows(n0, n0 + ahead);
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
-    // Decode reads each weight once, straight from memory, in short runs per call (a few
-    // hundred KiB per thread): ask for the chunk after next now, so its bytes are on the
-    // way while this one multiplies (measured in one process, taking turns: all linears of a
-    // decode step 21% less time for q8_0, 8% for q4_1; end to end, q8_0 decode +6.5%).
-    const int64_t ahead = std::min(n1, c1 + chunk);
-    // Weight rows [r0, r1) with their scales (and mins).
-    const auto prefetch_rows = [&](int64_t r0, int64_t r1) {
-      if (r0 >= r1) return;
-      prefetch_range(p.qs + r0 * rb, (r1 - r0) * rb);
-      if constexpr (F != kInt8) prefetch_range(p.d + r0 * nb, (r1 - r0) * nb * 2);
-      if constexpr (F == kQ4_1) prefetch_range(p.m + r0 * nb, (r1 - r0) * nb * 2);
-    };
-    prefetch_rows(ahead, std::min(n1, ahead + chunk));
-    if (c0 == n0) prefetch_rows(c1, ahead);  // the second chunk: nothing asked for it earlier
     if constexpr (F != kInt8) row_scales(p.d + c0 * nb, (c1 - c0) * nb, ds.data());
     if constexpr (F == kQ4_1) row_scales(p.m + c0 * nb, (c1 - c0) * nb, ms.data());
     for (int64_t m0 = 0; m0 < p.M; m0 += mchunk) {
@@ -339,6 +344,7 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
         const int mt = static_cast<int>((m1 - t0 + (nblk - i) - 1) / (nblk - i));
         for (int64_t n = c0; n < c1; n += NT) {
           const int nt = static_cast<int>(std::min<int64_t>(NT, c1 - n));
+          if (i == 0 && m0 == 0) prefetch_rows(n + ahead, n + nt + ahead);
           Tile T{p.x + t0 * K, K, p.qs + n * rb, rb,
                  ds.data() + (n - c0) * nb, ms.data() + (n - c0) * nb, nb,
                  p.out + t0 * p.N + n, p.N, p.scale ? p.scale + n : nullptr, p.bias ? p.bias + n : nullptr};
