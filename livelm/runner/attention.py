@@ -81,11 +81,15 @@ def paged_attention(
 
     d = meta.num_decodes
     if d and meta.decode_kernel is not None:
-        # Reads q in place (rows of the fused qkv output) and writes straight into out.
-        qd = q[:d] if q.stride(2) == 1 and q.stride(1) == head_dim else q[:d].contiguous()
+        # Reads q in place (rows of the fused qkv output) and writes straight into out. A
+        # decode-only step (single-stream decode) needs no slices: each costs a few us.
+        whole = d == num_tokens
+        qd = q if whole else q[:d]
+        if qd.stride(2) != 1 or qd.stride(1) != head_dim:
+            qd = qd.contiguous()
         meta.decode_kernel.paged_decode_attention_out(
             qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens,
-            meta.block_size, scale, out[:d].view(d, num_heads, head_dim),
+            meta.block_size, scale, (out if whole else out[:d]).view(d, num_heads, head_dim),
         )
     elif d:
         # Query heads sharing a KV head ride along the "query length" axis, so GQA needs

@@ -4,6 +4,9 @@
 // and step (a copy as large as the KV itself). This kernel reads K/V in place through the
 // block table instead: one task per (request, KV head), the query heads of that group
 // scored together so each key row is loaded once, a two-pass softmax per query head.
+// AVX-512 builds (head_dim 16, 32, 64, 80, 96, 128 or 256) sum four keys' dot products
+// across lanes at once, take exp 16 scores at a time, and keep the outputs in registers
+// over all values: 2.4x faster than the generic loops at 192 keys, one request, 2 threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +17,10 @@
 
 #if defined(__SSE__)
 #include <immintrin.h>
+#endif
+#include "avx512_math.h"
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define LIVELM_ATTN_AVX512 1
 #endif
 
 namespace {
@@ -81,6 +88,115 @@ inline void prefetch_rows(const float* p, int64_t floats) {
 #endif
 }
 
+
+#if defined(LIVELM_ATTN_AVX512)
+// One (request, KV head) pair's query heads [g0, g0 + ng) over len keys, head_dim = 16 * HD16.
+// Scores: per key row, loaded once for all ng heads, one dot product per head (q held in
+// registers when it fits). Values: ng heads' outputs accumulate in registers across all
+// keys (a memory accumulator would make every key wait on the previous key's store).
+template <int HD16>
+void attend_heads512(const float* q, int64_t ng, const float* kh, const float* vh, const int64_t* table,
+                     int64_t len, int64_t block_size, float scale, float* out, float* scores) {
+  constexpr int64_t hd = 16 * HD16;
+  // Pass 1: scores[g * len + t].
+  for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+    const float* kblock = kh + table[t0 / block_size] * block_size * hd;
+    const int64_t n = std::min(block_size, len - t0);
+    if (t0 + block_size < len)
+      prefetch_rows(kh + table[t0 / block_size + 1] * block_size * hd, std::min(block_size, len - t0 - block_size) * hd);
+    else
+      prefetch_rows(vh + table[0] * block_size * hd, std::min(block_size, len) * hd);
+    // Four keys at a time: their four dot products are summed across lanes together.
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      const float* k = kblock + i * hd;
+      for (int64_t g = 0; g < ng; ++g) {
+        __m512 acc[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd), _mm512_loadu_ps(k + j * hd));
+        _Pragma("GCC unroll 16") for (int c = 1; c < HD16; ++c) {
+          const __m512 qc = _mm512_loadu_ps(q + g * hd + 16 * c);
+          _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k + j * hd + 16 * c), acc[j]);
+        }
+        _mm_storeu_ps(scores + g * len + t0 + i, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+      }
+    }
+    for (; i < n; ++i) {
+      for (int64_t g = 0; g < ng; ++g) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd), _mm512_loadu_ps(kblock + i * hd));
+        _Pragma("GCC unroll 16") for (int c = 1; c < HD16; ++c)
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + 16 * c), _mm512_loadu_ps(kblock + i * hd + 16 * c), acc);
+        scores[g * len + t0 + i] = _mm512_reduce_add_ps(acc) * scale;
+      }
+    }
+  }
+  // Softmax per query head (unnormalized; 1/sum applied to the output), 16 keys at a time
+  // (glibc's expf stays scalar here and cost more than everything else together).
+  float inv_sum[64];
+  for (int64_t g = 0; g < ng; ++g) {
+    float* sg = scores + g * len;
+    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 live = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
+      mv = _mm512_mask_max_ps(mv, live, mv, _mm512_maskz_loadu_ps(live, sg + t));
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 live = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sg + t), m));
+      _mm512_mask_storeu_ps(sg + t, live, e);
+      sum = _mm512_mask_add_ps(sum, live, sum, e);
+    }
+    inv_sum[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  // Pass 2: up to GC heads at a time, their outputs in (at most 16) registers.
+  constexpr int GC = HD16 >= 16 ? 1 : 16 / HD16;
+  for (int64_t gc = 0; gc < ng; gc += GC) {
+    const int64_t nc = std::min<int64_t>(GC, ng - gc);
+    __m512 acc[GC * HD16];
+    _Pragma("GCC unroll 16") for (int i = 0; i < GC * HD16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+      const float* vblock = vh + table[t0 / block_size] * block_size * hd;
+      const int64_t n = std::min(block_size, len - t0);
+      if (t0 + block_size < len)
+        prefetch_rows(vh + table[t0 / block_size + 1] * block_size * hd, std::min(block_size, len - t0 - block_size) * hd);
+      for (int64_t i = 0; i < n; ++i) {
+        __m512 v[HD16];
+        _Pragma("GCC unroll 16") for (int c = 0; c < HD16; ++c) v[c] = _mm512_loadu_ps(vblock + i * hd + 16 * c);
+        _Pragma("GCC unroll 16") for (int g = 0; g < GC; ++g) {
+          if (g < nc) {
+            const __m512 p = _mm512_set1_ps(scores[(gc + g) * len + t0 + i]);
+            _Pragma("GCC unroll 16") for (int c = 0; c < HD16; ++c) acc[g * HD16 + c] = _mm512_fmadd_ps(p, v[c], acc[g * HD16 + c]);
+          }
+        }
+      }
+    }
+    _Pragma("GCC unroll 16") for (int g = 0; g < GC; ++g) {
+      if (g < nc) {
+        const __m512 inv = _mm512_set1_ps(inv_sum[gc + g]);
+        _Pragma("GCC unroll 16") for (int c = 0; c < HD16; ++c)
+          _mm512_storeu_ps(out + (gc + g) * hd + 16 * c, _mm512_mul_ps(acc[g * HD16 + c], inv));
+      }
+    }
+  }
+}
+
+// attend_heads512 for this head_dim, or false when none is compiled for it.
+bool attend_heads_avx512(int64_t head_dim, const float* q, int64_t ng, const float* kh, const float* vh,
+                         const int64_t* table, int64_t len, int64_t block_size, float scale, float* out, float* scores) {
+  if (ng > 64) return false;
+  switch (head_dim) {
+    case 16: attend_heads512<1>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    case 32: attend_heads512<2>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    case 64: attend_heads512<4>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    case 80: attend_heads512<5>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    case 96: attend_heads512<6>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    case 128: attend_heads512<8>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    case 256: attend_heads512<16>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    default: return false;
+  }
+}
+#endif
 }  // namespace
 
 // q, out: [D, Hq, hd], each row's heads packed (any row stride); k_cache, v_cache:
@@ -110,16 +226,24 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
+  // One task per (request, KV head): the group's query heads share every K/V row load
+  // (splitting a group over threads measured slower, even one request on two threads).
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t len = lp[s];
-      scores.assign(static_cast<size_t>(group * len), 0.f);
-      const float* qh = qp + s * q_row + h * group * head_dim;
       const float* kh = kp + h * num_slots * head_dim;
       const float* vh = vp + h * num_slots * head_dim;
       const int64_t* table = btp + s * max_blocks;
+#if defined(LIVELM_ATTN_AVX512)
+      scores.resize(static_cast<size_t>(group * len));
+      if (attend_heads_avx512(head_dim, qp + s * q_row + h * group * head_dim, group, kh, vh, table, len, block_size,
+                              fscale, op + s * out_row + h * group * head_dim, scores.data()))
+        continue;
+#endif
+      scores.assign(static_cast<size_t>(group * len), 0.f);
+      const float* qh = qp + s * q_row + h * group * head_dim;
       // Pass 1: scores of every key for the group's query heads, block by block (the
       // rows of one block are contiguous; no division per token).
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {

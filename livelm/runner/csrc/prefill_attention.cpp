@@ -22,9 +22,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "avx512_math.h"
 
 #include <algorithm>
 #include <atomic>
@@ -146,32 +144,11 @@ void pv_block(const float* p, int64_t m, const float* const* vrows, int64_t nk, 
 }
 
 
-// exp of softmax arguments (x <= 0, or -inf for masked scores); exactly 0 below -87.3.
-// The online softmax spends more instructions on exp than on both matrix products at
-// head_dim 64, so the AVX-512 version is short: n = round(x / ln2) by vrndscaleps, r = x -
-// n ln2 in two steps (hi + lo, exact to ~1e-10), e^r by its Taylor series to r^7 (|r| <=
-// ln2/2: truncation error 1.2e-8 relative), then 2^n by vscalefps with the lanes below the
-// cut-off zeroed by the same instruction: 13 operations, about Cephes' accuracy (1-2 ulp).
+// exp of softmax arguments (x <= 0, or -inf for masked scores); exactly 0 below -87.3
+// (AVX-512: avx512_math.h).
 typedef int32_t ivec __attribute__((vector_size(VW * 4)));
 #if defined(__AVX512F__)
-inline vec exp_vec(vec xv) {
-  const __m512 x = reinterpret_cast<__m512>(xv);
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  // 1/k! for k = 7 .. 0 (Horner).
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return reinterpret_cast<vec>(_mm512_maskz_scalef_ps(live, p, n));
-}
+inline vec exp_vec(vec x) { return reinterpret_cast<vec>(exp512(reinterpret_cast<__m512>(x))); }
 #else
 // Cephes' polynomial after range reduction to [-ln2/2, ln2/2] (about 1 ulp). Integer
 // rounding keeps it safe under -ffast-math (no x + magic - magic that the compiler may fold).

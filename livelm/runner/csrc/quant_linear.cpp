@@ -37,6 +37,8 @@
 #include <immintrin.h>
 #define LIVELM_QUANT_AVX2 1
 #endif
+#include "avx512_math.h"
+
 #if defined(LIVELM_QUANT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__)
 #define LIVELM_QUANT_AVX512 1
@@ -180,15 +182,6 @@ inline void int8_row(const Problem& p, int64_t n, int64_t t0) {
 // d*(i - 8) indexed by the nibbles with vpermps; q8_0: d * q) and multiplied with the
 // MT rows of x, so the dequantization cost is shared by MT rows and the x loads by NT
 // rows. The MT*NT accumulators hold 16 partial sums each, reduced 4 at a time at the end.
-
-// Sums of a, b, c, d (16 lanes each) as the 4 lanes of the result.
-__attribute__((always_inline)) inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
 
 // Exact fp32 weights of one 32-weight block: lo = weights 0..15, hi = 16..31.
 template <int64_t F>
