@@ -226,18 +226,25 @@ def measure_matmul_gflops(
 ) -> dict[str, float]:
     """fp32 GFLOP/s of the model's own GEMM shapes (``rows`` tokens x each linear layer).
 
-    Each shape is timed with both fp32 GEMM libraries torch ships on CPU: MKL (what
-    ``F.linear`` calls) and oneDNN with a pre-packed weight (what livelm uses on CPU, and
-    much faster than MKL on AMD CPUs, where MKL runs its AVX2 code). Returns the best
-    GFLOP/s of each shape over both (best of ``repeats`` timings, each at least
+    Each shape is timed with both fp32 GEMM libraries torch ships on CPU, MKL (what
+    ``F.linear`` calls) and oneDNN with a pre-packed weight (much faster than MKL on AMD
+    CPUs, where MKL runs its AVX2 code), and with livelm's own panel GEMM where its
+    kernels are built for AVX-512 (what livelm uses there). Returns the best GFLOP/s of
+    each shape over all of them (best of ``repeats`` timings, each at least
     ``min_seconds`` long), ``peak`` (the best shape) and ``model_mix`` (one layer's four
     GEMMs together: total FLOPs / summed best times), and the same per library
-    (``mkl_peak``, ``onednn_peak``...). ``peak`` is the roofline MFU uses.
+    (``mkl_peak``, ``onednn_peak``, ``panel_peak``). ``peak`` is the roofline MFU uses.
     """
-    from livelm.runner.onednn_linear import PackedLinear, onednn_available
+    from livelm.runner.packed_linear import (
+        PackedLinear,
+        PanelLinear,
+        onednn_available,
+        panel_kernels,
+    )
 
     result: dict[str, float] = {}
-    per_lib: dict[str, dict[str, float]] = {"mkl": {}, "onednn": {}}
+    per_lib: dict[str, dict[str, float]] = {"mkl": {}, "onednn": {}, "panel": {}}
+    panel = panel_kernels()
     total_flops = total_time = 0.0
     with torch.inference_mode():
         for k, n in shape.gemm_shapes():
@@ -248,6 +255,9 @@ def measure_matmul_gflops(
             if onednn_available(w):
                 packed = PackedLinear(w, None)
                 times["onednn"] = _best_seconds(functools.partial(packed, x), repeats, min_seconds)
+            if panel is not None:
+                own = PanelLinear(w, None, panel)
+                times["panel"] = _best_seconds(functools.partial(own.forward, x), repeats, min_seconds)
             key = f"{rows}x{k}@{k}x{n}"
             for lib, t in times.items():
                 per_lib[lib][key] = flops / t / 1e9

@@ -163,7 +163,7 @@ def livelm_weight_bytes(llm) -> int:
     from torch import nn
 
     from livelm.quant.modules import QuantEmbedding, QuantizedModule
-    from livelm.runner.onednn_linear import PackedLinear
+    from livelm.runner.packed_linear import PackedLinear, PanelLinear
 
     runner = llm.engine.core.runner
     model = runner.model
@@ -171,7 +171,7 @@ def livelm_weight_bytes(llm) -> int:
     for mod in model.modules():
         if isinstance(mod, QuantizedModule) and not isinstance(mod, QuantEmbedding):
             total += mod.qweight.nbytes
-        elif isinstance(mod, PackedLinear):
+        elif isinstance(mod, (PackedLinear, PanelLinear)):
             total += mod.out_features * mod.in_features * 4
         elif type(mod) is nn.Linear:
             total += mod.weight.numel() * mod.weight.element_size()

@@ -399,9 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = 512 if args.quick else args.max_num_batched_tokens
     roof = measure_matmul_gflops(shape, rows=rows, repeats=2 if args.quick else 5)
     print(
-        f"fp32 matmul roofline ({rows} rows x model GEMM shapes, best of runs and of MKL/oneDNN): "
+        f"fp32 matmul roofline ({rows} rows x model GEMM shapes, best of runs and of MKL/oneDNN/panel): "
         f"peak {roof['peak']:.1f} GFLOP/s, one-layer mix {roof['model_mix']:.1f} GFLOP/s "
-        f"(MKL F.linear peak {roof['mkl_peak']:.1f}, oneDNN packed peak {roof.get('onednn_peak', 0):.1f})"
+        f"(MKL F.linear peak {roof['mkl_peak']:.1f}, oneDNN packed peak {roof.get('onednn_peak', 0):.1f}, "
+        f"livelm panel GEMM peak {roof.get('panel_peak', 0):.1f})"
     )
     print(f"  {FLOP_FORMULA}")
     print(f"  N_nonemb = {shape.non_embedding_params:,}, hidden * vocab = {shape.lm_head_params:,}")

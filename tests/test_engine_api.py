@@ -227,14 +227,18 @@ def test_async_engine_streams_deltas_and_aborts(llama_dir, llm):
         assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
 
         # Explicit abort by id ends the stream with finish_reason "abort".
+        # (Aborted as soon as its first output arrives: a fixed sleep let the tiny model
+        # finish all 500 tokens first once decode got fast enough.)
         reasons = []
+        started = asyncio.Event()
 
         async def consume():
             async for out in engine.generate(prompts[1], long, request_id="to-abort"):
                 reasons.extend(c.finish_reason for c in out.outputs)
+                started.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(started.wait(), 10)
         engine.abort("to-abort")
         await asyncio.wait_for(task, 10)
         assert reasons[-1] == "abort"

@@ -7,7 +7,7 @@
 - CPU, compiled for AVX2 only: the fused kernel up to ``FUSED_MAX_ROWS_AVX2`` rows; more
   rows are dequantized tile by tile (exactly) into fp32 and multiplied by an fp32 GEMM:
   oneDNN's where torch has it (2-2.5x MKL's speed on AMD CPUs, see
-  livelm/runner/onednn_linear.py), else ``F.linear``.
+  livelm/runner/packed_linear.py), else ``F.linear``.
 - No compiler, or ``LIVELM_DISABLE_CPP_KERNELS=1``: the same tiles dequantized with torch
   ops (same results, slower; said once in the log).
 - CUDA: the weight is dequantized with torch ops into the activations' dtype, then matmul.

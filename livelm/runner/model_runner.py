@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from livelm.core.scheduler_output import (
     ModelRunnerOutput,
@@ -14,7 +15,7 @@ from livelm.core.scheduler_output import (
 from livelm.models.llama import LlamaForCausalLM
 from livelm.runner.attention import AttentionMetadata, PrefillSegment
 from livelm.runner.cpu_kernels import cpu_kernels, prefill_kernels
-from livelm.runner.onednn_linear import PackedLinear, onednn_available, pack_linear_layers
+from livelm.runner.packed_linear import pack_linear_layers, packed_linear
 from livelm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
@@ -41,13 +42,12 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
-        # fp32 on CPU: matmuls through oneDNN with pre-packed weights (~2x MKL's speed here).
+        # fp32 on CPU: linears over weights packed once (livelm's panel GEMM, else oneDNN).
         # A tied LM head needs its own packed copy: the embedding lookup keeps the table.
-        self.tied_head: PackedLinear | None = None
-        if onednn_available(param):
-            if model.lm_head is None:
-                self.tied_head = PackedLinear(model.embed_tokens.weight, None)
-            pack_linear_layers(model)
+        self.tied_head: nn.Module | None = None
+        if model.lm_head is None and isinstance(model.embed_tokens, nn.Embedding):
+            self.tied_head = packed_linear(model.embed_tokens.weight, None)
+        pack_linear_layers(model)
         self.sampler = Sampler()
         # The compiled decode-attention kernel covers fp32 on CPU; other cases use torch ops.
         self.decode_kernel = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None

@@ -38,6 +38,7 @@
 #define LIVELM_QUANT_AVX2 1
 #endif
 #include "avx512_math.h"
+#include "panel_gemm.h"
 
 #if defined(LIVELM_QUANT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__)
@@ -543,6 +544,14 @@ void check_weights(const torch::Tensor& qs, const torch::Tensor& d, const std::o
   if (fmt == kQ4_1) TORCH_CHECK(m.has_value() && m->is_contiguous() && m->numel() == d.numel(), "q4_1 needs mins");
 }
 
+// The bias as contiguous fp32 [N] in *keep (or null without one).
+const float* bias_data(const std::optional<torch::Tensor>& bias, int64_t N, torch::Tensor* keep) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  *keep = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(keep->numel() == N, "bias must have N elements");
+  return keep->data_ptr<float>();
+}
+
 }  // namespace
 
 // x [M, K] fp32 times the quantized weight [N, K] transposed (+ bias) -> [M, N] fp32.
@@ -578,11 +587,7 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
 #endif
   }
   torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == N, "bias must have N elements");
-    p.bias = b.data_ptr<float>();
-  }
+  p.bias = bias_data(bias, N, &b);
   // Enough rows per task that a thread's share outweighs waking it (~64K weight reads).
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
 #ifdef LIVELM_QUANT_AVX512
@@ -621,6 +626,39 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
     }
   });
   return out;
+}
+
+// fp32 weights W [N, K] packed for fp32_linear: [ceil(N / 16), K, 16] (AVX-512 builds).
+torch::Tensor fp32_pack(torch::Tensor w) {
+#ifdef LIVELM_QUANT_AVX512
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32, "w must be 2-D fp32");
+  w = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto packed = torch::empty({(N + 15) / 16, K, 16}, w.options());
+  panel_gemm::pack(w.data_ptr<float>(), N, K, packed.data_ptr<float>());
+  return packed;
+#else
+  TORCH_CHECK(false, "packed fp32 linears need an AVX-512 build of the kernels");
+#endif
+}
+
+// x [M, K] @ W.T (+ bias) -> [M, N] for W packed by fp32_pack.
+torch::Tensor fp32_linear(torch::Tensor x, torch::Tensor packed, std::optional<torch::Tensor> bias, int64_t N) {
+#ifdef LIVELM_QUANT_AVX512
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be 2-D fp32");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 16 && packed.is_contiguous() && packed.size(0) == (N + 15) / 16,
+              "packed must come from fp32_pack of an [N, K] weight");
+  TORCH_CHECK(x.size(1) == packed.size(1), "x has ", x.size(1), " columns, the weight ", packed.size(1));
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto out = torch::empty({M, N}, x.options());
+  torch::Tensor b;
+  const float* bp = bias_data(bias, N, &b);
+  if (M > 0 && N > 0) panel_gemm::linear(x.data_ptr<float>(), M, K, N, packed.data_ptr<float>(), bp, out.data_ptr<float>());
+  return out;
+#else
+  TORCH_CHECK(false, "packed fp32 linears need an AVX-512 build of the kernels");
+#endif
 }
 
 // Exact fp32 values of weight rows [row0, row0 + rows) (or of the rows listed in `index`).
@@ -697,5 +735,7 @@ std::string simd() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("simd", &simd, "instruction set of the compiled kernels");
   mod.def("quantized_matmul", &quantized_matmul, "x @ dequantize(W).T (+ bias) for quantized W (fp32, CPU)");
+  mod.def("fp32_pack", &fp32_pack, "pack an fp32 [N, K] weight for fp32_linear (AVX-512 builds)");
+  mod.def("fp32_linear", &fp32_linear, "x @ W.T (+ bias) for an fp32 weight packed by fp32_pack");
   mod.def("dequantize_rows", &dequantize_rows, "exact fp32 rows of a quantized weight (CPU)");
 }
