@@ -98,8 +98,9 @@ def ext_build(request):
 
 
 # Row counts around every tile size and path switch of the C++ kernels (4x4 and 8x2 tiles,
-# the GEMM from 20 rows in 32-row panels with a last one of <= 16, 512 KiB passes of x).
-KERNEL_MS = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 20, 21, 31, 33, 48, 64, 300]
+# the GEMM from 20 rows in 32-row panels with a last one of <= 16, 512 KiB passes of x,
+# dequantized column panels from 128 rows in row blocks of up to 6).
+KERNEL_MS = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 20, 21, 31, 33, 48, 64, 127, 128, 131, 300]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -117,11 +118,13 @@ def test_fused_kernel_at_every_m(ext_build, fmt: str) -> None:
                 assert _rel_err(got, torch.nn.functional.linear(x, w, bias)) < 1e-4, (n, k, m)
 
 
-def test_gemm_path_passes_over_x_in_chunks() -> None:
-    """Enough rows of x that the GEMM path takes several 512 KiB passes (K=1536: 64 rows each)."""
+@pytest.mark.parametrize(("m", "k"), [(100, 1536), (1100, 64)])
+def test_gemm_paths_pass_over_x_in_chunks(m: int, k: int) -> None:
+    """Enough rows of x that the GEMM (below 128 rows) takes several 512 KiB passes (K=1536:
+    64 rows each), and that the panel path (from 128) takes several 1024-row passes."""
     ext = _compiled()
-    qt = quantize(_weight(70, 1536, 8), "q4_1")
-    x = torch.randn(150, 1536)
+    qt = quantize(_weight(70, k, 8), "q4_1")
+    x = torch.randn(m, k)
     got = ext.quantized_matmul(x, qt.qs, qt.d, qt.m, None, kernels.FORMAT_CODES["q4_1"])
     assert _rel_err(got, x @ dequantize(qt).T) < 1e-4
 

@@ -17,6 +17,7 @@ from livelm.core.request import FinishReason, Request
 from livelm.core.scheduler import Scheduler
 from livelm.models.loader import load_model
 from livelm.models.model_config import ModelConfig
+from livelm.runner.cpu_memory import keep_large_buffers_in_heap
 from livelm.runner.model_runner import ModelRunner
 from livelm.sampling_params import SamplingParams
 
@@ -85,6 +86,8 @@ class EngineCore:
         torch.manual_seed(config.seed)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_large_buffers_in_heap()
         self.model_config = ModelConfig.from_dir(model_dir)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

@@ -5,11 +5,14 @@
 // when another process holds a core every fork/join waits for a descheduled thread
 // (~1 ms each), so a decode step took 4x longer under load. These kernels do each group
 // of ops in one pass, on one thread for small batches and split by rows for large ones,
-// with the same arithmetic as the torch ops they replace (only sums are reordered).
+// with the same arithmetic as the torch ops they replace (only sums are reordered; SiLU on
+// AVX-512 uses livelm's exp, ~2e-7 relative from torch's).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+
+#include "avx512_math.h"
 
 namespace {
 
@@ -81,8 +84,21 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
       const float* g = gp + r * gs;
       const float* u = g + inter;
       float* o = op + r * inter;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      // glibc's expf stays scalar in the loop below: 16 at a time here took SiLU from 120 to
+      // 10 us per layer at 64 rows (batched decode) and from ~8 to ~2.5 ms at 4096 (prefill).
+      // exp512 overflows to inf for -g > 88, where g / (1 + inf) is the correct 0; results
+      // differ from torch's silu by ~2e-7 relative.
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= inter; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+      }
+#endif
 #pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+      for (int64_t j = i; j < inter; ++j) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
     }
   });
   return out;

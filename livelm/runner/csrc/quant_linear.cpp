@@ -14,9 +14,12 @@
 //   by 2-4 weight rows; a weight block is dequantized into registers once per tile (q4:
 //   vpermps on a 16-entry table d*i + m) and multiplied with every row of the tile, so a
 //   call reads each weight byte from memory once.
-// - AVX-512 builds, more rows (batched decode, prefill): an outer-product GEMM; x is
+// - AVX-512 builds, 20 to 127 rows (batched decode): an outer-product GEMM; x is
 //   transposed into 32-row panels once per call, 12 weight rows at a time are dequantized
 //   into an L1 buffer and reused by every panel (2x12 zmm accumulators per k step).
+// - AVX-512 builds, 128 rows and more (prefill): weight rows dequantized exactly into the
+//   column panels of panel_gemm.h (4 panels, 64 outputs, at a time), then the fp32 panel
+//   GEMM's micro-kernel: as fast as fp32 weights at 2048 rows.
 // - AVX2 builds: one weight row at a time with up to four rows of x, the block scale on the
 //   block's partial sums and the q4_1 minimum through per-block sums of x; Python sends
 //   more rows than FUSED_MAX_ROWS_AVX2 to dequantize_rows + torch's fp32 GEMM instead.
@@ -368,6 +371,11 @@ void rows_range_fused512(const Problem& p, int64_t n0, int64_t n1) {
 constexpr int kGemmNR = 12;
 // Rows of x from which the GEMM beats the fused tiles (measured on the model shapes).
 constexpr int64_t kGemmMinRows = 20;
+// Rows of x from which dequantizing into column panels for panel_gemm.h beats that GEMM
+// (measured on the model shapes, one process taking turns: at 32-64 rows the GEMM below
+// took 0.86-0.93x the panels' time, at 128 they were even, at 256-2048 the panels took
+// 0.86-0.94x the GEMM's).
+constexpr int64_t kPanelMinRows = 128;
 
 template <int MV, int NR>
 __attribute__((always_inline)) inline void gemm_tile(const float* xp, const float* w, int64_t ldw, int64_t K, float* tmp) {
@@ -455,6 +463,91 @@ void rows_range_gemm(const Problem& p, const float* xT, int64_t n0, int64_t n1) 
       }
       for (int64_t m = mc; m < mend; ++m)
         std::memcpy(p.out + m * p.N + s0, stage.data() + (m - mc) * kStage, (s1 - s0) * sizeof(float));
+    }
+  }
+}
+
+// The 16 x 16 block r (r[i] = row i) transposed in place (r[i] = column i).
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+// Weight rows [g0, g1) (<= 4 panels) dequantized exactly into the column panels of
+// panel_gemm.h at `panels` ([K][16] each; int8 scaled, as dequantize does), through the
+// row-major buffer `rows` [16][ldt]; the rows after g1 (up to n1) are prefetched meanwhile.
+template <int64_t F>
+void dequant_panels(const Problem& p, int64_t g0, int64_t g1, int64_t n1, float* rows, int64_t ldt, float* panels,
+                    float* ds, float* ms) {
+  const int64_t K = p.K;
+  for (int64_t r0 = g0; r0 < g1; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, g1 - r0);
+    // The next 16 rows load while these are dequantized (decode batches read them from memory).
+    const int64_t next = std::min<int64_t>(16, n1 - (r0 + nr));
+    if (next > 0) {
+      const int64_t rb = row_bytes(F, K), nb = K / kBlock;
+      prefetch_range(p.qs + (r0 + nr) * rb, next * rb);
+      if constexpr (F != kInt8) prefetch_range(p.d + (r0 + nr) * nb, next * nb * 2);
+      if constexpr (F == kQ4_1) prefetch_range(p.m + (r0 + nr) * nb, next * nb * 2);
+    }
+    for (int64_t j = 0; j < 16; ++j) {
+      float* dst = rows + j * ldt;
+      if (j < nr) {
+        dequant_row512<F>(p, r0 + j, dst, ds, ms);
+        if constexpr (F == kInt8)
+          for (int64_t k = 0; k < K; ++k) dst[k] *= p.scale[r0 + j];
+        std::fill(dst + K, dst + ldt, 0.f);
+      } else {
+        std::fill(dst, dst + ldt, 0.f);
+      }
+    }
+    float* panel = panels + (r0 - g0) * K;  // [K][16]
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(rows + j * ldt + k);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(panel + (k + i) * 16, r[i]);
+    }
+    for (; k < K; ++k)  // int8 with K % 16 != 0
+      for (int j = 0; j < 16; ++j) panel[k * 16 + j] = rows[j * ldt + k];
+  }
+}
+
+// Many rows of x (M >= kGemmMinRows): weight rows are dequantized exactly, 16 at a time, and
+// transposed into the column panels of panel_gemm.h ([K][16]; int8 scaled, as dequantize
+// does), up to four panels at once in an L2 buffer that every row block of x then sweeps.
+// So quantized weights run the fp32 GEMM's micro-kernel, with outputs stored in rows.
+template <int64_t F>
+void rows_range_panels(const Problem& p, int64_t n0, int64_t n1) {
+  const int64_t K = p.K, ldt = (K + 15) / 16 * 16;
+  constexpr int64_t G = panel_gemm::kPanels * 16;
+  std::vector<float> rows(16 * ldt), panels(G * K), ds(K / kBlock + 1), ms(K / kBlock + 1);
+  for (int64_t mc = 0; mc < p.M; mc += panel_gemm::kRowChunk) {
+    const int64_t rows_m = std::min(panel_gemm::kRowChunk, p.M - mc);
+    for (int64_t g0 = n0; g0 < n1; g0 += G) {
+      const int64_t g1 = std::min(n1, g0 + G);
+      dequant_panels<F>(p, g0, g1, n1, rows.data(), ldt, panels.data(), ds.data(), ms.data());
+      panel_gemm::sweep(p.x + mc * K, rows_m, K, panels.data(), static_cast<int>((g1 - g0 + 15) / 16), g1 - g0,
+                        p.out + mc * p.N + g0, p.N, p.bias ? p.bias + g0 : nullptr);
     }
   }
 }
@@ -591,6 +684,19 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
   // Enough rows per task that a thread's share outweighs waking it (~64K weight reads).
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
 #ifdef LIVELM_QUANT_AVX512
+  if (M >= kPanelMinRows) {
+    // Tasks of whole panels (16 weight rows).
+    at::parallel_for(0, (N + 15) / 16, std::max<int64_t>(1, (int64_t{1} << 11) / K), [&](int64_t q0, int64_t q1) {
+      const int64_t n0 = q0 * 16, n1 = std::min(N, q1 * 16);
+      switch (fmt) {
+        case kQ8_0: rows_range_panels<kQ8_0>(p, n0, n1); break;
+        case kQ4_0: rows_range_panels<kQ4_0>(p, n0, n1); break;
+        case kQ4_1: rows_range_panels<kQ4_1>(p, n0, n1); break;
+        default: rows_range_panels<kInt8>(p, n0, n1); break;
+      }
+    });
+    return out;
+  }
   if (M >= kGemmMinRows) {
     // xT: panels of 32 rows ([K][32]); the last one may be 16 wide (padded with zeros).
     auto xT = torch::empty({(M + 31) / 32 * 32 * K}, x.options());
