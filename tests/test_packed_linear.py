@@ -18,8 +18,8 @@ def _panel():
 
 
 # Row counts cover the decode tiles (1..6 rows, streamed with prefetch), uneven row blocks
-# (7, 13), the batched sweep (64, 300) and two 1024-row passes (1030); column counts cover partial panels and partial
-# groups of four panels; K covers 1 and values that are not multiples of 16.
+# (7, 13), the batched sweep (64, 300) and two 1024-row passes (1030); column counts cover
+# partial panels and partial groups of four panels; K covers 1 and non-multiples of 16.
 @pytest.mark.parametrize("m", [1, 2, 6, 7, 13, 64, 300, 1030])
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (15, 33), (17, 96), (100, 576), (129, 70)])
 def test_panel_linear_matches_fp64(m: int, n: int, k: int) -> None:
