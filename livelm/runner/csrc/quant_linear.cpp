@@ -16,7 +16,8 @@
 //   call reads each weight byte from memory once.
 // - AVX-512 builds, 20 to 127 rows (batched decode): an outer-product GEMM; x is
 //   transposed into 32-row panels once per call, 12 weight rows at a time are dequantized
-//   into an L1 buffer and reused by every panel (2x12 zmm accumulators per k step).
+//   into an L1 buffer and reused by every panel (2x12 zmm accumulators per k step); each
+//   16 x 12 block of results is transposed in registers into rows of outputs.
 // - AVX-512 builds, 128 rows and more (prefill): weight rows dequantized exactly into the
 //   column panels of panel_gemm.h (4 panels, 64 outputs, at a time), then the fp32 panel
 //   GEMM's micro-kernel: as fast as fp32 weights at 2048 rows.
@@ -364,6 +365,30 @@ void rows_range_fused512(const Problem& p, int64_t n0, int64_t n1) {
   else rows_range512<F, 8, 2>(p, n0, n1);
 }
 
+// The 16 x 16 block r (r[i] = row i) transposed in place (r[i] = column i).
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
 // Many rows of x (M > kFusedRows): an outer-product GEMM. x is transposed once per call
 // into panels of 16 * MV rows ([K][16 * MV], zero padded); NR weight rows are dequantized
 // exactly into a row-major fp32 buffer (in L1) and reused by every panel. Per k, each
@@ -372,9 +397,9 @@ constexpr int kGemmNR = 12;
 // Rows of x from which the GEMM beats the fused tiles (measured on the model shapes).
 constexpr int64_t kGemmMinRows = 20;
 // Rows of x from which dequantizing into column panels for panel_gemm.h beats that GEMM
-// (measured on the model shapes, one process taking turns: at 32-64 rows the GEMM below
-// took 0.86-0.93x the panels' time, at 128 they were even, at 256-2048 the panels took
-// 0.86-0.94x the GEMM's).
+// (measured on the model shapes, one process taking turns, as time relative to fp32
+// weights in the panel GEMM: at 32-64 rows the GEMM 0.75-0.91x, the panels 1.05-1.14x; at
+// 128 both ~1.0x; at 256-512 the GEMM 1.06-1.11x, the panels 1.00-1.03x).
 constexpr int64_t kPanelMinRows = 128;
 
 template <int MV, int NR>
@@ -450,13 +475,21 @@ void rows_range_gemm(const Problem& p, const float* xT, int64_t n0, int64_t n1) 
           const float* xp = xT + m0 * K;  // panels of 32 rows are [K][32]; a last one of <= 16 rows is [K][16]
           if (mv == 2) gemm_dispatch<2>(nr, xp, w.data(), ldw, K, tmp.data());
           else gemm_dispatch<1>(nr, xp, w.data(), ldw, K, tmp.data());
-          const int ld = 16 * mv;  // tmp is [nr][ld]
-          for (int r = 0; r < rows; ++r) {
-            float* o = stage.data() + (m0 - mc + r) * kStage + (n - s0);
-            for (int j = 0; j < nr; ++j) {
-              float y = tmp[j * ld + r];
-              if constexpr (F == kInt8) y *= p.scale[n + j];
-              o[j] = p.bias ? y + p.bias[n + j] : y;
+          // tmp is [nr][16 * mv]: per 16 rows of x, a 16 x 16 transpose (weight rows
+          // padded with zeros) turns it into rows of outputs, stored as vectors (scalar
+          // copies here cost ~10% of a 64-row call).
+          const int ld = 16 * mv;
+          const __mmask16 cols = static_cast<__mmask16>((1u << nr) - 1);
+          const __m512 scale = F == kInt8 ? _mm512_maskz_loadu_ps(cols, p.scale + n) : _mm512_set1_ps(1.f);
+          const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(cols, p.bias + n) : _mm512_setzero_ps();
+          for (int v = 0; v * 16 < rows; ++v) {
+            __m512 r[16];
+            for (int j = 0; j < 16; ++j) r[j] = j < nr ? _mm512_loadu_ps(tmp.data() + j * ld + 16 * v) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int i = 0; i < 16 && 16 * v + i < rows; ++i) {
+              __m512 y = r[i];
+              if constexpr (F == kInt8) y = _mm512_mul_ps(y, scale);
+              _mm512_mask_storeu_ps(stage.data() + (m0 - mc + 16 * v + i) * kStage + (n - s0), cols, _mm512_add_ps(y, bias));
             }
           }
         }
@@ -464,30 +497,6 @@ void rows_range_gemm(const Problem& p, const float* xT, int64_t n0, int64_t n1) 
       for (int64_t m = mc; m < mend; ++m)
         std::memcpy(p.out + m * p.N + s0, stage.data() + (m - mc) * kStage, (s1 - s0) * sizeof(float));
     }
-  }
-}
-
-// The 16 x 16 block r (r[i] = row i) transposed in place (r[i] = column i).
-__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int h = 0; h < 16; h += 8)
-    for (int i = 0; i < 4; ++i) {
-      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
-      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
-    }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
   }
 }
 
