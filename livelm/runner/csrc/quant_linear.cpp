@@ -567,7 +567,17 @@ void transpose_x(const float* x, int64_t M, int64_t K, float* xT) {
     for (int64_t pi = p0; pi < p1; ++pi) {
       const int64_t m0 = pi * 32, width = M - m0 > 16 ? 32 : 16, rows = std::min<int64_t>(width, M - m0);
       float* dst = xT + m0 * K;
-      for (int64_t k = 0; k < K; ++k) {
+      // 16 x 16 blocks transposed in registers (rows past M read as zeros).
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16)
+        for (int64_t h = 0; h < width; h += 16) {
+          __m512 r[16];
+          for (int64_t i = 0; i < 16; ++i)
+            r[i] = h + i < rows ? _mm512_loadu_ps(x + (m0 + h + i) * K + k) : _mm512_setzero_ps();
+          transpose16(r);
+          for (int64_t i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (k + i) * width + h, r[i]);
+        }
+      for (; k < K; ++k) {  // int8 with K % 16 != 0
         float* d = dst + k * width;
         for (int64_t r = 0; r < rows; ++r) d[r] = x[(m0 + r) * K + k];
         for (int64_t r = rows; r < width; ++r) d[r] = 0.f;
