@@ -2,9 +2,9 @@
 
 - AVX-512 builds of livelm's kernels: :class:`PanelLinear`, weights in column panels
   ([K][16] per 16 outputs) and livelm's own GEMM (``csrc/panel_gemm.h``). Measured on the
-  model's shapes (all linears of SmolLM2-135M, 2 threads, one process taking turns): 0.72-0.82x
-  oneDNN's time at 1-4 rows (decode), 0.76-0.83x at 32-64 (batched decode), 0.90-0.96x at
-  256-2048 (prefill).
+  model's shapes (all linears of SmolLM2-135M, 2 threads, one process taking turns):
+  0.72-0.93x oneDNN's time at 1-64 rows (decode, batched decode), 0.90-0.96x at 256-2048
+  (prefill), 1.0x at 4096.
 - Otherwise :class:`PackedLinear`, oneDNN with its own packed layout (below).
 
 torch's ``F.linear`` on CPU calls MKL, which runs its AVX2 code on AMD CPUs: on the
@@ -53,45 +53,51 @@ def panel_kernels() -> ModuleType | None:
     return ext if ext is not None and ext.simd() == "avx512" else None
 
 
-class PanelLinear(nn.Module):
-    """``y = x @ W.T + b`` with W packed in column panels for livelm's GEMM (inference only)."""
+class _PackedFp32Linear(nn.Module):
+    """``y = x @ W.T + b`` over a weight packed once at load (inference only)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: ModuleType) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]."""
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return self._matmul(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PanelLinear(_PackedFp32Linear):
+    """W packed in column panels for livelm's GEMM."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernels: ModuleType) -> None:
+        super().__init__(weight)
         self._kernels = kernels
         with torch.no_grad():
             self.packed = kernels.fp32_pack(weight.detach())
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features]."""
-        if x.dim() != 2:
-            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self._kernels.fp32_linear(x, self.packed, self.bias, self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-
-class PackedLinear(nn.Module):
-    """``y = x @ W.T + b`` with W held in oneDNN's packed layout (inference only)."""
+class PackedLinear(_PackedFp32Linear):
+    """W held in oneDNN's packed layout."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+        super().__init__(weight)
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
         self.bias = None if bias is None else bias.detach().clone()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features]."""
-        if x.dim() != 2:
-            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:

@@ -88,9 +88,9 @@ inline void prefetch_rows(const float* p, int64_t floats) {
 #endif
 }
 
-
 #if defined(LIVELM_ATTN_AVX512)
-// One (request, KV head) pair's query heads [g0, g0 + ng) over len keys, head_dim = 16 * HD16.
+// The ng query heads of one (request, KV head) pair (q: ng rows of head_dim = 16 * HD16)
+// over len keys, into out (ng rows); scores is scratch for ng * len floats.
 // Scores: per key row, loaded once for all ng heads, one dot product per head (q held in
 // registers when it fits). Values: ng heads' outputs accumulate in registers across all
 // keys (a memory accumulator would make every key wait on the previous key's store).
