@@ -1,9 +1,10 @@
 """Matrix products with quantized weights: the C++ CPU kernels, their torch fallback, CUDA.
 
 - CPU, compiled for AVX-512: every call goes to ``livelm/runner/csrc/quant_linear.cpp``:
-  fused dequantize-and-multiply tiles for decode-sized rows (each weight byte read once),
-  an outer-product GEMM over weights dequantized 12 rows at a time from 20 rows on
-  (batched decode, prefill); both at least as fast as oneDNN's fp32 on the model shapes.
+  fused dequantize-and-multiply tiles for decode-sized rows (each weight byte read once,
+  prefetched ahead), an outer-product GEMM over weights dequantized 12 rows at a time for
+  20-127 rows (batched decode), and from 128 rows (prefill) weights dequantized into the
+  column panels of livelm's fp32 GEMM (``csrc/panel_gemm.h``), as fast as fp32 weights.
 - CPU, compiled for AVX2 only: the fused kernel up to ``FUSED_MAX_ROWS_AVX2`` rows; more
   rows are dequantized tile by tile (exactly) into fp32 and multiplied by an fp32 GEMM:
   oneDNN's where torch has it (2-2.5x MKL's speed on AMD CPUs, see
