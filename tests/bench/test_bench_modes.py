@@ -72,7 +72,7 @@ def test_serve_peers_side_by_side_with_conversations_and_a_trace(server, llama_d
     recs = records(tmp_path / "serve.jsonl")
     assert [r["target"]["name"] for r in recs] == ["a", "b"]
     assert all(r["metrics"]["completed"] == 4 and r["endpoint"] == "auto" for r in recs)
-    trace = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "traces", "burstgpt_synthetic.csv")
+    trace = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "traces", "burstgpt_synthetic.csv")
     assert livelm_main(["bench", "serve", "--trace", trace, "--num-requests", "5", "--time-scale", "0.01",
                         "--max-input-len", "64", "--max-output-len", "4", "--name", "trace", *common[:-4],
                         "--target", server.url]) == 0

@@ -21,7 +21,7 @@ from livelm.bench.traces import (
 )
 from livelm.bench.workload import chat_prompt_ids, render_plain_chat
 
-SHIPPED_TRACE = Path(__file__).resolve().parent.parent / "benchmarks" / "traces" / "burstgpt_synthetic.csv"
+SHIPPED_TRACE = Path(__file__).resolve().parents[2] / "benchmarks" / "traces" / "burstgpt_synthetic.csv"
 
 
 @pytest.fixture(scope="module")
