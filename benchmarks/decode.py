@@ -175,7 +175,7 @@ def livelm_weight_bytes(llm) -> int:
     from livelm.quant.modules import QuantEmbedding, QuantizedModule
     from livelm.runner.packed_linear import PackedLinear, PanelLinear
 
-    runner = llm.engine.core.runner
+    runner = llm.engine.runner
     model = runner.model
     total = 0
     for mod in model.modules():
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> dict:
         llm = make_livelm(livelm_model, LIVELM_FORMATS[fmt], args.threads, kv_gib=0.25)
         engines[name] = llm
         arms[name].weight_bytes = livelm_weight_bytes(llm)
-        vocab = llm.engine.core.model_config.vocab_size
+        vocab = llm.engine.model_config.vocab_size
     if not args.skip_transformers:
         name = "transformers fp32"
         arms[name] = ArmResult(name, "transformers", "fp32")

@@ -51,5 +51,5 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     # time.perf_counter() stamps: arrival_time, first_token_time, last_token_time, and
-    # num_generated_tokens (see engine/output_processor.py: RequestState.metrics).
+    # num_generated_tokens (see engine/request_state.py: RequestState.metrics).
     metrics: dict[str, float] = field(default_factory=dict)

@@ -91,8 +91,3 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when the next token is the argmax (temperature ~ 0)."""
         return self.temperature < _GREEDY_EPS
-
-    @property
-    def max_stop_len(self) -> int:
-        """Length of the longest stop string (0 if none): how much text a stream holds back."""
-        return max((len(s) for s in self.stop), default=0)

@@ -29,16 +29,16 @@ def llama_dir(tiny_model_dirs) -> Path:
 def no_leaked_kv_blocks():
     """After every test, every live engine has all its KV blocks back and nothing running."""
     yield
-    from livelm.engine.engine_core import EngineCore
+    from livelm.engine.engine import Engine
 
-    for core in list(EngineCore.live_instances):
+    for core in list(Engine.live_instances):
         deadline = time.monotonic() + 5.0  # an AsyncEngine frees blocks on its own thread
         while time.monotonic() < deadline and (
-            core.has_unfinished() or core.stats().num_free_blocks != core.stats().num_total_blocks
+            core.scheduler.has_unfinished() or core.stats().num_free_blocks != core.stats().num_total_blocks
         ):
             time.sleep(0.01)
         stats = core.stats()
-        assert not core.has_unfinished(), "a request was left running or waiting"
+        assert not core.scheduler.has_unfinished(), "a request was left running or waiting"
         assert stats.num_free_blocks == stats.num_total_blocks, (
             f"{stats.num_total_blocks - stats.num_free_blocks} KV blocks leaked"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from livelm.core.block_pool import BlockPool
 from livelm.core.prefix_cache import HashPrefixCache, NoPrefixCache, PrefixCache
 from livelm.core.request import Request
@@ -11,6 +13,25 @@ from livelm.core.session_pins import SessionPins, TtlSessionPins
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """Blocks that hold ``num_tokens`` token slots."""
     return -(-num_tokens // block_size)
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """The KV cache's load: the pool, the prefix cache and the session pins (see
+    :class:`livelm.engine.engine.EngineStats` for what each count means)."""
+
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_cached_blocks: int
+    num_cache_evictions: int
+    num_sessions: int
+    num_pinned_blocks: int
+    num_session_pins_expired: int
+    num_session_pins_dropped: int
+    num_session_pins_closed: int
 
 
 class KVCacheManager:
@@ -41,6 +62,29 @@ class KVCacheManager:
         """Fraction of the pool in use, 0..1."""
         return self.pool.usage
 
+    @property
+    def capacity_tokens(self) -> int:
+        """Token slots in the whole pool."""
+        return self.pool.num_blocks * self.block_size
+
+    def stats(self) -> KVCacheStats:
+        """The cache's load now."""
+        pool, sessions = self.pool, self.sessions
+        return KVCacheStats(
+            num_free_blocks=pool.num_free_blocks,
+            num_total_blocks=pool.num_blocks,
+            kv_usage=pool.usage,
+            prefix_cache_queried_tokens=self.num_queried_tokens,
+            prefix_cache_hit_tokens=self.num_hit_tokens,
+            num_cached_blocks=self.prefix_cache.num_cached_blocks,
+            num_cache_evictions=pool.num_evictions,
+            num_sessions=sessions.num_sessions,
+            num_pinned_blocks=sessions.num_pinned_blocks,
+            num_session_pins_expired=sessions.num_expired,
+            num_session_pins_dropped=sessions.num_dropped,
+            num_session_pins_closed=sessions.num_closed,
+        )
+
     # -------------------------------------------------------------------- reuse
 
     def match(self, request: Request) -> int:
@@ -50,7 +94,7 @@ class KVCacheManager:
         prompt logprobs get no hit: the skipped tokens would have none (as in vLLM).
         Returns how many tokens need no computing.
         """
-        if request.sampling_params.prompt_logprobs is not None:
+        if request.wants_prompt_logprobs:
             return 0
         cached = self.prefix_cache.match(request)
         pinned, pinned_tokens = self.sessions.match(request, self.block_size)

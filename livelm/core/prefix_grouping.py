@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from livelm.core.token_ids import common_prefix_len
+
 
 @dataclass(frozen=True)
 class PrefixGroup:
@@ -21,15 +23,6 @@ class PrefixGroup:
 
     members: list[int]
     shared_tokens: int
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def find_prefix_groups(prompts: Sequence[Sequence[int]], min_shared_tokens: int) -> list[PrefixGroup]:

@@ -40,7 +40,8 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    # None makes an input-only request (see ``input_only``): nothing to sample with.
+    sampling_params: SamplingParams | None
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
     # n > 1: sequence ``index`` of parent request ``parent_id``; children fork the KV of the
@@ -49,9 +50,6 @@ class Request:
     parent_id: str | None = None
     fork_from: str | None = None
     input_closed: bool = True
-    # Streaming input (engine/input_stream.py): an input-only request reads a stream's input
-    # into KV as it arrives and never samples; each generation forks its KV.
-    input_only: bool = False
     # Prefix caching and sessions (see core/prefix_cache.py and core/session_pins.py):
     # requests with different salts never share KV; a request naming a session leaves its
     # KV pinned for ``session_ttl`` seconds (None: the engine's default) when it finishes.
@@ -73,8 +71,23 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     cache_chain: list[int] = field(default_factory=list)
 
+    # Set from ``sampling_params`` once, so the scheduler's per-step checks stay plain
+    # attribute reads. Streaming input (engine/input_stream.py): an input-only request
+    # reads a stream's input into KV as it arrives and never samples; each generation
+    # forks its KV.
+    input_only: bool = field(init=False, default=False)
+    wants_prompt_logprobs: bool = field(init=False, default=False)
+
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        params = self.sampling_params
+        self.input_only = params is None
+        self.wants_prompt_logprobs = params is not None and params.prompt_logprobs is not None
+
+    @classmethod
+    def input_stream(cls, stream_id: str, token_ids: list[int], cache_salt: str | None = None) -> Request:
+        """The input-only request that reads an input stream into KV (its input stays open)."""
+        return cls(stream_id, list(token_ids), None, input_closed=False, cache_salt=cache_salt)
 
     @property
     def num_tokens(self) -> int:

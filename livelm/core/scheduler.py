@@ -5,12 +5,30 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from livelm.config import CacheConfig, SchedulerConfig
-from livelm.core.engine_output import EngineCoreOutput
-from livelm.core.kv_manager import KVCacheManager
+from livelm.core.kv_manager import KVCacheManager, KVCacheStats
 from livelm.core.request import FinishReason, Request, RequestStatus
-from livelm.core.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from livelm.core.scheduler_output import (
+    ModelRunnerOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+    SequenceUpdate,
+)
+from livelm.core.token_ids import common_prefix_len
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The scheduler's load, with that of its KV cache."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_input_streams: int  # input-only requests (open input streams)
+    num_computed_tokens: int
+    kv: KVCacheStats
 
 
 class Scheduler:
@@ -52,7 +70,7 @@ class Scheduler:
     @property
     def kv_capacity_tokens(self) -> int:
         """Token slots in the whole pool."""
-        return self.kv.pool.num_blocks * self.block_size
+        return self.kv.capacity_tokens
 
     def add_request(self, request: Request) -> None:
         """Queue a request (validated by the caller against the model's limits)."""
@@ -74,6 +92,17 @@ class Scheduler:
     def num_running(self) -> int:
         """Requests holding KV and being computed."""
         return len(self.running)
+
+    def stats(self) -> SchedulerStats:
+        """The load now."""
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            num_input_streams=sum(r.input_only for r in self.requests.values()),
+            num_computed_tokens=self.num_computed_tokens,
+            kv=self.kv.stats(),
+        )
 
     # ------------------------------------------------------------------ schedule
 
@@ -173,7 +202,7 @@ class Scheduler:
                 return False
             child.fork_from = None  # the parent cannot share any more: prefill alone
             return True
-        shared = _common_prefix(parent.all_token_ids, child.all_token_ids, child.num_tokens - 1)
+        shared = common_prefix_len(parent.all_token_ids, child.all_token_ids, child.num_tokens - 1)
         if parent.num_computed_tokens < shared:
             return False
         child.fork_from = None
@@ -182,9 +211,8 @@ class Scheduler:
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
-        params = req.sampling_params
         want_prompt_lp = (
-            params.prompt_logprobs is not None
+            req.wants_prompt_logprobs
             and not req.output_token_ids
             and start < req.num_prompt_tokens
         )
@@ -194,7 +222,7 @@ class Scheduler:
             start_position=start,
             block_ids=req.block_ids,
             sample=start + n == req.num_tokens and req.input_closed and not req.input_only,
-            sampling_params=params,
+            sampling_params=req.sampling_params,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=req.output_token_ids,
             seed_offset=req.index,
@@ -213,9 +241,9 @@ class Scheduler:
 
     def update(
         self, scheduled: SchedulerOutput, result: ModelRunnerOutput
-    ) -> list[EngineCoreOutput]:
+    ) -> list[SequenceUpdate]:
         """Advance requests by what the runner computed and sampled; report to the frontend."""
-        outputs: list[EngineCoreOutput] = []
+        outputs: list[SequenceUpdate] = []
         for chunk in scheduled.chunks:
             req = self.requests.get(chunk.request_id)
             if req is None or req.is_finished:
@@ -262,8 +290,8 @@ class Scheduler:
         req.stop_reason = stop_reason
 
     @staticmethod
-    def _output(req: Request, tokens, lps, prompt_lp) -> EngineCoreOutput:
-        return EngineCoreOutput(
+    def _output(req: Request, tokens, lps, prompt_lp) -> SequenceUpdate:
+        return SequenceUpdate(
             request_id=req.request_id,
             parent_id=req.parent_id or req.request_id,
             index=req.index,
@@ -336,9 +364,10 @@ class Scheduler:
                 found = True
         return found
 
-    def next_pin_expiry(self) -> float | None:
-        """Clock time at which the next session pin expires (None without pins)."""
-        return self.kv.sessions.next_expiry()
+    def seconds_to_next_pin_expiry(self) -> float | None:
+        """How long until a session pin expires (None without pins); idle loops wake then."""
+        expiry = self.kv.sessions.next_expiry()
+        return None if expiry is None else max(0.0, expiry - self.clock())
 
     def expire_sessions(self) -> int:
         """Drop the session pins whose TTL is over (also done at every schedule)."""
@@ -349,13 +378,3 @@ class Scheduler:
 _PINNED_FINISHES = (FinishReason.STOP, FinishReason.LENGTH)
 # Statuses of a request admitted to the running set (its KV is there to share).
 _HOLDS_KV = (RequestStatus.RUNNING, RequestStatus.WAITING_FOR_INPUT)
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of ``a`` and ``b``, at most ``limit``."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n

@@ -1,9 +1,16 @@
-"""What the scheduler decided for one step: the contract between core and runner."""
+"""What passes between the parts of one engine step, through the scheduler.
+
+The scheduler's plan for the runner (:class:`SchedulerOutput` of :class:`ScheduledChunk`),
+the runner's results (:class:`ModelRunnerOutput`), and what the scheduler then reports
+for each sequence it advanced (:class:`SequenceUpdate`, turned into public
+:class:`~livelm.outputs.RequestOutput` deltas by :mod:`livelm.engine.request_state`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from livelm.core.request import FinishReason
 from livelm.sampling_params import SamplingParams
 
 
@@ -23,7 +30,7 @@ class ScheduledChunk:
     start_position: int
     block_ids: list[int]
     sample: bool
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for an input stream's chunks (never sampled)
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     seed_offset: int = 0
@@ -86,3 +93,24 @@ class ModelRunnerOutput:
 
     sampled: dict[str, SampledToken]
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class SequenceUpdate:
+    """What one step changed in one sequence: new tokens (and logprobs), and whether it
+    finished. ``parent_id``/``index`` identify the sequence inside a request with ``n > 1``.
+    """
+
+    request_id: str
+    parent_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[SampledToken] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True when this sequence has stopped."""
+        return self.finish_reason is not None

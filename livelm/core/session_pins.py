@@ -15,6 +15,7 @@ from typing import Protocol
 
 from livelm.core.block_pool import BlockPool
 from livelm.core.request import Request
+from livelm.core.token_ids import common_prefix_len
 
 
 @dataclass
@@ -123,7 +124,7 @@ class TtlSessionPins:
         if pin is None or pin.salt != request.cache_salt:
             return [], 0
         limit = min(len(pin.token_ids), request.num_tokens - 1)
-        common = _common_prefix(pin.token_ids, request.all_token_ids, limit)
+        common = common_prefix_len(pin.token_ids, request.all_token_ids, limit)
         full, rest = divmod(common, block_size)
         blocks = pin.block_ids[:full]
         num_tokens = full * block_size
@@ -179,12 +180,3 @@ class TtlSessionPins:
         """See :meth:`SessionPins.next_expiry`."""
         return min((p.expires_at for p in self._pins.values()), default=None)
 
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of ``a`` and ``b``, at most ``limit``."""
-    if a[:limit] == b[:limit]:  # the usual case (the history was extended): one C-level compare
-        return limit
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 
-from livelm.core.request import FinishReason
-from livelm.engine.engine_core import EngineStats
-from livelm.engine.frontend import Frontend, make_engine_config, with_session
+from livelm.core.request_options import RequestOptions
+from livelm.engine.engine import Engine, EngineStats, make_engine_config
+from livelm.engine.engine_commands import (
+    Abort,
+    AddRequest,
+    CloseSession,
+    CloseStream,
+    Command,
+    CommandQueue,
+    OpenStream,
+    Stop,
+    UpdateStream,
+)
 from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
@@ -41,22 +50,15 @@ class AsyncEngine:
     """
 
     def __init__(self, model: str | None = None, served_model_name: str | None = None, **kwargs) -> None:
-        self._frontend = Frontend(make_engine_config(model, kwargs), served_model_name)
-        self.tokenizer = self._frontend.tokenizer
-        self.model_name = self._frontend.model_name
-        self.max_model_len = self._frontend.max_model_len
-        self.config = self._frontend.config
+        self._engine = Engine(make_engine_config(model, kwargs), served_model_name)
+        self.tokenizer = self._engine.tokenizer
+        self.model_name = self._engine.model_name
+        self.max_model_len = self._engine.max_model_len
+        self.config = self._engine.config
         self.max_num_seqs = self.config.max_num_seqs
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
-        # Commands held back until the caller's event loop gets control again, then queued
-        # as one batch (see _send): a stream's last piece, its close and the reply to it
-        # reach the engine together, so the reply prefills that piece itself in one step.
-        self._outbox: list[tuple] = []
-        self._outbox_loop: asyncio.AbstractEventLoop | None = None
-        self._outbox_lock = threading.Lock()
+        self._commands = CommandQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stats = self._frontend.stats()
+        self._stats = self._engine.stats()
         # Open input streams, by id: created on the caller's loop, read by the engine thread
         # (progress and idle checks), removed by whichever side closes them.
         self._input_streams: dict[str, InputStream] = {}
@@ -71,11 +73,11 @@ class AsyncEngine:
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Prompt token ids of a conversation, through the model's chat template."""
-        return self._frontend.chat_ids(messages)
+        return self._engine.chat_ids(messages)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt."""
-        return self._frontend.prompt_ids(prompt)
+        return self._engine.prompt_ids(prompt)
 
     async def generate(
         self,
@@ -98,21 +100,21 @@ class AsyncEngine:
         ids): each chunk is prefilled as it arrives, and the reply starts when the iterable
         ends (see :meth:`open_stream` for replying before the input ends).
         """
-        params = with_session(params, session_id, session_ttl)
+        options = RequestOptions.from_extra(params.extra, session_id, session_ttl)
         if isinstance(prompt, AsyncIterable):
-            async with self.open_stream(cache_salt=(params.extra or {}).get("cache_salt")) as stream:
+            async with self.open_stream(cache_salt=options.cache_salt) as stream:
                 async for chunk in prompt:
                     stream.append(chunk)
                 stream.close_input()
-                async for out in stream.generate(params, request_id=request_id):
+                async for out in stream.generate(params, request_id=request_id, options=options):
                     yield out
             return
-        async for out in self.generate_ids(prompt, params, request_id or self.new_request_id()):
+        async for out in self.generate_ids(prompt, params, request_id or self.new_request_id(), options=options):
             yield out
 
     def new_request_id(self) -> str:
         """A request id unique within this engine (thread-safe)."""
-        return self._frontend.new_request_id()
+        return self._engine.new_request_id()
 
     async def generate_ids(
         self,
@@ -121,16 +123,21 @@ class AsyncEngine:
         rid: str,
         fork_from: str | None = None,
         prompt_text: str | None = None,
+        options: RequestOptions | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """:meth:`generate` for one request id; ``fork_from`` names the input stream whose
-        KV the prompt (token ids) starts with, ``prompt_text`` the text to report for it."""
+        KV the prompt (token ids) starts with, ``prompt_text`` the text to report for it,
+        ``options`` its session and salt (default: read from ``params.extra``)."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
+        if options is None:
+            options = RequestOptions.from_extra(params.extra)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, stream)
         # A reply rides in the same batch as the stream updates made just before it.
-        self._send(("add", rid, prompt, params, fork_from, prompt_text), batch=fork_from is not None)
+        self._commands.send(AddRequest(rid, prompt, params, options, fork_from, prompt_text),
+                            batch=fork_from is not None)
         finished = False
         try:
             while True:
@@ -151,7 +158,7 @@ class AsyncEngine:
         """Release a session's pinned KV now; False when the session is unknown."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
-        self._send(("close_session", session_id, loop, done))
+        self._commands.send(CloseSession(session_id, loop, done))
         return await done
 
     # ------------------------------------------------------------ input streams
@@ -175,7 +182,7 @@ class AsyncEngine:
             raise ValueError(f"input stream id {sid!r} is already in use")
         stream = InputStream(self, sid, cache_salt)
         self._input_streams[sid] = stream
-        self._send(("stream_open", sid, cache_salt))
+        self._commands.send(OpenStream(sid, cache_salt))
         return stream
 
     def get_stream(self, stream_id: str) -> InputStream | None:
@@ -189,18 +196,20 @@ class AsyncEngine:
 
     def check_stream_input(self, token_ids: list[int]) -> None:
         """ValueError unless a stream may hold ``token_ids`` (vocabulary and length)."""
-        self._frontend.core.check_stream_tokens(token_ids)
+        self._engine.check_stream_input(token_ids)
 
-    def _update_stream(self, stream_id: str, keep: int, append: list[int], close: bool) -> None:
-        self._send(("stream_update", stream_id, keep, append, close), batch=True)
+    def update_stream(self, stream_id: str, keep: int, append: list[int], close: bool) -> None:
+        """An input stream's change, sent on by :class:`InputStream` (use its methods)."""
+        self._commands.send(UpdateStream(stream_id, keep, append, close), batch=True)
 
-    def _close_stream(self, stream_id: str) -> None:
+    def close_stream(self, stream_id: str) -> None:
+        """Free a closed input stream's KV; called by ``InputStream.close`` (use that)."""
         self._input_streams.pop(stream_id, None)
-        self._send(("stream_close", stream_id))
+        self._commands.send(CloseStream(stream_id))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe, idempotent); its KV blocks are freed next step."""
-        self._send(("abort", request_id))
+        self._commands.send(Abort(request_id))
 
     def stats(self) -> EngineStats:
         """Load as of the last engine step."""
@@ -209,47 +218,10 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         """Abort what is in flight and stop the engine thread."""
         self._stopping = True
-        self._send(("stop",))
+        self._commands.send(Stop())
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     # ------------------------------------------------------------- engine thread
-
-    def _send(self, command: tuple, batch: bool = False) -> None:
-        """Queue a command for the engine thread (thread-safe).
-
-        ``batch`` holds it back until the running event loop next gets control, and every
-        command sent meanwhile (from any thread, so their order holds) joins it: they are
-        queued as one item, which the engine thread applies between two steps. Without
-        it, a step could start between a stream's last piece and the reply sent right
-        after it, and the reply would wait for that step and then need one of its own.
-        """
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        with self._outbox_lock:
-            if self._outbox:
-                if loop is self._outbox_loop:
-                    self._outbox.append(command)
-                    return
-                # Another thread or loop: send what waits, then this, in order, now.
-                commands, self._outbox = [*self._outbox, command], []
-                self._commands.put(("batch", commands))
-                self._wakeup.set()
-                return
-            if batch and loop is not None:
-                self._outbox, self._outbox_loop = [command], loop
-                loop.call_soon(self._flush_outbox)
-                return
-        self._commands.put(command)
-        self._wakeup.set()
-
-    def _flush_outbox(self) -> None:
-        with self._outbox_lock:  # held while queueing, so no later command overtakes these
-            commands, self._outbox = self._outbox, []
-            if commands:
-                self._commands.put(("batch", commands))
-                self._wakeup.set()
 
     def _deliver(self, rid: str, item) -> None:
         target = self._streams.get(rid)
@@ -259,100 +231,80 @@ class AsyncEngine:
         try:
             loop.call_soon_threadsafe(stream.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening any more
-            self._frontend.abort(rid)
+            self._engine.abort(rid)
 
-    def _drain_commands(self) -> bool:
-        """Apply every queued command (engine thread); False once told to stop."""
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return True
-            for c in cmd[1] if cmd[0] == "batch" else (cmd,):
-                if not self._apply_command(c):
-                    return False
+    def _abort_in_engine(self, rid: str) -> None:
+        out = self._engine.abort(rid)
+        if out is not None:
+            self._deliver(rid, out)
 
-    def _apply_command(self, cmd: tuple) -> bool:
+    def _apply_command(self, cmd: Command) -> bool:
         """One command (engine thread); False for stop."""
-        fe = self._frontend
-        if cmd[0] == "add":
-            _, rid, prompt, params, fork_from, prompt_text = cmd
-            if rid not in self._streams:
-                return True  # the caller already gave up
-            try:
-                if fork_from is not None and fork_from not in self._open_in_core:
-                    raise StreamClosedError(f"stream {fork_from!r} is closed")
-                if prompt_text is None:
-                    fe.add(rid, prompt, params, fork_from=fork_from)
-                else:
-                    fe.add(rid, prompt_text, params, prompt_token_ids=prompt, fork_from=fork_from)
-            except Exception as e:  # validation errors go back to the caller
-                self._deliver(rid, _Failure(e))
-        elif cmd[0] == "stream_open":
-            _, sid, salt = cmd
-            fe.core.add_input_stream(sid, [], salt)
-            self._open_in_core[sid] = 0
-        elif cmd[0] == "stream_update":
-            _, sid, keep, append, close = cmd
-            if sid in self._open_in_core:
+        engine = self._engine
+        match cmd:
+            case AddRequest(rid, prompt, params, options, fork_from, prompt_text):
+                if rid not in self._streams:
+                    return True  # the caller already gave up
                 try:
-                    fe.core.update_input_stream(sid, keep, append, close)
-                except ValueError as e:  # checked by the caller already; never expected
-                    logger.error("closing input stream %s: %s", sid, e)
-                    self._close_stream_in_core(sid, f"invalid input: {e}")
-        elif cmd[0] == "stream_close":
-            self._close_stream_in_core(cmd[1], None)
-        elif cmd[0] == "abort":
-            out = fe.abort(cmd[1])
-            if out is not None:
-                self._deliver(cmd[1], out)
-        elif cmd[0] == "close_session":
-            _, session_id, loop, done = cmd
-            closed = fe.close_session(session_id)
-            try:
-                loop.call_soon_threadsafe(_resolve, done, closed)
-            except RuntimeError:  # the caller's loop is gone
-                pass
-        elif cmd[0] == "stop":
-            for rid in list(fe.states):
-                out = fe.abort(rid)
-                if out is not None:
-                    self._deliver(rid, out)
-            for sid in list(self._open_in_core):
-                self._close_stream_in_core(sid, "the engine shut down")
-            return False
+                    if fork_from is not None and fork_from not in self._open_in_core:
+                        raise StreamClosedError(f"stream {fork_from!r} is closed")
+                    if prompt_text is None:
+                        engine.add(rid, prompt, params, fork_from=fork_from, options=options)
+                    else:
+                        engine.add(rid, prompt_text, params, prompt_token_ids=prompt, fork_from=fork_from,
+                                   options=options)
+                except Exception as e:  # validation errors go back to the caller
+                    self._deliver(rid, _Failure(e))
+            case OpenStream(sid, salt):
+                engine.open_input_stream(sid, salt)
+                self._open_in_core[sid] = 0
+            case UpdateStream(sid, keep, append, close):
+                if sid in self._open_in_core:
+                    try:
+                        engine.update_input_stream(sid, keep, append, close)
+                    except ValueError as e:  # checked by the caller already; never expected
+                        logger.error("closing input stream %s: %s", sid, e)
+                        self._close_stream_in_core(sid, f"invalid input: {e}")
+            case CloseStream(sid):
+                self._close_stream_in_core(sid, None)
+            case Abort(rid):
+                self._abort_in_engine(rid)
+            case CloseSession(session_id, loop, done):
+                closed = engine.scheduler.close_session(session_id)
+                try:
+                    loop.call_soon_threadsafe(_resolve, done, closed)
+                except RuntimeError:  # the caller's loop is gone
+                    pass
+            case Stop():
+                for rid in list(engine.states):
+                    self._abort_in_engine(rid)
+                for sid in list(self._open_in_core):
+                    self._close_stream_in_core(sid, "the engine shut down")
+                return False
         return True
 
     def _close_stream_in_core(self, sid: str, reason: str | None) -> None:
         """Free a stream's KV (engine thread); ``reason`` tells its owner why, if not asked."""
         if self._open_in_core.pop(sid, None) is None:
             return
-        self._frontend.core.finish_sequence(sid, FinishReason.ABORT)
+        self._engine.scheduler.finish_request(sid)
         stream = self._input_streams.pop(sid, None) if reason is not None else None
         if stream is not None:
-            for rid in list(stream._generations):
-                out = self._frontend.abort(rid)
-                if out is not None:
-                    self._deliver(rid, out)
-            try:
-                stream._loop.call_soon_threadsafe(stream._on_closed, reason)
-            except RuntimeError:  # its loop is gone
-                pass
+            for rid in stream.active_generations:
+                self._abort_in_engine(rid)
+            stream.notify_closed(reason)
 
     def _publish_stream_progress(self) -> None:
         """Tell each stream whose prefill advanced how far it got (engine thread)."""
-        core = self._frontend.core
+        engine = self._engine
         for sid, reported in self._open_in_core.items():
             stream = self._input_streams.get(sid)
             if stream is None:
                 continue
-            _, computed = core.input_stream_progress(sid)
+            computed = engine.input_stream_progress(sid)
             if computed != reported:
                 self._open_in_core[sid] = computed
-                try:
-                    stream._loop.call_soon_threadsafe(stream._on_progress, computed)
-                except RuntimeError:
-                    pass
+                stream.notify_progress(computed)
 
     def _expire_idle_streams(self) -> float | None:
         """Close streams idle too long; returns seconds until the next could expire."""
@@ -361,7 +313,7 @@ class AsyncEngine:
         soonest: float | None = None
         for sid in list(self._open_in_core):
             stream = self._input_streams.get(sid)
-            if stream is None or stream._generations:
+            if stream is None or stream.active_generations:
                 continue  # a reply in flight counts as activity
             left = stream.last_activity + timeout - now
             if left <= 0:
@@ -372,38 +324,37 @@ class AsyncEngine:
         return soonest
 
     def _loop(self) -> None:
-        fe = self._frontend
+        engine, commands, scheduler = self._engine, self._commands, self._engine.scheduler
         while True:
-            if not self._drain_commands():
-                self._stats = fe.stats()
-                return
+            for cmd in commands.drain():
+                if not self._apply_command(cmd):
+                    self._stats = engine.stats()
+                    return
             if self._open_in_core:
                 self._publish_stream_progress()
             stream_timeout = self._expire_idle_streams() if self._open_in_core else None
-            if not fe.has_pending_work():
-                fe.core.expire_sessions()
-                self._stats = fe.stats()
+            if not scheduler.has_pending_work():
+                scheduler.expire_sessions()
+                self._stats = engine.stats()
                 # Idle with session pins or open streams: wake when the next one expires,
                 # so its blocks (and the stats) are released on time even if nothing comes.
-                timeouts = [t for t in (fe.core.seconds_to_next_pin_expiry(), stream_timeout) if t is not None]
-                self._wakeup.wait(max(min(timeouts), 0.01) if timeouts else None)
-                self._wakeup.clear()
+                timeouts = [t for t in (scheduler.seconds_to_next_pin_expiry(), stream_timeout) if t is not None]
+                commands.wait(max(min(timeouts), 0.01) if timeouts else None)
                 continue
             try:
-                moved = fe.step()
+                moved = engine.step()
             except Exception as e:  # a failed step must not leave callers hanging
                 logger.exception("engine step failed; aborting in-flight requests")
-                for rid in list(fe.states):
-                    fe.abort(rid)
+                for rid in list(engine.states):
+                    engine.abort(rid)
                     self._deliver(rid, _Failure(RuntimeError(f"engine step failed: {e}")))
-                self._stats = fe.stats()
+                self._stats = engine.stats()
                 continue
-            if fe.core.last_step_was_empty:
+            if engine.last_step_was_empty:
                 # Waiting requests that cannot start yet (KV full, a fork waiting for its
                 # stream) and nothing running: do not spin, a command or an output wakes us.
-                self._wakeup.wait(0.005)
-                self._wakeup.clear()
-            self._stats = fe.stats()  # first, so a caller woken by its output sees it
+                commands.wait(0.005)
+            self._stats = engine.stats()  # first, so a caller woken by its output sees it
             for state, out in moved:
                 self._deliver(state.request_id, out)
             if self._open_in_core:

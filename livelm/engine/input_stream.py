@@ -1,11 +1,12 @@
 """A prompt that is still arriving: prefilled piece by piece, replied to at any time.
 
-An :class:`InputStream` belongs to an :class:`~livelm.engine.async_engine.AsyncEngine`
-(``engine.open_stream()``). Its input grows by ``append`` (text, bytes that may split a
+An :class:`InputStream` belongs to an engine (``AsyncEngine.open_stream()``), which it
+reaches only through :class:`StreamEngine`; the engine thread reaches it only through its
+``notify_*`` methods and :attr:`~InputStream.active_generations`. Its input grows by ``append`` (text, bytes that may split a
 character, or token ids) or is revised by ``replace`` (update mode). Each change reaches
 the engine at once and is prefilled in the background by an input-only request, inside
 the one token budget; only tokens that can no longer change are committed (see
-:mod:`livelm.engine.streaming_input`). ``generate`` replies to the input as it is at that
+:mod:`livelm.engine.incremental_tokenizer`). ``generate`` replies to the input as it is at that
 moment, forking the KV computed so far, and may be called before ``close_input``, and
 again later ("speak while reading"). Its tokens equal those of a one-shot prompt of the
 same text.
@@ -18,16 +19,55 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from livelm.engine.streaming_input import InputUpdate, StreamingTextInput, common_prefix
+from livelm.config import EngineConfig
+from livelm.core.request_options import RequestOptions
+from livelm.core.token_ids import common_prefix_len
+from livelm.engine.incremental_tokenizer import InputUpdate, StreamingTextInput
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from livelm.engine.async_engine import AsyncEngine
-
 Chunk = str | bytes | list[int]
+
+
+class StreamEngine(Protocol):
+    """What an :class:`InputStream` needs from the engine that owns it (AsyncEngine)."""
+
+    tokenizer: Any
+    config: EngineConfig
+
+    def new_request_id(self) -> str:
+        """A request id unique within the engine."""
+        ...
+
+    def check_stream_input(self, token_ids: list[int]) -> None:
+        """ValueError unless a stream may hold ``token_ids`` (vocabulary and length)."""
+        ...
+
+    def update_stream(self, stream_id: str, keep: int, append: list[int], close: bool) -> None:
+        """Hand a committed change of the stream's input to the engine."""
+        ...
+
+    def close_stream(self, stream_id: str) -> None:
+        """Free the stream's KV (the stream has marked itself closed)."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request."""
+        ...
+
+    def generate_ids(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        rid: str,
+        fork_from: str | None = None,
+        prompt_text: str | None = None,
+        options: RequestOptions | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Output deltas of one request whose prompt starts with ``fork_from``'s KV."""
+        ...
 
 
 class StreamClosedError(ValueError):
@@ -81,7 +121,7 @@ class InputStream:
     the change to the engine thread. Use it from one event loop.
     """
 
-    def __init__(self, engine: AsyncEngine, stream_id: str, cache_salt: str | None) -> None:
+    def __init__(self, engine: StreamEngine, stream_id: str, cache_salt: str | None) -> None:
         self._engine = engine
         self.stream_id = stream_id
         self.cache_salt = cache_salt
@@ -125,7 +165,7 @@ class InputStream:
             self._apply(update, undo=lambda: text.restore(checkpoint))
         else:
             ids = self._token_input(new_input)
-            keep = common_prefix(self._ids, ids)
+            keep = common_prefix_len(self._ids, ids)
             self._apply(InputUpdate(keep, ids[keep:]))
 
     def close_input(self) -> None:
@@ -157,33 +197,42 @@ class InputStream:
         return ids + (self._token_chunk(suffix) if suffix else [])
 
     def generate(
-        self, params: SamplingParams, suffix: str | list[int] | None = None, request_id: str | None = None
+        self,
+        params: SamplingParams,
+        suffix: str | list[int] | None = None,
+        request_id: str | None = None,
+        *,
+        options: RequestOptions | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Reply to the input as it is at this call (plus ``suffix``, for this reply only).
 
         Returns an async iterator of output deltas like :meth:`AsyncEngine.generate`; the
         prompt is fixed here, so input appended before the iteration starts is not part of
         it. The stream keeps reading input meanwhile. The reply shares the KV the stream has
-        computed, so only the input's newest tokens are prefilled for it.
+        computed, so only the input's newest tokens are prefilled for it. ``options`` (the
+        reply's session; default: read from ``params.extra``) take the stream's cache salt.
         """
         self._check_open()
         ids = self.prompt_ids(suffix)
         if not ids:
             raise ValueError("the stream has no input yet: append some before generating")
         prompt_text = self._text.text + (suffix if isinstance(suffix, str) else "") if self._text else None
-        if self.cache_salt is not None:  # the reply's own blocks join the stream's salt
-            params = dataclasses.replace(params, extra={**(params.extra or {}), "cache_salt": self.cache_salt})
-        return self._reply(ids, params, request_id or self._engine.new_request_id(), prompt_text, self.input_closed)
+        return self._reply(ids, params, options, request_id or self._engine.new_request_id(), prompt_text,
+                           self.input_closed)
 
-    async def _reply(self, ids: list[int], params: SamplingParams, rid: str, prompt_text: str | None,
-                     after_close: bool) -> AsyncIterator[RequestOutput]:
+    async def _reply(self, ids: list[int], params: SamplingParams, options: RequestOptions | None, rid: str,
+                     prompt_text: str | None, after_close: bool) -> AsyncIterator[RequestOutput]:
         self._check_open()
+        if options is None:
+            options = RequestOptions.from_extra(params.extra)
+        if self.cache_salt is not None:  # the reply's own blocks join the stream's salt
+            options = dataclasses.replace(options, cache_salt=self.cache_salt)
         # The engine lets a reply to closed input compute what the stream has not yet.
         self._prefill_handed_over = self._prefill_handed_over or after_close
         self._generations.add(rid)
         try:
             async for out in self._engine.generate_ids(ids, params, rid, fork_from=self.stream_id,
-                                                       prompt_text=prompt_text):
+                                                       prompt_text=prompt_text, options=options):
                 self.last_activity = time.monotonic()
                 yield out
         finally:
@@ -223,13 +272,33 @@ class InputStream:
         await self._progress.wait()
         return self.state()
 
+    # ------------------------------------------------- from the engine thread
+
+    @property
+    def active_generations(self) -> tuple[str, ...]:
+        """Request ids of the replies in flight (any thread may read it)."""
+        return tuple(self._generations)
+
+    def notify_progress(self, num_computed: int) -> None:
+        """The stream's prefill advanced to ``num_computed`` tokens (thread-safe: runs on
+        the stream's event loop; nothing happens once that loop is closed)."""
+        self._call_soon(self._on_progress, num_computed)
+
+    def notify_closed(self, reason: str) -> None:
+        """The engine closed the stream, for ``reason`` (thread-safe, like notify_progress)."""
+        self._call_soon(self._on_closed, reason)
+
+    def _call_soon(self, callback, arg) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, arg)
+        except RuntimeError:  # the stream's loop is gone: nobody is listening any more
+            pass
+
     def _on_progress(self, num_computed: int) -> None:
-        """Engine thread → event loop: the stream's prefill advanced."""
         self._num_computed = num_computed
         self._progress.set()
 
     def _on_closed(self, reason: str) -> None:
-        """Engine thread → event loop: the engine closed the stream."""
         if self.closed_reason is None:
             self.closed_reason = reason
         self._progress.set()
@@ -242,7 +311,7 @@ class InputStream:
             self.closed_reason = "closed by its owner"
             for rid in list(self._generations):
                 self._engine.abort(rid)
-            self._engine._close_stream(self.stream_id)
+            self._engine.close_stream(self.stream_id)
         self._progress.set()
 
     @property
@@ -307,4 +376,4 @@ class InputStream:
             # Conservative until the engine reports: a shared block is recomputed from its start.
             self._num_computed = min(self._num_computed, update.keep - update.keep % self._engine.config.block_size)
         self._ids = new_ids
-        self._engine._update_stream(self.stream_id, update.keep, list(update.append), close)
+        self._engine.update_stream(self.stream_id, update.keep, list(update.append), close)

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from livelm.core.prefix_grouping import prefix_grouped_order
-from livelm.engine.frontend import Frontend, make_engine_config, with_session
+from livelm.core.request_options import RequestOptions
+from livelm.engine.engine import Engine, make_engine_config
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
@@ -23,17 +24,17 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
-        self._frontend = Frontend(make_engine_config(model, kwargs))
+        self._engine = Engine(make_engine_config(model, kwargs))
 
     @property
     def tokenizer(self):
         """The model's Hugging Face tokenizer."""
-        return self._frontend.tokenizer
+        return self._engine.tokenizer
 
     @property
-    def engine(self) -> Frontend:
+    def engine(self) -> Engine:
         """The engine behind this API (for stats and tests)."""
-        return self._frontend
+        return self._engine
 
     def generate(
         self,
@@ -57,8 +58,8 @@ class LLM:
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        params_list = self._with_session(params_list, session_id)
-        return self._run(prompt_list, params_list, use_tqdm, group_prefixes)
+        options = self._options(params_list, session_id)
+        return self._run(prompt_list, params_list, options, use_tqdm, group_prefixes)
 
     def chat(
         self,
@@ -73,46 +74,45 @@ class LLM:
         """
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompt_list = [self._frontend.chat_ids(list(c)) for c in conversations]
+        prompt_list = [self._engine.chat_ids(list(c)) for c in conversations]
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        params_list = self._with_session(params_list, session_id)
-        return self._run(prompt_list, params_list, use_tqdm, None)
+        options = self._options(params_list, session_id)
+        return self._run(prompt_list, params_list, options, use_tqdm, None)
 
     def close_session(self, session_id: str) -> bool:
         """Release a session's pinned KV now (else it goes when its TTL ends).
 
         Returns False when the session has no pin and no turn in flight.
         """
-        return self._frontend.close_session(session_id)
+        return self._engine.scheduler.close_session(session_id)
 
     @staticmethod
-    def _with_session(params: list[SamplingParams], session_id: str | None) -> list[SamplingParams]:
-        if session_id is None:
-            return params
-        if len(params) != 1:
+    def _options(params: list[SamplingParams], session_id: str | None) -> list[RequestOptions]:
+        """Each prompt's session and salt, from ``SamplingParams.extra`` and ``session_id``."""
+        if session_id is not None and len(params) != 1:
             raise ValueError(
                 "session_id names one conversation: give one prompt, or put a session per "
                 "prompt in SamplingParams.extra['session_id']"
             )
-        return [with_session(params[0], session_id)]
+        return [RequestOptions.from_extra(p.extra, session_id) for p in params]
 
     def _submission_order(self, token_ids: list[list[int]], params: list[SamplingParams],
                           group_prefixes: bool | None) -> list[int]:
-        config = self._frontend.config
+        config = self._engine.config
         if group_prefixes is None:
             group_prefixes = config.prefix_grouping and config.enable_prefix_caching
         if not group_prefixes or len(token_ids) < 2:
             return list(range(len(token_ids)))
-        max_len = self._frontend.max_model_len
+        max_len = self._engine.max_model_len
         decode = [
             p.max_tokens if p.max_tokens is not None else max_len - len(ids)
             for ids, p in zip(token_ids, params, strict=True)
         ]
         return prefix_grouped_order(token_ids, decode, config.block_size)
 
-    def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool,
-             group_prefixes: bool | None) -> list[RequestOutput]:
-        fe = self._frontend
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams], options: list[RequestOptions],
+             use_tqdm: bool, group_prefixes: bool | None) -> list[RequestOutput]:
+        fe = self._engine
         ids = [fe.new_request_id() for _ in prompts]
         added = []
         try:
@@ -120,7 +120,7 @@ class LLM:
                 fe.prompt_ids(p) if not isinstance(p, str) or p else [] for p in prompts
             ]
             for i in self._submission_order(token_ids, params, group_prefixes):
-                fe.add(ids[i], prompts[i], params[i], token_ids[i])
+                fe.add(ids[i], prompts[i], params[i], token_ids[i], options=options[i])
                 added.append(ids[i])
             results: dict[str, RequestOutput] = {}
             bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm or len(ids) < 2)

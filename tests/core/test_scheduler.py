@@ -153,7 +153,7 @@ def test_status_lifecycle():
 
 
 def _stream(rid, n) -> Request:
-    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=1), input_closed=False, input_only=True)
+    return Request.input_stream(rid, list(range(1, n + 1)))
 
 
 def test_decodes_are_served_before_older_prefill_chunks():
@@ -253,8 +253,7 @@ def test_generation_waits_for_the_stream_to_compute_what_it_shares():
 def test_input_streams_take_no_batch_slot():
     s = _scheduler(budget=64, seqs=2)
     for i in range(3):
-        s.add_request(Request(f"st{i}", [100 * (i + 1) + t for t in range(5)], SamplingParams(max_tokens=1),
-                              input_closed=False, input_only=True))
+        s.add_request(Request.input_stream(f"st{i}", [100 * (i + 1) + t for t in range(5)]))
     s.add_request(_req("a", 3))
     s.add_request(_req("b", 3))
     s.add_request(_req("c", 3))

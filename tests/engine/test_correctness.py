@@ -49,13 +49,13 @@ def test_greedy_matches_transformers(references, arch, setting):
     model_dir, prompts, expected, hf = references[arch]
     llm = LLM(str(model_dir), **SETTINGS[setting])
     if setting == "torch_attention":
-        llm.engine.core.runner.decode_kernel = None
+        llm.engine.runner.decode_kernel = None
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out, want in zip(prompts, outputs, expected, strict=True):
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == want, f"prompt of {len(prompt)} tokens diverged"
     if setting == "preemption":
-        assert llm.engine.core.scheduler.num_preemptions > 0, (
+        assert llm.engine.scheduler.num_preemptions > 0, (
             "the tiny pool should force preemption"
         )
     # Sampled-token logprobs equal transformers' log-softmax (teacher forced) within 1e-3.

@@ -171,7 +171,8 @@ def test_bad_requests_raise_valueerror_and_leak_nothing(llm):
     # A bad prompt in the middle of a batch releases the requests queued before it.
     with pytest.raises(ValueError):
         llm.generate([[5, 6], [], [7]], SamplingParams(max_tokens=2))
-    assert not llm.engine.has_unfinished()
+    stats = llm.engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
 
 
 def test_unknown_model_and_architecture(tmp_path):

@@ -9,7 +9,7 @@ from tiny_models import build_tokenizer
 from tokenizer_builders import llama2_style, unigram_metaspace
 from transformers import AutoTokenizer
 
-from livelm.engine.streaming_input import StreamingTextInput
+from livelm.engine.incremental_tokenizer import StreamingTextInput
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Le café coûte trois euros, très bien! "

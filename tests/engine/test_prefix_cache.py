@@ -74,7 +74,7 @@ def test_greedy_matches_transformers_with_caching_on_and_off(llama_dir, referenc
     else:
         assert stats.prefix_cache_hit_tokens == 0 and stats.num_cached_blocks == 0
     if setting == "tiny_pool":
-        assert llm.engine.core.scheduler.num_preemptions > 0
+        assert llm.engine.scheduler.num_preemptions > 0
         if caching:
             assert stats.num_cache_evictions > 0  # and the second pass still matched
 
@@ -105,7 +105,7 @@ def test_n_greater_than_one_with_caching(llama_dir, reference):
 def test_forced_hash_collisions_never_return_wrong_kv(llama_dir, reference):
     prompts, expected, _ = reference
     llm = LLM(str(llama_dir))
-    cache = llm.engine.core.scheduler.kv.prefix_cache
+    cache = llm.engine.scheduler.kv.prefix_cache
     cache.hash_fn = lambda parent, tokens, salt: 1234  # the test hook: every key collides
     for outs in _generate_twice(llm, prompts):
         for out, want in zip(outs, expected, strict=True):

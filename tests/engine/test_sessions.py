@@ -163,7 +163,7 @@ def test_a_pin_serves_only_its_salt():
 
 def _record_chunks(llm: LLM) -> list[tuple[str, int, int]]:
     """(request id, start position, tokens) of every chunk the runner computes from now on."""
-    runner = llm.engine.core.runner
+    runner = llm.engine.runner
     seen: list[tuple[str, int, int]] = []
     execute = runner.execute
 
@@ -207,13 +207,13 @@ def test_session_turns_match_transformers_and_prefill_only_new_tokens(llama_dir,
 def test_expired_session_is_recomputed_correctly(llama_dir, hf):
     clock = FakeClock()
     llm = LLM(str(llama_dir), enable_prefix_caching=False, session_ttl_s=10.0)
-    llm.engine.core.scheduler.clock = clock
+    llm.engine.scheduler.clock = clock
     seen = _record_chunks(llm)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     prompt = list(range(10, 40))
     out = llm.generate(prompt, params, session_id="s", use_tqdm=False)[0]
     clock.now += 11.0
-    assert llm.engine.core.expire_sessions() == 1
+    assert llm.engine.scheduler.expire_sessions() == 1
     assert llm.engine.stats().num_session_pins_expired == 1
     nxt = prompt + out.outputs[0].token_ids + [7, 8]
     seen.clear()

@@ -53,7 +53,7 @@ def test_default_model_stays_q4_1_in_memory(engines, default_gguf) -> None:
     from livelm.quant.modules import QuantEmbedding, QuantizedModule, QuantLinear
 
     llm, _ = engines
-    model = llm.engine.core.runner.model
+    model = llm.engine.runner.model
     assert {m.fmt for m in model.modules() if isinstance(m, QuantLinear) and m is not model.lm_head} == {"q4_1"}
     assert isinstance(model.embed_tokens, QuantEmbedding) and model.embed_tokens.fmt == "q8_0"  # as in the file
     assert model.lm_head.qs is model.embed_tokens.qs  # tied: one quantized table
@@ -79,7 +79,7 @@ def test_q4_1_logits_match_transformers(engines) -> None:
     ids = llm.engine.chat_ids([{"role": "user", "content": PROMPTS[3]}]) + llm.tokenizer.encode(
         "Plants turn sunlight, water and carbon dioxide into sugar and oxygen."
     )
-    model = llm.engine.core.runner.model
+    model = llm.engine.runner.model
     with torch.inference_mode():
         want = hf(torch.tensor([ids])).logits[0].float()
     for one_at_a_time in (False, True):  # the prefill (tiled GEMM) and decode (fused) kernels

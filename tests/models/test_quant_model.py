@@ -64,7 +64,7 @@ def test_quantized_logits_match_transformers(
 def test_engine_greedy_matches_transformers(tiny_model_dirs: dict[str, Path], tmp_path: Path, fmt: str) -> None:
     src = tiny_model_dirs["llama"]
     llm = LLM(str(src), quantization=fmt, kv_cache_gib=0.05)
-    model = llm.engine.core.runner.model
+    model = llm.engine.runner.model
     hf = load_hf_model(write_dequantized_hf_dir(model, src, tmp_path / "deq"))
     prompts = [_prompt_ids(llm, text) for text in _CORPUS[:3]]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
@@ -80,7 +80,7 @@ def test_gguf_keeps_its_format(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     src = tiny_model_dirs["llama"]
     path = write_gguf(src, tmp_path / "tiny-q8.gguf", gguf.GGMLQuantizationType.Q8_0)
     llm = LLM(str(path), kv_cache_gib=0.05)
-    model = llm.engine.core.runner.model
+    model = llm.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 2 * 4 + 1 and all(m.fmt == "q8_0" for m in linears)  # + the untied LM head
     assert isinstance(model.embed_tokens, QuantEmbedding)
@@ -104,7 +104,7 @@ def test_gguf_keeps_its_format(tiny_model_dirs: dict[str, Path], tmp_path: Path,
 
     # quantization="none" dequantizes the same blocks into float layers: the same tokens.
     plain = LLM(str(path), kv_cache_gib=0.05, quantization="none")
-    assert not any(isinstance(m, QuantizedModule) for m in plain.engine.core.runner.model.modules())
+    assert not any(isinstance(m, QuantizedModule) for m in plain.engine.runner.model.modules())
     assert [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)] == [
         o.outputs[0].token_ids for o in outs
     ]
@@ -115,7 +115,7 @@ def test_resident_memory_is_the_quantized_bytes(tiny_model_dirs: dict[str, Path]
     from livelm.quant.formats import bytes_per_weight
 
     llm = LLM(str(tiny_model_dirs["qwen2"]), quantization=fmt, kv_cache_gib=0.05)  # tied embeddings
-    runner = llm.engine.core.runner
+    runner = llm.engine.runner
     model = runner.model
     assert isinstance(model.embed_tokens, QuantEmbedding) and model.lm_head.qs is model.embed_tokens.qs
     expected = 0

@@ -26,7 +26,7 @@ def test_cuda_greedy_matches_transformers_fp32(llama_dir):
 
 def test_cuda_bf16_default_dtype_runs_and_samples(llama_dir):
     llm = LLM(str(llama_dir), device="cuda")
-    assert llm.engine.core.dtype == torch.bfloat16
+    assert llm.engine.dtype == torch.bfloat16
     outs = llm.generate([[5, 6, 7]] * 4, SamplingParams(temperature=0.8, seed=1, max_tokens=16, ignore_eos=True),
                         use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)

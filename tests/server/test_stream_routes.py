@@ -368,7 +368,7 @@ def test_limits_too_many_sessions_and_pending_input(limited_engine):
         assert r.headers["Retry-After"] == "1"
         # ...and so is a piece that arrives while earlier ones still wait for prefill (the
         # engine is slowed down so that they do).
-        fe = limited_engine._frontend
+        fe = limited_engine._engine
         step = fe.step
 
         def slow_step():

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from livelm.core.token_ids import common_prefix_len
+
 # Without a whitespace boundary (long CJK runs, minified code), commit tokens that end at
 # least this many characters before the end, so the pending tail stays bounded; the
 # final check in `close()` recomputes from any token that changed after all.
@@ -94,7 +96,7 @@ class StreamingTextInput:
             self.text += tail
             self.closed = True
         final = self.current_ids()
-        keep = common_prefix(self.committed_ids, final)
+        keep = common_prefix_len(self.committed_ids, final)
         self.committed_ids = final
         self._committed_chars = len(self.text)
         return InputUpdate(keep, final[keep:])
@@ -111,7 +113,7 @@ class StreamingTextInput:
             self._encoded = (self.text, head + enc["input_ids"])
         cut_token, cut_char, at_boundary = _safe_cut(self.text, offsets)
         stable = head + enc["input_ids"][:cut_token]
-        keep = common_prefix(self.committed_ids, stable)
+        keep = common_prefix_len(self.committed_ids, stable)
         self.committed_ids = stable
         if cut_token:
             self._committed_chars, self._committed_at_boundary = cut_char, at_boundary
@@ -184,12 +186,3 @@ def _boundary_before(text: str, offsets: list[tuple[int, int]], i: int) -> bool:
         and offsets[i][0] >= end  # a token boundary, not the inside of a token
     )
 
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading ids ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -1,4 +1,10 @@
-"""Frontend side of a request: detokenize, apply stop strings, build RequestOutputs."""
+"""The engine's record of one request until it finishes: text, stop strings, outputs.
+
+:class:`RequestState` folds the scheduler's per-sequence :class:`SequenceUpdate` (token
+ids) into text (incremental detokenization, stop strings) and builds the public
+:class:`~livelm.outputs.RequestOutput` deltas and final outputs. It is the caller-facing
+state of a request, as :class:`~livelm.core.request.Request` is the scheduler's.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from livelm.core.engine_output import EngineCoreOutput
-from livelm.core.scheduler_output import PromptLogprobs, SampledToken
+from livelm.core.scheduler_output import PromptLogprobs, SampledToken, SequenceUpdate
 from livelm.engine.detokenizer import IncrementalDetokenizer, detokenize_token
 from livelm.engine.stop_strings import StopStringMatcher
 from livelm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
@@ -32,10 +37,10 @@ class SequenceState:
 
 @dataclass
 class StepResult:
-    """What one engine output means for the caller.
+    """What one sequence update means for the caller.
 
     ``delta`` is the new part of one sequence; ``stop_matched`` names a sequence whose stop
-    string appeared, so the engine core must stop computing it.
+    string appeared, so the scheduler must stop computing it.
     """
 
     delta: CompletionOutput | None
@@ -43,7 +48,7 @@ class StepResult:
 
 
 class RequestState:
-    """Everything the frontend tracks for one request until it finishes."""
+    """Everything the engine tracks for one request on the caller's side until it finishes."""
 
     def __init__(
         self,
@@ -85,8 +90,8 @@ class RequestState:
         """True once every sequence has stopped."""
         return all(s.finish_reason is not None for s in self.seqs)
 
-    def process(self, out: EngineCoreOutput) -> StepResult:
-        """Fold one engine-core output into this request; returns the caller-visible delta."""
+    def process(self, out: SequenceUpdate) -> StepResult:
+        """Fold one sequence's step update into this request; returns the caller-visible delta."""
         if out.prompt_logprobs is not None and self.prompt_logprobs is not None:
             self._add_prompt_logprobs(out.prompt_logprobs)
         seq = self.seqs[out.index]
@@ -153,7 +158,7 @@ class RequestState:
 
     def metrics(self) -> dict[str, float]:
         """Timing so far (``time.perf_counter()`` seconds): ``arrival_time`` (the request was
-        added), ``first_token_time`` and ``last_token_time`` (the frontend received the
+        added), ``first_token_time`` and ``last_token_time`` (the engine received the
         first / latest generated token), ``num_generated_tokens`` (over all sequences)."""
         m = {"arrival_time": self.arrival_time, "num_generated_tokens": float(self.num_generated_tokens)}
         if self.first_token_time is not None:

@@ -1,0 +1,348 @@
+"""The engine API that LLM and AsyncEngine share: one model, one scheduler, one step loop.
+
+:class:`Engine` loads the model and its tokenizer, sizes the KV cache, turns prompts into
+scheduler requests and each step's sequence updates into :class:`RequestOutput` deltas.
+It is synchronous and not thread-safe: ``LLM`` drives it from the caller's thread,
+``AsyncEngine`` from its engine thread only.
+
+Its parts are public: ``scheduler`` (pure Python: requests, KV blocks, session pins)
+and ``runner`` (the model). Callers use the scheduler directly for what is only
+scheduling (pending work, closing or expiring sessions, ending an input stream); the
+engine adds what needs the tokenizer, the model's limits or the callers' request states.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import weakref
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from livelm.config import CacheConfig, EngineConfig, SchedulerConfig
+from livelm.core.kv_manager import blocks_needed
+from livelm.core.request import FinishReason, Request
+from livelm.core.request_options import NO_OPTIONS, RequestOptions
+from livelm.core.scheduler import Scheduler
+from livelm.core.token_ids import check_vocab_range
+from livelm.engine.request_state import RequestState
+from livelm.engine.tokenizer import chat_prompt_ids, encode_prompt, load_tokenizer
+from livelm.kernels.cpu_memory import keep_large_buffers_in_heap
+from livelm.models.loader import load_model
+from livelm.models.model_config import ModelConfig
+from livelm.models.resolve import resolve_model_path
+from livelm.outputs import RequestOutput
+from livelm.runner.model_runner import ModelRunner
+from livelm.sampling_params import SamplingParams
+
+logger = logging.getLogger("livelm")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_ROPE_TABLE = 131072
+_CONFIG_FIELDS = {f.name for f in fields(EngineConfig)}
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load.
+
+    Prefix cache: tokens looked up and tokens reused (cache or session pin) over all
+    admitted requests, blocks registered, and cached free blocks evicted for new data.
+    Sessions: sessions and distinct blocks pinned now, and pins ended by TTL, dropped
+    under memory pressure, or closed by the user. Input streams: streams open now,
+    and ``num_computed_tokens``, every token the model has computed KV for (prompts,
+    streamed input and generated tokens alike; work a cache hit saved is not in it).
+    """
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_usage: float
+    num_preemptions: int
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    num_cached_blocks: int = 0
+    num_cache_evictions: int = 0
+    num_sessions: int = 0
+    num_pinned_blocks: int = 0
+    num_session_pins_expired: int = 0
+    num_session_pins_dropped: int = 0
+    num_session_pins_closed: int = 0
+    num_input_streams: int = 0
+    num_computed_tokens: int = 0
+
+
+def make_engine_config(model: str | None, kwargs: dict) -> EngineConfig:
+    """EngineConfig from user keyword arguments, rejecting unknown ones by name."""
+    unknown = set(kwargs) - _CONFIG_FIELDS
+    if unknown:
+        raise ValueError(f"unknown engine option(s) {sorted(unknown)}; valid: {sorted(_CONFIG_FIELDS)}")
+    return EngineConfig(model=model, **kwargs)
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is fp32 on CPU (bf16 matmuls are far slower on AVX2) and bf16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def sequence_ids(request_id: str, n: int) -> list[str]:
+    """The scheduler ids of a request's ``n`` sequences."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+class Engine:
+    """Requests in, output deltas out: ``add``, then ``step`` until they finish."""
+
+    # Every live engine, so tests can check after each test that no KV block leaked.
+    live_instances: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+    def __init__(self, config: EngineConfig, served_name: str | None = None) -> None:
+        self.config = config
+        Engine.live_instances.add(self)
+        self.model_dir: Path = resolve_model_path(config.model)
+        self.model_name = served_name or (config.model and Path(config.model).name) or self.model_dir.name
+        self.tokenizer = load_tokenizer(self.model_dir)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_large_buffers_in_heap()
+        self.model_config = mc = ModelConfig.from_dir(self.model_dir)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings and mc.rope.rope_type == "default":
+            logger.warning(
+                "max_model_len %d exceeds the model's %d positions", self.max_model_len, mc.max_position_embeddings
+            )
+        t0 = time.perf_counter()
+        model = load_model(
+            self.model_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE), config.quantization
+        )
+        logger.info("loaded %s (%s, %s) in %.1fs", self.model_dir, self.dtype, self.device, time.perf_counter() - t0)
+
+        num_blocks = self._num_kv_blocks()
+        self.cache_config = CacheConfig(
+            config.block_size, num_blocks, config.enable_prefix_caching, config.session_ttl_s
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
+            self.cache_config,
+        )
+        self.eos_token_ids = frozenset(mc.eos_token_ids)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.eos_token_ids)
+        logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
+        self.states: dict[str, RequestState] = {}  # requests in flight, by id
+        self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)
+        self._ids = itertools.count()
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks:
+            return cfg.num_kv_blocks
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * cfg.gpu_memory_utilization
+        else:
+            budget = cfg.kv_cache_gib * 2**30
+        # More blocks than max_num_seqs full contexts could never be used.
+        useful = cfg.max_num_seqs * blocks_needed(self.max_model_len, cfg.block_size)
+        return max(1, min(int(budget // per_block), useful))
+
+    # ----------------------------------------------------------------- prompts
+
+    def new_request_id(self) -> str:
+        """A request id unique within this engine."""
+        return f"req-{next(self._ids)}"
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids for a text or token-id prompt."""
+        return encode_prompt(self.tokenizer, prompt)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a conversation rendered through the chat template."""
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    # ---------------------------------------------------------------- requests
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, options: RequestOptions) -> None:
+        """Raise ValueError (saying what to fix) for a request the engine cannot serve."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        check_vocab_range(prompt_token_ids, self.model_config.vocab_size, "prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1
+        if n + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
+                f"context length of {self.max_model_len} tokens: shorten the prompt or lower max_tokens"
+            )
+        capacity = self.scheduler.kv_capacity_tokens
+        if n + max_tokens > capacity:
+            raise ValueError(
+                f"prompt + max_tokens = {n + max_tokens} tokens cannot fit in the KV cache "
+                f"({capacity} tokens): raise kv_cache_gib or lower max_tokens"
+            )
+        if options.session_id is not None and params.n > 1:
+            raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
+
+    def add(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+        fork_from: str | None = None,
+        options: RequestOptions = NO_OPTIONS,
+    ) -> RequestState:
+        """Tokenize (unless ``prompt_token_ids`` are given), validate and queue one request.
+
+        ``options`` are its session and cache salt (parsed by the caller: the public APIs
+        read them from ``SamplingParams.extra``). n > 1 becomes n sequences sharing the
+        prompt's KV. ``fork_from`` names an input stream whose KV the prompt starts with (a
+        reply to streamed input): the prompt's tokens the stream has computed are shared.
+        """
+        arrival = time.perf_counter()
+        if request_id in self.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str) and not prompt:
+            raise ValueError("the prompt is empty: give at least one character")
+        ids = prompt_token_ids if prompt_token_ids is not None else self.prompt_ids(prompt)
+        self.validate(ids, params, options)
+        queued = params
+        if params.max_tokens is None:
+            queued = replace(params, max_tokens=max(self.max_model_len - len(ids), max(1, params.min_tokens)))
+        stream = self.scheduler.requests.get(fork_from or "")
+        if stream is not None and stream.input_only and stream.input_closed:
+            # A reply to a closed stream does not wait for the stream's prefill to finish:
+            # it shares what is computed and computes the rest within its own prompt, so
+            # the stream stops where it is (its input is of use only to replies now).
+            self.scheduler.update_input(stream.request_id, stream.num_computed_tokens, [])
+        for i, seq_id in enumerate(sequence_ids(request_id, params.n)):
+            self.scheduler.add_request(
+                Request(
+                    request_id=seq_id,
+                    prompt_token_ids=list(ids),
+                    sampling_params=queued,
+                    eos_token_ids=self.eos_token_ids,
+                    index=i,
+                    parent_id=request_id,
+                    fork_from=f"{request_id}#0" if i > 0 else fork_from,
+                    cache_salt=options.cache_salt,
+                    session_id=options.session_id,
+                    session_ttl=options.session_ttl,
+                )
+            )
+        state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer, arrival)
+        self.states[request_id] = state
+        return state
+
+    def step(self) -> list[tuple[RequestState, RequestOutput]]:
+        """Run one scheduling + model step; returns (request, delta output) for each
+        request that moved."""
+        sched = self.scheduler.schedule()
+        self.last_step_was_empty = sched.is_empty
+        if sched.is_empty:
+            if sched.finished_request_ids:
+                self.runner.execute(sched)  # lets the runner drop their state
+            return []
+        updates = self.scheduler.update(sched, self.runner.execute(sched))
+        deltas: dict[str, list] = {}
+        for out in updates:
+            state = self.states.get(out.parent_id)
+            if state is None:
+                continue
+            result = state.process(out)
+            if result.stop_matched is not None:
+                seq = state.seqs[out.index]
+                self.scheduler.finish_request(result.stop_matched, FinishReason.STOP, seq.stop_reason)
+            if result.delta is not None:
+                deltas.setdefault(out.parent_id, []).append(result.delta)
+        moved = []
+        for rid, ds in deltas.items():
+            state = self.states[rid]
+            moved.append((state, state.delta_output(ds)))
+            if state.finished:
+                del self.states[rid]
+        return moved
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV; returns its final (aborted) delta, if it existed."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        for seq_id in sequence_ids(request_id, state.params.n):
+            self.scheduler.finish_request(seq_id, FinishReason.ABORT)
+        return state.delta_output(state.abort())
+
+    # ------------------------------------------------------------ input streams
+
+    def open_input_stream(self, stream_id: str, cache_salt: str | None = None) -> None:
+        """Start reading a stream's input into KV (see engine/input_stream.py); it is freed
+        by ``scheduler.finish_request(stream_id)``."""
+        self.scheduler.add_request(Request.input_stream(stream_id, [], cache_salt))
+
+    def update_input_stream(self, stream_id: str, keep: int, append: list[int], close: bool = False) -> None:
+        """Keep the stream's first ``keep`` input tokens and append ``append`` (ValueError
+        when the result would not leave room for a reply); ``close`` ends its input."""
+        req = self.scheduler.requests.get(stream_id)
+        if req is None or not req.input_only:
+            raise ValueError(f"no open input stream {stream_id!r}")
+        self.check_stream_input(req.all_token_ids[:keep] + append)
+        self.scheduler.update_input(stream_id, keep, append, close)
+
+    def check_stream_input(self, token_ids: list[int]) -> None:
+        """ValueError unless a stream may hold ``token_ids`` (vocabulary, context, KV)."""
+        check_vocab_range(token_ids, self.model_config.vocab_size, "input")
+        capacity = self.scheduler.kv_capacity_tokens
+        limit = min(self.max_model_len, capacity) - 1
+        if len(token_ids) > limit:
+            raise ValueError(
+                f"the streamed input ({len(token_ids)} tokens) exceeds the {limit} tokens a stream may "
+                f"hold (context length {self.max_model_len}, KV cache {capacity} tokens, one token "
+                "left for a reply)"
+            )
+
+    def input_stream_progress(self, stream_id: str) -> int:
+        """Input tokens of an open stream that have KV."""
+        return self.scheduler.requests[stream_id].num_computed_tokens
+
+    # -------------------------------------------------------------------- load
+
+    def stats(self) -> EngineStats:
+        """Current load of the engine."""
+        s = self.scheduler.stats()
+        kv = s.kv
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=kv.num_total_blocks,
+            kv_usage=kv.kv_usage,
+            num_preemptions=s.num_preemptions,
+            prefix_cache_queried_tokens=kv.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=kv.prefix_cache_hit_tokens,
+            num_cached_blocks=kv.num_cached_blocks,
+            num_cache_evictions=kv.num_cache_evictions,
+            num_sessions=kv.num_sessions,
+            num_pinned_blocks=kv.num_pinned_blocks,
+            num_session_pins_expired=kv.num_session_pins_expired,
+            num_session_pins_dropped=kv.num_session_pins_dropped,
+            num_session_pins_closed=kv.num_session_pins_closed,
+            num_input_streams=s.num_input_streams,
+            num_computed_tokens=s.num_computed_tokens,
+        )
