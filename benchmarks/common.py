@@ -235,7 +235,7 @@ def measure_matmul_gflops(
     GEMMs together: total FLOPs / summed best times), and the same per library
     (``mkl_peak``, ``onednn_peak``, ``panel_peak``). ``peak`` is the roofline MFU uses.
     """
-    from livelm.runner.packed_linear import (
+    from livelm.layers.packed_linear import (
         PackedLinear,
         PanelLinear,
         onednn_available,

@@ -172,8 +172,8 @@ def livelm_weight_bytes(llm) -> int:
     embedding lookup reads one row; norms are negligible)."""
     from torch import nn
 
-    from livelm.quant.modules import QuantEmbedding, QuantizedModule
-    from livelm.runner.packed_linear import PackedLinear, PanelLinear
+    from livelm.layers.packed_linear import PackedLinear, PanelLinear
+    from livelm.layers.quantized import QuantEmbedding, QuantizedModule
 
     runner = llm.engine.runner
     model = runner.model

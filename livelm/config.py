@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 # Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
 QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8")
+# Values of EngineConfig.attention_backend (the backends of livelm.layers.attention, and auto).
+ATTENTION_BACKEND_CHOICES: tuple[str, ...] = ("auto", "cpu", "torch")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ class EngineConfig:
     GGUF's own quantized format (the default model stays Q4_1) and loads other checkpoints
     as they are; ``none`` dequantizes everything to ``dtype``; ``q8_0``, ``q4_0``, ``q4_1``
     or ``int8`` quantize at load (docs/quantization.md).
+
+    ``attention_backend``: ``cpu`` (livelm's C++ kernels, fp32 on CPU), ``torch`` (torch
+    ops, any device), or ``auto`` (``cpu`` for fp32 on CPU, else ``torch``).
     """
 
     model: str | None = None
@@ -94,11 +99,16 @@ class EngineConfig:
     stream_idle_timeout_s: float = 600.0
     max_stream_pending_tokens: int = 16384
     quantization: str = "auto"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(
                 f"unsupported quantization {self.quantization!r}; supported: {', '.join(QUANTIZATION_CHOICES)}"
+            )
+        if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
+            raise ValueError(
+                f"unknown attention_backend {self.attention_backend!r}; valid: {', '.join(ATTENTION_BACKEND_CHOICES)}"
             )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from livelm.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
+from livelm.layers.quantized import QuantizedModule
 from livelm.models.llama import LlamaForCausalLM
 from livelm.quant.formats import dequantize
-from livelm.quant.modules import QuantizedModule
-from livelm.runner.attention import AttentionMetadata, PrefillSegment
 
 
 def float_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
@@ -66,7 +66,8 @@ def livelm_logits(model: LlamaForCausalLM, ids: list[int], one_token_at_a_time: 
         seg = (PrefillSegment(0, n, None, None) if start == 0 else
                PrefillSegment(0, n, ctx, torch.ones(n, start + n, dtype=torch.bool)))
         meta = AttentionMetadata(slot_mapping=torch.arange(start, start + n), num_decodes=0,
-                                 decode_block_tables=None, decode_lens=None, block_size=16, prefills=[seg])
+                                 decode_block_tables=None, decode_lens=None, block_size=16, prefills=[seg],
+                                 backend=TorchAttention())
         hidden = model(torch.tensor(ids[start : start + n]), torch.arange(start, start + n), kv, meta)
         rows.append(model.compute_logits(hidden))
     return torch.cat(rows)

@@ -143,7 +143,7 @@ class Engine:
             self.cache_config,
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.eos_token_ids)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend)
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
         self.states: dict[str, RequestState] = {}  # requests in flight, by id
         self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)

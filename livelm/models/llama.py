@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from livelm.layers.attention import AttentionMetadata
+from livelm.layers.fused_ops import add_rms_norm, rms_norm, rotary_inplace, silu_and_mul
 from livelm.models.model_config import ModelConfig
 from livelm.models.rope import RotaryEmbedding, apply_rotary
-from livelm.runner.attention import AttentionMetadata, paged_attention
-from livelm.runner.fused_ops import add_rms_norm, rms_norm, rotary_inplace, silu_and_mul
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +68,7 @@ class Attention(nn.Module):
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         if not rotated:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = meta.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj.forward(out)
 
 
@@ -120,11 +120,6 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """The output projection: the embedding matrix when tied."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
         self,

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from livelm.layers.quantized import QuantizedModule, QuantLinear
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.model_config import ModelConfig
+from livelm.models.prepare import swap_quantized_modules
 from livelm.models.rope import RotaryEmbedding
 from livelm.quant.formats import QuantizedTensor, check_format, dequantize, quantize
-from livelm.quant.modules import QuantizedModule, QuantLinear
-from livelm.quant.plan import check_quantization, plan_formats, swap_modules
+from livelm.quant.plan import check_quantization, plan_formats
 from livelm.quant.storage import QUANT_METADATA_KEY, stored_quantized
 
 logger = logging.getLogger("livelm")
@@ -70,10 +71,7 @@ def load_model(
             if target is not None:
                 stored.setdefault(target[0], set()).add(checkpoint.formats.get(name))
         plan = plan_formats(model, quantization, stored)
-        swap_modules(model, plan)
-        if cfg.tie_word_embeddings and "embed_tokens" in plan:
-            # The tied LM head reads the embedding's quantized table through its own kernels.
-            model.lm_head = QuantLinear(cfg.hidden_size, cfg.vocab_size, plan["embed_tokens"])
+        swap_quantized_modules(model, plan)
     model = model.to_empty(device=device).to(dtype)
     if isinstance(model.lm_head, QuantLinear) and cfg.tie_word_embeddings:
         model.lm_head.share_weight(model.embed_tokens)

@@ -48,14 +48,6 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
-    @property
-    def num_params(self) -> int:
-        """Parameter count (embedding counted once when tied)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
-        emb = self.vocab_size * h
-        return self.num_layers * per_layer + emb * (1 if self.tie_word_embeddings else 2) + h
-
     @staticmethod
     def from_dir(model_dir: str | Path) -> ModelConfig:
         """Parse ``config.json`` of a local model directory; ValueError if unsupported."""

@@ -1,1 +1,2 @@
-"""Quantized weights: formats, CPU/CUDA kernels, and the modules that use them."""
+"""Quantized weights: formats, storage, planning which layers are quantized, and the
+matmuls over them (pure functions; the nn.Modules that hold them are in livelm.layers)."""

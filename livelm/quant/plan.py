@@ -1,4 +1,5 @@
-"""Which layers of a model keep or get quantized weights, and swapping them in.
+"""Which layers of a model keep or get quantized weights (``livelm.models.prepare`` swaps
+them in).
 
 ``quantization`` (EngineConfig) is ``auto`` (keep what the checkpoint stores: a GGUF's
 blocks stay quantized, float tensors stay float), ``none`` (everything float) or a format
@@ -13,7 +14,6 @@ from collections.abc import Mapping
 from torch import nn
 
 from livelm.quant.formats import BLOCK, FORMATS, PRECISION_RANK, fits
-from livelm.quant.modules import QuantEmbedding, QuantLinear
 
 logger = logging.getLogger("livelm")
 
@@ -68,15 +68,3 @@ def plan_formats(
         plan[path] = fmt
     return plan
 
-
-def swap_modules(model: nn.Module, plan: Mapping[str, str]) -> None:
-    """Replace each planned nn.Linear / nn.Embedding by its quantized counterpart (same device)."""
-    for path, fmt in plan.items():
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        old = getattr(parent, attr)
-        if isinstance(old, nn.Linear):
-            new: nn.Module = QuantLinear(old.in_features, old.out_features, fmt, bias=old.bias is not None)
-        else:
-            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt)
-        setattr(parent, attr, new)

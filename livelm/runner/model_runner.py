@@ -12,10 +12,14 @@ from livelm.core.scheduler_output import (
     ScheduledChunk,
     SchedulerOutput,
 )
+from livelm.layers.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    PrefillSegment,
+    select_attention_backend,
+)
 from livelm.models.llama import LlamaForCausalLM
-from livelm.runner.attention import AttentionMetadata, PrefillSegment
-from livelm.runner.cpu_kernels import cpu_kernels, prefill_kernels
-from livelm.runner.packed_linear import pack_linear_layers, packed_linear
+from livelm.models.prepare import prepare_model
 from livelm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
@@ -28,6 +32,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         eos_token_ids: frozenset[int],
+        attention_backend: str = "auto",
     ) -> None:
         self.model = model
         cfg = model.config
@@ -42,22 +47,12 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
-        # fp32 on CPU: linears over weights packed once (livelm's panel GEMM, else oneDNN).
-        # A tied LM head needs its own packed copy: the embedding lookup keeps the table.
-        self.tied_head: nn.Module | None = None
-        if model.lm_head is None and isinstance(model.embed_tokens, nn.Embedding):
-            self.tied_head = packed_linear(model.embed_tokens.weight, None)
-        pack_linear_layers(model)
-        self.sampler = Sampler()
-        # The compiled decode-attention kernel covers fp32 on CPU; other cases use torch ops.
-        self.decode_kernel = cpu_kernels() if self.device.type == "cpu" and self.dtype == torch.float32 else None
-        self.prefill_kernel = (
-            prefill_kernels()
-            if self.device.type == "cpu" and self.dtype == torch.float32 and cfg.head_dim % 16 == 0
-            else None
+        self.attention: AttentionBackend = select_attention_backend(
+            attention_backend, self.device, self.dtype, cfg.head_dim
         )
+        self.tied_head: nn.Module | None = prepare_model(model)
+        self.sampler = Sampler()
         self.eos_token_ids = set(eos_token_ids)
-        _bind_submodules(model)  # last: the modules are final now
         self._generators: dict[str, torch.Generator] = {}
 
     @staticmethod
@@ -128,20 +123,13 @@ class ModelRunner:
             decode_lens=None,
             block_size=bs,
             prefills=[],
-            decode_kernel=self.decode_kernel,
-            prefill_kernel=self.prefill_kernel,
+            backend=self.attention,
         )
         if decode_lens:
             max_blocks = max(len(t) for t in decode_tables)
             table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
             lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
             meta.decode_block_tables, meta.decode_lens = table, lens
-            if self.decode_kernel is None:
-                offsets = torch.arange(max_blocks * bs, device=dev)
-                meta.decode_slots = table[:, offsets // bs] * bs + offsets % bs
-                bias = torch.zeros(len(decode_lens), max_blocks * bs, dtype=self.dtype, device=dev)
-                bias.masked_fill_(offsets[None, :] >= lens[:, None], float("-inf"))
-                meta.decode_bias = bias[None, :, None, :]
         for start_row, n, start_pos, table in prefill_specs:
             if start_pos == 0:
                 meta.prefills.append(PrefillSegment(start_row, n, None, None))
@@ -150,10 +138,8 @@ class ModelRunner:
             offsets = torch.arange(ctx, device=dev)
             tbl = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=dev)
             ctx_slots = tbl[offsets // bs] * bs + offsets % bs
-            mask = None  # the prefill kernel masks from positions
-            if self.prefill_kernel is None:
-                mask = offsets[None, :] <= torch.arange(start_pos, ctx, device=dev)[:, None]
-            meta.prefills.append(PrefillSegment(start_row, n, ctx_slots, mask))
+            meta.prefills.append(PrefillSegment(start_row, n, ctx_slots, None))
+        self.attention.prepare(meta, self.dtype)  # what only this backend reads
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions_t = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions_t, meta, row_of
@@ -224,17 +210,4 @@ class ModelRunner:
             top_ids=top_ids.tolist(),
             top_logprobs=top_lp.tolist(),
         )
-
-
-def _bind_submodules(model: torch.nn.Module) -> None:
-    """Make every submodule a plain instance attribute of its parent as well.
-
-    ``parent.child`` otherwise goes through ``nn.Module.__getattr__`` (a Python call with
-    dict lookups), ~300 times per decode step. Safe against later swaps: assigning a module
-    to an attribute (``setattr(parent, name, new)``) removes the instance entry first.
-    """
-    for module in model.modules():
-        for name, child in module._modules.items():
-            if child is not None:
-                module.__dict__[name] = child
 

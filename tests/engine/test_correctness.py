@@ -39,7 +39,7 @@ SETTINGS = {
     "chunked_prefill": {"max_num_batched_tokens": 64},
     "tiny_budget": {"max_num_batched_tokens": 7, "max_num_seqs": 5},
     "preemption": {"num_kv_blocks": 30, "max_num_batched_tokens": 256},
-    "torch_attention": {"max_num_batched_tokens": 64},  # the pure-torch decode path
+    "torch_attention": {"max_num_batched_tokens": 64, "attention_backend": "torch"},  # the pure-torch path
 }
 
 
@@ -48,8 +48,6 @@ SETTINGS = {
 def test_greedy_matches_transformers(references, arch, setting):
     model_dir, prompts, expected, hf = references[arch]
     llm = LLM(str(model_dir), **SETTINGS[setting])
-    if setting == "torch_attention":
-        llm.engine.runner.decode_kernel = None
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for prompt, out, want in zip(prompts, outputs, expected, strict=True):
         assert out.prompt_token_ids == prompt

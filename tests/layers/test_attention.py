@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from livelm.runner.attention import AttentionMetadata, PrefillSegment, paged_attention
-from livelm.runner.cpu_kernels import cpu_kernels, prefill_kernels
+from livelm.config import ATTENTION_BACKEND_CHOICES
+from livelm.kernels.extensions import decode_attention_kernels, prefill_attention_kernels
+from livelm.layers.attention import (
+    ATTENTION_BACKENDS,
+    AttentionMetadata,
+    CpuKernelAttention,
+    PrefillSegment,
+    TorchAttention,
+    select_attention_backend,
+)
 
 
 def _reference(q, k_ctx, v_ctx, scale, q_positions):
@@ -37,11 +45,10 @@ def _slots(table, positions, block):
     return torch.tensor([table[p // block] * block + p % block for p in positions])
 
 
-@pytest.mark.parametrize("use_kernel", [True, False])
-def test_mixed_batch_decodes_and_chunked_prefills(use_kernel):
-    kernel = cpu_kernels() if use_kernel else None
-    prefill_kernel = prefill_kernels() if use_kernel else None
-    if use_kernel and (kernel is None or prefill_kernel is None):
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+def test_mixed_batch_decodes_and_chunked_prefills(backend_name):
+    backend = select_attention_backend(backend_name, torch.device("cpu"), torch.float32, 16)
+    if backend.name != backend_name:
         pytest.skip("no C++ compiler here: the torch path is tested below")
     heads, kv_heads, dim, block = 6, 2, 16, 4
     decode_lens = [1, 5, 17, 33]  # context incl. the new token
@@ -71,17 +78,11 @@ def test_mixed_batch_decodes_and_chunked_prefills(use_kernel):
     lens_t = torch.tensor(decode_lens)
     meta = AttentionMetadata(
         slot_mapping=torch.cat(slot_mapping), num_decodes=len(decode_lens), decode_block_tables=table_t,
-        decode_lens=lens_t, block_size=block, prefills=segments, decode_kernel=kernel,
-        prefill_kernel=prefill_kernel,
+        decode_lens=lens_t, block_size=block, prefills=segments, backend=backend,
     )
-    if kernel is None:
-        offsets = torch.arange(maxb * block)
-        meta.decode_slots = table_t[:, offsets // block] * block + offsets % block
-        bias = torch.zeros(len(decode_lens), maxb * block)
-        bias.masked_fill_(offsets[None, :] >= lens_t[:, None], float("-inf"))
-        meta.decode_bias = bias[None, :, None, :]
+    backend.prepare(meta, torch.float32)
     kc, vc = k_cache.clone(), v_cache.clone()
-    out = paged_attention(q, k, v, kc, vc, meta, 0.25)
+    out = backend.forward(q, k, v, kc, vc, meta, 0.25)
 
     # Reference: write the new K/V, then plain attention over each request's contiguous context.
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
@@ -111,7 +112,7 @@ def test_decode_kernel_matches_reference(dim, group):
     compiled for, the generic one for 48) against plain attention: contexts of 1..70 keys
     (ragged tails of 4- and 16-key steps), scattered blocks, one and several requests, q and
     out as strided rows of wider tensors like the model's fused QKV."""
-    kernel = cpu_kernels()
+    kernel = decode_attention_kernels()
     if kernel is None:
         pytest.skip("no C++ compiler here")
     kv_heads, block = 2, 16
@@ -139,7 +140,7 @@ def test_prefill_kernel_matches_sdpa(group, dim):
     """The C++ prefill kernel against the torch path (SDPA over gathered K/V) on chunks of
     1..300 queries, at position 0 or after contexts that end mid-block, two per batch, with
     queries read from a strided fused-QKV view as the model passes them."""
-    kernel = prefill_kernels()
+    kernel = prefill_attention_kernels()
     if kernel is None:
         pytest.skip("no C++ compiler here")
     kv_heads, block = 3, 16
@@ -161,13 +162,32 @@ def test_prefill_kernel_matches_sdpa(group, dim):
             segments.append(PrefillSegment(row, n, ctx_slots, None))
             row += n
         outs, caches = [], []
-        for kern in (kernel, None):
+        for backend in (CpuKernelAttention(None, kernel), TorchAttention()):
             meta = AttentionMetadata(
                 slot_mapping=torch.cat(slot_mapping), num_decodes=0, decode_block_tables=None, decode_lens=None,
-                block_size=block, prefills=segments, prefill_kernel=kern,
+                block_size=block, prefills=segments, backend=backend,
             )
             caches.append((k_cache.clone(), v_cache.clone()))
-            outs.append(paged_attention(q, k, v, *caches[-1], meta, dim**-0.5))
+            outs.append(backend.forward(q, k, v, *caches[-1], meta, dim**-0.5))
         torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
         # The kernel's write_kv (strided k/v rows) stores exactly what index_copy_ does.
         assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+def test_backends_are_chosen_by_configuration():
+    """``auto`` is the C++ kernels for fp32 on CPU and torch ops elsewhere; ``cpu`` refuses
+    what its kernels never run; every backend name is a valid EngineConfig value."""
+    assert ATTENTION_BACKEND_CHOICES == ("auto", *ATTENTION_BACKENDS)
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    want = "cpu" if decode_attention_kernels() or prefill_attention_kernels() else "torch"
+    assert select_attention_backend("auto", cpu, fp32, 64).name == want
+    assert select_attention_backend("auto", cpu, torch.bfloat16, 64).name == "torch"
+    assert select_attention_backend("auto", torch.device("cuda"), fp32, 64).name == "torch"
+    assert select_attention_backend("torch", cpu, fp32, 64).name == "torch"
+    with pytest.raises(ValueError, match="fp32 on CPU"):
+        select_attention_backend("cpu", cpu, torch.bfloat16, 64)
+    with pytest.raises(ValueError, match="valid: auto, cpu, torch"):
+        select_attention_backend("flash", cpu, fp32, 64)
+    backend = select_attention_backend("cpu", cpu, fp32, 24)  # head dim not a multiple of 16
+    if isinstance(backend, CpuKernelAttention):
+        assert backend.prefill is None

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from livelm.kernels.extensions import fused_ops_kernels
+from livelm.layers import fused_ops
 from livelm.models.rope import apply_rotary
-from livelm.runner import fused_ops
 
 
 @pytest.fixture
 def kernels():
-    k = fused_ops.fused_kernels()
+    k = fused_ops_kernels()
     if k is None:
         pytest.skip("no C++ compiler here: the torch path runs in every model test")
     return k

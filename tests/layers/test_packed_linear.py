@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from livelm.runner import packed_linear as pl
+from livelm.layers import packed_linear as pl
 
 
 def _panel():

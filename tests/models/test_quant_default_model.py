@@ -50,7 +50,7 @@ def engines(default_gguf):
 def test_default_model_stays_q4_1_in_memory(engines, default_gguf) -> None:
     from gguf import GGUFReader
 
-    from livelm.quant.modules import QuantEmbedding, QuantizedModule, QuantLinear
+    from livelm.layers.quantized import QuantEmbedding, QuantizedModule, QuantLinear
 
     llm, _ = engines
     model = llm.engine.runner.model

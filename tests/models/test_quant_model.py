@@ -15,10 +15,10 @@ from tiny_models import _CORPUS, build_tiny_model
 from torch import nn
 
 from livelm.engine.llm import LLM
+from livelm.layers.quantized import QuantEmbedding, QuantizedModule, QuantLinear
 from livelm.models.loader import load_model
-from livelm.quant import kernels
+from livelm.quant import matmul
 from livelm.quant.formats import FORMATS
-from livelm.quant.modules import QuantEmbedding, QuantizedModule, QuantLinear
 from livelm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -27,10 +27,10 @@ CPU = torch.device("cpu")
 @pytest.fixture(params=["compiled", "fallback"])
 def kernel_path(request, monkeypatch) -> str:
     """The C++ kernels, then the pure-torch fallback."""
-    if request.param == "compiled" and kernels.quant_kernels() is None:
+    if request.param == "compiled" and matmul.quant_linear_kernels() is None:
         pytest.skip("the C++ quantized kernels could not be built here")
     if request.param == "fallback":
-        monkeypatch.setattr(kernels, "quant_kernels", lambda: None)
+        monkeypatch.setattr(matmul, "quant_linear_kernels", lambda: None)
     return request.param
 
 
@@ -89,7 +89,7 @@ def test_gguf_keeps_its_format(tiny_model_dirs: dict[str, Path], tmp_path: Path,
     reader = GGUFReader(path)
     tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_output.weight")
     want = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
-    assert torch.equal(kernels.dequantize_rows(model.layers[0].self_attn.o_proj.qweight, 0, 64), want)
+    assert torch.equal(matmul.dequantize_rows(model.layers[0].self_attn.o_proj.qweight, 0, 64), want)
 
     # Resident weights: the GGUF's tensor bytes (+10%), no float copies left behind.
     gguf_bytes = sum(int(t.n_bytes) for t in reader.tensors)

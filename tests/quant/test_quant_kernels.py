@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from livelm.quant import kernels
+from livelm.kernels.extensions import build_quant_linear_kernels
+from livelm.quant import matmul
 from livelm.quant.formats import FORMATS, dequantize, quantize
 from livelm.quant.gguf_repack import repack_gguf_tensor
 
@@ -19,7 +20,7 @@ GGUF_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizat
 
 
 def _compiled():
-    ext = kernels.quant_kernels()
+    ext = matmul.quant_linear_kernels()
     if ext is None:
         pytest.skip("the C++ quantized kernels could not be built here")
     return ext
@@ -31,7 +32,7 @@ def path(request, monkeypatch) -> str:
     if request.param == "compiled":
         _compiled()
     else:
-        monkeypatch.setattr(kernels, "quant_kernels", lambda: None)
+        monkeypatch.setattr(matmul, "quant_linear_kernels", lambda: None)
     return request.param
 
 
@@ -75,13 +76,13 @@ def test_linear_matches_dequantized_matmul(path: str, fmt: str, m: int) -> None:
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
         b = torch.randn(n) if bias else None
         ref = torch.nn.functional.linear(x, dequantize(qt), b)
-        got = kernels.quantized_linear(x, qt, b)
+        got = matmul.quantized_linear(x, qt, b)
         assert got.shape == (m, n) and got.dtype == torch.float32
         assert _rel_err(got, ref) < 1e-4, (n, k)
         # A leading batch dimension and a non-contiguous input go through the same path.
         x3 = torch.randn(2, k, m).transpose(1, 2)
         ref3 = torch.nn.functional.linear(x3, dequantize(qt), b)
-        assert _rel_err(kernels.quantized_linear(x3, qt, b), ref3) < 1e-4
+        assert _rel_err(matmul.quantized_linear(x3, qt, b), ref3) < 1e-4
 
 
 @pytest.fixture(scope="module", params=["native", "avx2"])
@@ -92,7 +93,7 @@ def ext_build(request):
     if request.param == "avx2":
         if ext.simd() != "avx512":
             pytest.skip(f"the native build is already {ext.simd()}")
-        ext = kernels.build_kernels("livelm_quant_kernels_avx2", ("-mno-avx512f",))
+        ext = build_quant_linear_kernels("livelm_quant_linear_avx2", ("-mno-avx512f",))
         assert ext.simd() == "avx2"
     return ext
 
@@ -114,7 +115,7 @@ def test_fused_kernel_at_every_m(ext_build, fmt: str) -> None:
         for bias in (torch.randn(n), None):
             for m in KERNEL_MS:
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-                got = ext_build.quantized_matmul(x, qt.qs, qt.d, qt.m, bias, kernels.FORMAT_CODES[fmt])
+                got = ext_build.quantized_matmul(x, qt.qs, qt.d, qt.m, bias, matmul.FORMAT_CODES[fmt])
                 assert _rel_err(got, torch.nn.functional.linear(x, w, bias)) < 1e-4, (n, k, m)
 
 
@@ -125,36 +126,36 @@ def test_gemm_paths_pass_over_x_in_chunks(m: int, k: int) -> None:
     ext = _compiled()
     qt = quantize(_weight(70, k, 8), "q4_1")
     x = torch.randn(m, k)
-    got = ext.quantized_matmul(x, qt.qs, qt.d, qt.m, None, kernels.FORMAT_CODES["q4_1"])
+    got = ext.quantized_matmul(x, qt.qs, qt.d, qt.m, None, matmul.FORMAT_CODES["q4_1"])
     assert _rel_err(got, x @ dequantize(qt).T) < 1e-4
 
 
 def test_avx512_builds_take_every_row_count() -> None:
     ext = _compiled()
-    limit = kernels.fused_max_rows(ext)
-    assert limit == (sys.maxsize if ext.simd() == "avx512" else kernels.FUSED_MAX_ROWS_AVX2)
+    limit = matmul.fused_max_rows(ext)
+    assert limit == (sys.maxsize if ext.simd() == "avx512" else matmul.FUSED_MAX_ROWS_AVX2)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantized_rows_are_exact(path: str, fmt: str) -> None:
     qt = quantize(_weight(50, 64, 3), fmt)
     full = dequantize(qt)
-    assert torch.equal(kernels.dequantize_rows(qt, 10, 17), full[10:27])
+    assert torch.equal(matmul.dequantize_rows(qt, 10, 17), full[10:27])
     ids = torch.tensor([[3, 49, 3], [0, 7, 20]])
-    assert torch.equal(kernels.embedding_rows(qt, ids), full[ids])
+    assert torch.equal(matmul.embedding_rows(qt, ids), full[ids])
 
 
 def test_tiled_prefill_path_covers_many_tiles(path: str) -> None:
     qt = quantize(_weight(3000, 128, 4), "q4_1")  # more rows than one dequantized tile
     x = torch.randn(40, 128)
-    got = kernels.quantized_linear(x, qt)
+    got = matmul.quantized_linear(x, qt)
     assert _rel_err(got, x @ dequantize(qt).T) < 1e-4
 
 
 def test_bf16_activations_keep_their_dtype() -> None:
     qt = quantize(_weight(64, 64, 5), "q8_0")
     x = torch.randn(3, 64)
-    got = kernels.quantized_linear(x.bfloat16(), qt)
+    got = matmul.quantized_linear(x.bfloat16(), qt)
     assert got.dtype == torch.bfloat16
     assert _rel_err(got.float(), x.bfloat16().float() @ dequantize(qt).T) < 1e-2
 
@@ -173,10 +174,10 @@ def test_cuda_matches_cpu(fmt: str) -> None:
     cuda_qt = type(qt)(qt.fmt, qt.shape, *(None if t is None else t.cuda() for t in (qt.qs, qt.d, qt.m)))
     x = torch.randn(5, 128)
     ref = x @ dequantize(qt).T
-    got = kernels.quantized_linear(x.cuda(), cuda_qt).cpu()
+    got = matmul.quantized_linear(x.cuda(), cuda_qt).cpu()
     assert _rel_err(got, ref) < 1e-4
     ids = torch.tensor([1, 69, 5])
-    assert torch.equal(kernels.embedding_rows(cuda_qt, ids.cuda()).cpu(), dequantize(qt)[ids])
+    assert torch.equal(matmul.embedding_rows(cuda_qt, ids.cuda()).cpu(), dequantize(qt)[ids])
 
 
 def test_float_gguf_tensors_stay_float() -> None:

@@ -1,17 +1,15 @@
 """fp32 linear layers on CPU with weights packed once at load.
 
 - AVX-512 builds of livelm's kernels: :class:`PanelLinear`, weights in column panels
-  ([K][16] per 16 outputs) and livelm's own GEMM (``csrc/panel_gemm.h``). Measured on the
-  model's shapes (all linears of SmolLM2-135M, 2 threads, one process taking turns):
-  0.72-0.93x oneDNN's time at 1-64 rows (decode, batched decode), 0.90-0.96x at 256-2048
-  (prefill), 1.0x at 4096.
+  ([K][16] per 16 outputs) and livelm's own GEMM (``livelm/kernels/csrc/panel_gemm.h``),
+  faster than oneDNN on the models' shapes from decode to prefill, even at 4096 rows
+  (docs/kernels.md).
 - Otherwise :class:`PackedLinear`, oneDNN with its own packed layout (below).
 
-torch's ``F.linear`` on CPU calls MKL, which runs its AVX2 code on AMD CPUs: on the
-AVX-512 EPYC these benchmarks run on it reaches ~190 GFLOP/s on two cores, where oneDNN
-(bundled with torch, used by ``torch.ops.mkldnn``) reaches ~440 GFLOP/s on the same
-shapes, at M=64 (a decode step) as at M=2048 (a prefill chunk). The weights are reordered
-once into oneDNN's blocked layout, so no call pays for a reorder.
+torch's ``F.linear`` on CPU calls MKL, which runs its AVX2 code on AMD CPUs, where oneDNN
+(bundled with torch, used by ``torch.ops.mkldnn``) is about twice as fast on the same
+shapes, for decode steps and prefill chunks alike (figures in docs/kernels.md). The
+weights are reordered once into oneDNN's blocked layout, so no call pays for a reorder.
 
 The results are fp32 sums like MKL's, only in another order (differences ~1e-6 relative).
 ``LIVELM_DISABLE_PANEL_GEMM=1`` takes oneDNN instead of the panel GEMM, and
@@ -27,6 +25,8 @@ from types import ModuleType
 
 import torch
 from torch import nn
+
+from livelm.kernels.extensions import quant_linear_kernels
 
 logger = logging.getLogger("livelm")
 
@@ -46,10 +46,8 @@ def onednn_available(weight: torch.Tensor) -> bool:
 
 @functools.cache
 def panel_kernels() -> ModuleType | None:
-    """The compiled kernels when they hold the AVX-512 panel GEMM, else None."""
-    from livelm.quant.kernels import quant_kernels
-
-    ext = quant_kernels()
+    """The compiled quant_linear module when it holds the AVX-512 panel GEMM, else None."""
+    ext = quant_linear_kernels()
     return ext if ext is not None and ext.simd() == "avx512" else None
 
 

@@ -1,14 +1,18 @@
 """Matrix products with quantized weights: the C++ CPU kernels, their torch fallback, CUDA.
 
-- CPU, compiled for AVX-512: every call goes to ``livelm/runner/csrc/quant_linear.cpp``:
+Plain functions over :class:`QuantizedTensor` (no nn.Module), so they stay in quant, next
+to the formats whose bytes they read; the layers that hold quantized weights
+(``livelm.layers.quantized``) call them.
+
+- CPU, compiled for AVX-512: every call goes to ``livelm/kernels/csrc/quant_linear.cpp``:
   fused dequantize-and-multiply tiles for decode-sized rows (each weight byte read once,
   prefetched ahead), an outer-product GEMM over weights dequantized 12 rows at a time for
   20-127 rows (batched decode), and from 128 rows (prefill) weights dequantized into the
   column panels of livelm's fp32 GEMM (``csrc/panel_gemm.h``), as fast as fp32 weights.
 - CPU, compiled for AVX2 only: the fused kernel up to ``FUSED_MAX_ROWS_AVX2`` rows; more
   rows are dequantized tile by tile (exactly) into fp32 and multiplied by an fp32 GEMM:
-  oneDNN's where torch has it (2-2.5x MKL's speed on AMD CPUs, see
-  livelm/runner/packed_linear.py), else ``F.linear``.
+  oneDNN's where torch has it (faster than MKL's on AMD CPUs, see docs/kernels.md), else
+  ``F.linear``.
 - No compiler, or ``LIVELM_DISABLE_CPP_KERNELS=1``: the same tiles dequantized with torch
   ops (same results, slower; said once in the log).
 - CUDA: the weight is dequantized with torch ops into the activations' dtype, then matmul.
@@ -25,8 +29,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from livelm.kernels.extensions import quant_linear_kernels
 from livelm.quant.formats import BLOCK, FORMAT_CODES, QuantizedTensor, dequantize
-from livelm.runner.cpu_kernels import build_extension, compile_extension
 
 logger = logging.getLogger("livelm")
 
@@ -37,24 +41,6 @@ logger = logging.getLogger("livelm")
 FUSED_MAX_ROWS_AVX2 = 12
 # Weights dequantized per tile of the prefill path: 1 MiB of fp32, about one L2 cache.
 _TILE_WEIGHTS = 1 << 18
-
-
-@functools.cache
-def quant_kernels() -> ModuleType | None:
-    """The compiled quantized-matmul module, or None (said once in the log) without one."""
-    ext = build_extension("livelm_quant_kernels", "quant_linear.cpp", "quantized layers")
-    if ext is None:
-        return None
-    logger.info("C++ quantized kernels compiled for %s", ext.simd())
-    return ext
-
-
-def build_kernels(name: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
-    """Compile (or load the cached build of) the kernels as module ``name``, for this CPU.
-
-    ``extra_cflags`` can narrow the instruction set (the tests build an AVX2-only copy with
-    ``-mno-avx512f`` to check that path on an AVX-512 machine)."""
-    return compile_extension(name, "quant_linear.cpp", extra_cflags)
 
 
 @functools.cache
@@ -70,7 +56,7 @@ def _kernel_args(qt: QuantizedTensor) -> tuple:
 
 def dequantize_rows(qt: QuantizedTensor, start: int, length: int) -> torch.Tensor:
     """Exact fp32 rows [start, start + length) of ``qt``."""
-    ext = quant_kernels() if qt.qs.device.type == "cpu" else None
+    ext = quant_linear_kernels() if qt.qs.device.type == "cpu" else None
     if ext is None:
         return dequantize(qt.rows(start, length))
     qs, d, m, code = _kernel_args(qt)
@@ -80,7 +66,7 @@ def dequantize_rows(qt: QuantizedTensor, start: int, length: int) -> torch.Tenso
 def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
     """Exact fp32 rows ``ids`` of ``qt`` (an embedding lookup that dequantizes only those)."""
     flat = ids.reshape(-1)
-    ext = quant_kernels() if qt.qs.device.type == "cpu" else None
+    ext = quant_linear_kernels() if qt.qs.device.type == "cpu" else None
     if ext is None:
         m = None if qt.m is None else qt.m[flat]
         rows = dequantize(QuantizedTensor(qt.fmt, (flat.numel(), qt.shape[1]), qt.qs[flat], qt.d[flat], m))
@@ -100,7 +86,7 @@ def quantized_linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | 
         w = dequantize(qt).to(x.dtype)
         return F.linear(x2, w, None if bias is None else bias.to(x.dtype)).reshape(*lead, n)
     xf = x2.float()
-    ext = quant_kernels()
+    ext = quant_linear_kernels()
     if ext is not None and xf.shape[0] <= fused_max_rows(ext):
         qs, d, m, code = _kernel_args(qt)
         out = ext.quantized_matmul(xf.contiguous(), qs, d, m, bias, code)

@@ -1,4 +1,5 @@
-"""nn.Modules whose weights stay quantized: a linear layer and an embedding table.
+"""nn.Modules whose weights stay quantized: a linear layer and an embedding table, over the
+formats and matmuls of ``livelm.quant``.
 
 The quantized tensors are buffers (``qs``, ``d`` and, for q4_1, ``m``) so ``.to(device)``
 moves them; scales are integer bit patterns, so ``.to(dtype)`` leaves them alone.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from livelm.quant import kernels
+from livelm.quant import matmul
 from livelm.quant.formats import FORMAT_CODES, QuantizedTensor, empty_quantized
 
 
@@ -60,15 +61,15 @@ class QuantLinear(QuantizedModule):
         # Decode steps call this ~120 times per token: skip the dispatcher when the C++
         # CPU kernel applies (2-D fp32 rows, as many as it is the faster path for).
         if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda:
-            ext = kernels.quant_kernels()
-            if ext is not None and x.shape[0] <= kernels.fused_max_rows(ext):
+            ext = matmul.quant_linear_kernels()
+            if ext is not None and x.shape[0] <= matmul.fused_max_rows(ext):
                 # The buffers as one plain attribute: each buffer access goes through
                 # nn.Module.__getattr__ (~600 a decode step otherwise).
                 args = self.__dict__.get("_kernel_args")
                 if args is None:
                     args = self.__dict__["_kernel_args"] = (self.qs, self.d, self.m, self.bias, FORMAT_CODES[self.fmt])
                 return ext.quantized_matmul(x, *args)
-        return kernels.quantized_linear(x, self.qweight, self.bias)
+        return matmul.quantized_linear(x, self.qweight, self.bias)
 
 
 class QuantEmbedding(QuantizedModule):
@@ -81,4 +82,4 @@ class QuantEmbedding(QuantizedModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] -> [..., embedding_dim] in the module's float dtype."""
-        return kernels.embedding_rows(self.qweight, ids).to(self.dtype_probe.dtype)
+        return matmul.embedding_rows(self.qweight, ids).to(self.dtype_probe.dtype)

@@ -1,37 +1,25 @@
 """Fused RMSNorm (with the residual add), SiLU-and-multiply and rotary for the decoder layers.
 
-fp32 CPU tensors go through the C++ kernels of ``csrc/fused_ops.cpp`` (compiled on first
-use, like the decode-attention kernel); everything else, or a machine without a compiler,
-or ``LIVELM_DISABLE_CPP_KERNELS=1``, takes the torch ops, with the same arithmetic (but
-SiLU on AVX-512, whose exp differs from torch's by ~2e-7 relative).
+fp32 CPU tensors go through the C++ kernels of ``livelm/kernels/csrc/fused_ops.cpp``
+(compiled on first use, like the attention kernels); everything else, or a machine without
+a compiler, or ``LIVELM_DISABLE_CPP_KERNELS=1``, takes the torch ops, with the same
+arithmetic (but SiLU on AVX-512, whose exp differs from torch's by ~2e-7 relative).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from livelm.runner.cpu_kernels import build_extension
-
-logger = logging.getLogger("livelm")
-
-
-
-@functools.cache
-def fused_kernels() -> ModuleType | None:
-    """The compiled module, or None (said once in the log) when it cannot be built."""
-    # No FMA contraction: the kernels round like the separate torch ops they replace.
-    return build_extension("livelm_fused_ops", "fused_ops.cpp", "norm/SiLU/rotary", ("-ffp-contract=off",))
+from livelm.kernels.extensions import fused_ops_kernels
 
 
 def _kernels_for(x: torch.Tensor) -> ModuleType | None:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return None
-    return fused_kernels()
+    return fused_ops_kernels()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,12 +1,12 @@
-"""Optional C++ CPU kernels, compiled on first use with torch's extension builder.
+"""Compiling the C++ CPU kernels on first use with torch's extension builder.
 
 When no compiler (or ninja) is available, or ``LIVELM_DISABLE_CPP_KERNELS=1`` is set,
-callers get None and use the pure-torch path, which computes the same results.
+:func:`build_extension` gives None and callers use their pure-torch path, which computes
+the same results.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -14,7 +14,7 @@ from types import ModuleType
 
 logger = logging.getLogger("livelm")
 
-_SOURCES = Path(__file__).parent / "csrc"
+SOURCES = Path(__file__).parent / "csrc"
 
 
 # -fopenmp only when compiling: linking it would pull in the system libgomp next to torch's
@@ -28,7 +28,7 @@ def compile_extension(name: str, source: str, extra_cflags: tuple[str, ...] = ()
     CPU; raises when it cannot be built. ``extra_cflags`` add to the shared flags."""
     from torch.utils.cpp_extension import load
 
-    return load(name=name, sources=[str(_SOURCES / source)], extra_cflags=[*_CFLAGS, *extra_cflags],
+    return load(name=name, sources=[str(SOURCES / source)], extra_cflags=[*_CFLAGS, *extra_cflags],
                 verbose=False)
 
 
@@ -43,18 +43,3 @@ def build_extension(name: str, source: str, what: str, extra_cflags: tuple[str, 
     except Exception as e:  # no compiler, no ninja, no headers: the torch path still works
         logger.warning("C++ CPU kernels unavailable (%s); %s uses the slower torch path", e, what)
         return None
-
-
-@functools.cache
-def cpu_kernels() -> ModuleType | None:
-    """The compiled decode-attention module, or None (said once in the log) when it cannot be built."""
-    return build_extension("livelm_cpu_kernels", "paged_attention.cpp", "decode attention")
-
-
-@functools.cache
-def prefill_kernels() -> ModuleType | None:
-    """The compiled prefill-attention module (``csrc/prefill_attention.cpp``), or None.
-
-    A module of its own, so each source compiles (and can change) independently.
-    """
-    return build_extension("livelm_prefill_attention", "prefill_attention.cpp", "prefill attention")

@@ -1,0 +1,122 @@
+"""Attention over the paged KV cache in plain torch ops: the reference path, what CUDA runs
+today, and the fallback of the CPU kernels' backend for every case they do not cover."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from livelm.layers.attention.metadata import AttentionMetadata, PrefillSegment
+
+
+class TorchAttention:
+    """The ``torch`` attention backend: gathers context K/V by slot, batched matmuls for
+    decodes, SDPA for prefill chunks. Any device and dtype."""
+
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata, dtype: torch.dtype) -> None:
+        """Decode gather slots and padding bias, and prefill causal masks (once per step)."""
+        add_decode_gather(meta, dtype)
+        add_causal_masks(meta)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention for a mixed batch. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D].
+
+        The new k/v are written to the cache first, so every query reads its whole context
+        (earlier chunks included) from one place.
+        """
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        num_tokens, num_heads, head_dim = q.shape
+        out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+        if meta.num_decodes:
+            decode_attention(q, k_cache, v_cache, meta, scale, out)
+        for seg in meta.prefills:
+            prefill_attention(q, k, v, k_cache, v_cache, seg, scale, out)
+        return out
+
+
+def add_decode_gather(meta: AttentionMetadata, dtype: torch.dtype) -> None:
+    """Set ``meta.decode_slots`` and ``meta.decode_bias`` (in ``dtype``) for :func:`decode_attention`."""
+    if not meta.num_decodes:
+        return
+    table, lens, bs = meta.decode_block_tables, meta.decode_lens, meta.block_size
+    offsets = torch.arange(table.shape[1] * bs, device=table.device)
+    meta.decode_slots = table[:, offsets // bs] * bs + offsets % bs
+    bias = torch.zeros(meta.num_decodes, table.shape[1] * bs, dtype=dtype, device=table.device)
+    bias.masked_fill_(offsets[None, :] >= lens[:, None], float("-inf"))
+    meta.decode_bias = bias[None, :, None, :]
+
+
+def add_causal_masks(meta: AttentionMetadata) -> None:
+    """Give each prefill segment that continues earlier context its causal mask."""
+    for seg in meta.prefills:
+        if seg.context_slots is not None and seg.causal_mask is None:
+            seg.causal_mask = _causal_mask(seg.context_slots.shape[0], seg.query_len, seg.context_slots.device)
+
+
+def _causal_mask(ctx: int, n: int, device: torch.device) -> torch.Tensor:
+    keys = torch.arange(ctx, device=device)
+    return keys[None, :] <= torch.arange(ctx - n, ctx, device=device)[:, None]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V [T, Hkv, D] into their slots."""
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float, out: torch.Tensor) -> None:
+    """Rows ``:num_decodes`` of ``out``, over ``meta.decode_slots`` / ``decode_bias``."""
+    # Query heads sharing a KV head ride along the "query length" axis, so GQA needs no
+    # repeated K/V, and everything stays KV-head-major like the cache:
+    # [Hkv, D, G, hd] x [Hkv, D, L, hd] -> [Hkv, D, G, L].
+    d = meta.num_decodes
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[0]
+    slots = meta.decode_slots
+    qd = q[:d].view(d, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
+    kd = gather_slots(k_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim)
+    vd = gather_slots(v_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim)
+    scores = torch.matmul(qd, kd.transpose(-1, -2))
+    scores.mul_(scale).add_(meta.decode_bias)
+    probs = torch.softmax(scores, dim=-1)
+    od = torch.matmul(probs, vd)  # [Hkv, D, G, hd]
+    out[:d] = od.transpose(0, 1).reshape(d, num_heads * head_dim)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, seg: PrefillSegment, scale: float, out: torch.Tensor) -> None:
+    """One prefill chunk's rows of ``out`` (SDPA; causal over itself, or masked over its context)."""
+    s, n = seg.query_start, seg.query_len
+    _, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    # 4-D inputs: 3-D ones send torch's CPU SDPA down a ~20x slower path.
+    qs = q[s : s + n].transpose(0, 1)[None]  # [1, Hq, n, hd]
+    if seg.context_slots is None:
+        ks, vs = k[s : s + n].transpose(0, 1)[None], v[s : s + n].transpose(0, 1)[None]
+        os = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
+    else:
+        ks = gather_slots(k_cache, seg.context_slots)[None]
+        vs = gather_slots(v_cache, seg.context_slots)[None]
+        mask = seg.causal_mask
+        if mask is None:
+            mask = _causal_mask(seg.context_slots.shape[0], n, q.device)
+        os = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+    out[s : s + n] = os[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[:, slots] via index_select (advanced indexing is ~10x slower on CPU)."""
+    return cache.index_select(1, slots)
