@@ -19,6 +19,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],
                    help="weights in memory: auto keeps a GGUF's own format (default), none = float, "
                         "or quantize at load (docs/quantization.md)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
+                   help="auto: livelm's C++ kernels for fp32 on CPU, else torch ops (docs/kernels.md)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV of shared prompt prefixes (on by default)")
 
@@ -33,7 +35,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads,
-          "quantization": args.quantization}
+          "quantization": args.quantization, "attention_backend": args.attention_backend}
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
     if args.kv_cache_gib is not None:

@@ -44,6 +44,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],
                         help="weights in memory: auto keeps a GGUF's own format (default), none = "
                              "float, or quantize at load (docs/quantization.md)")
+    engine.add_argument("--attention-backend", default=None, choices=["auto", "cpu", "torch"],
+                        help="auto: livelm's C++ kernels for fp32 on CPU, else torch ops (docs/kernels.md)")
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV of shared prompt prefixes (on by default)")
     engine.add_argument("--session-ttl", dest="session_ttl_s", type=float, default=None,

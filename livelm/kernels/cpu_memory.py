@@ -3,9 +3,8 @@
 glibc serves allocations above its mmap threshold (at most 32 MiB) with a fresh mmap and
 unmaps them on free, so each one's pages fault in again on first touch. A prefill step of
 4096 tokens makes such buffers in every layer (the gate|up output of SmolLM2-135M is
-4096 x 3072 fp32 = 48 MiB), and in this VM the faults cost more than the matmul gains:
-livelm's GEMM and oneDNN's both ran at ~300 GFLOP/s instead of ~440 at 4096 rows
-(measured in one process). Raising the mmap and trim thresholds to 1 GiB keeps such
+4096 x 3072 fp32 = 48 MiB), and the faults cost more than the matmul gains (figures in
+docs/kernels.md). Raising the mmap and trim thresholds to 1 GiB keeps such
 buffers in the heap, where the next step reuses them; the cost is that freed memory up to
 that size stays with the process.
 """
