@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from livelm.config import CacheConfig, SchedulerConfig
 from livelm.core.kv_manager import KVCacheManager, KVCacheStats
@@ -19,9 +19,8 @@ from livelm.core.scheduler_output import (
 from livelm.core.token_ids import common_prefix_len
 
 
-@dataclass(frozen=True)
-class SchedulerStats:
-    """The scheduler's load, with that of its KV cache."""
+class SchedulerStats(NamedTuple):
+    """The scheduler's load, with that of its KV cache (a tuple, like KVCacheStats)."""
 
     num_running: int
     num_waiting: int
@@ -64,6 +63,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # every token computed, over the scheduler's life
+        self.num_input_streams = 0  # input-only requests now (counted, so stats stay O(1))
 
     # ----------------------------------------------------------------- admission
 
@@ -78,6 +78,8 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.input_only:
+            self.num_input_streams += 1
 
     def has_unfinished(self) -> bool:
         """True while any request is waiting or running."""
@@ -99,7 +101,7 @@ class Scheduler:
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             num_preemptions=self.num_preemptions,
-            num_input_streams=sum(r.input_only for r in self.requests.values()),
+            num_input_streams=self.num_input_streams,
             num_computed_tokens=self.num_computed_tokens,
             kv=self.kv.stats(),
         )
@@ -326,7 +328,8 @@ class Scheduler:
             self.kv.pin_session(req, self.clock() + ttl)
         else:
             self.kv.free(req)
-        self.requests.pop(req.request_id, None)
+        if self.requests.pop(req.request_id, None) is not None and req.input_only:
+            self.num_input_streams -= 1
         self._finished_ids.append(req.request_id)
 
     # ------------------------------------------------------------ streaming input

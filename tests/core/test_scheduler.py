@@ -266,3 +266,21 @@ def test_input_streams_take_no_batch_slot():
     while s.has_unfinished():
         _run_step(s)
     assert s.kv.num_free_blocks == 64
+
+
+def test_scheduler_stats_report_its_own_load_and_its_caches():
+    s = _scheduler(blocks=64)
+    s.add_request(Request.input_stream("st", [50 + t for t in range(6)]))
+    s.add_request(_req("a", 5))
+    stats = s.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_input_streams) == (0, 2, 1)
+    _run_step(s)
+    stats = s.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_computed_tokens) == (2, 0, 11)
+    assert stats.kv == s.kv.stats() and stats.kv.num_free_blocks == 64 - 2 - 2
+    s.finish_request("st")
+    s.finish_request("st")  # a second finish finds nothing: the count stays right
+    assert s.stats().num_input_streams == 0
+    while s.has_unfinished():
+        _run_step(s)
+    assert s.stats().num_running == 0 and s.kv.num_free_blocks == 64
