@@ -1,4 +1,10 @@
-"""The asyncio API: a step loop on its own thread, output deltas as async iterators."""
+"""The asyncio API: a step loop on its own thread, output deltas as async iterators.
+
+Callers' requests reach the engine thread as typed commands (:mod:`livelm.engine.engine_commands`),
+applied between two steps of the :class:`~livelm.engine.engine.Engine`; input streams
+(:mod:`livelm.engine.input_stream`) reach it through their ``StreamEngine`` protocol,
+which AsyncEngine implements.
+"""
 
 from __future__ import annotations
 
