@@ -10,7 +10,7 @@ from livelm.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    """Where a request is in its lifecycle (see ARCHITECTURE.md)."""
+    """Where a request is in its lifecycle (see docs/architecture.md)."""
 
     WAITING = "waiting"
     RUNNING = "running"
