@@ -20,7 +20,7 @@ from livelm.layers.attention import (
 )
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
-from livelm.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
 
 
 class ModelRunner:

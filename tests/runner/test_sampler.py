@@ -13,15 +13,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from livelm.runner.sampler import (
-    Sampler,
-    SamplingBatch,
-    _active_top_k,
-    _candidate_thresholds,
-    _filter_threshold,
-    apply_penalties,
-    compute_logprobs,
-)
+from livelm.runner.sampling import Sampler, SamplingBatch
+from livelm.runner.sampling.draw import _candidate_thresholds
+from livelm.runner.sampling.filters import _active_top_k, _filter_threshold
+from livelm.runner.sampling.logprobs import compute_logprobs
+from livelm.runner.sampling.penalties import apply_penalties
 from livelm.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
