@@ -62,7 +62,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_jsonl, git_commit, machine_info, utc_now  # noqa: E402
+from common import append_jsonl, utc_now  # noqa: E402
+
+from livelm.bench.machine import git_commit, machine_info  # noqa: E402
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "decode.jsonl"
 

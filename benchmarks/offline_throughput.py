@@ -38,16 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     FLOP_FORMULA,
-    NUM_SPECIAL_TOKENS,
     ModelShape,
     append_jsonl,
-    build_random_smollm2_shape,
-    git_commit,
-    machine_info,
     measure_matmul_gflops,
     model_flops,
     utc_now,
 )
+
+from livelm.bench.hf_baseline import RunResult, build_hf, run_hf  # noqa: E402
+from livelm.bench.machine import git_commit, machine_info  # noqa: E402
+from livelm.bench.random_model import NUM_SPECIAL_TOKENS, build_random_smollm2_shape  # noqa: E402
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "offline_throughput.jsonl"
 # About 15 minutes for the whole script on 2 quiet cores of an AVX-512 EPYC (SmolLM2 shape),
@@ -71,16 +71,6 @@ class Workload:
     def prompt_lens(self) -> list[int]:
         """Prompt length of each request."""
         return [len(p) for p in self.prompts]
-
-
-@dataclass
-class RunResult:
-    """One engine's timed run of one workload."""
-
-    seconds: float
-    output_token_ids: list[list[int]]
-    useful_output_tokens: int
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -196,73 +186,6 @@ def run_livelm(llm, prompts: list[list[int]], output_lens: list[int]) -> RunResu
         ids,
         sum(output_lens),
         {"preemptions": llm.engine.stats().num_preemptions - preempt_before},
-    )
-
-
-def build_hf(model_dir: Path):
-    """transformers' model (fp32, its default SDPA attention), EOS disabled for generate."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
-    # generate() merges the model's generation_config into ours; drop EOS there so that
-    # no sequence stops early (livelm runs with ignore_eos).
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def run_hf(model, prompts: list[list[int]], output_lens: list[int], batch_size: int) -> RunResult:
-    """transformers' batched greedy ``generate``: prompts sorted by length, batches of
-    ``batch_size`` left-padded to their longest prompt, each run to its longest output.
-
-    Only the requested number of output tokens of each request counts as useful.
-    """
-    from transformers import GenerationConfig
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[int]] = [[] for _ in prompts]
-    generated = padded_prompt = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in batch)
-            max_new = max(output_lens[i] for i in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                p = prompts[i]
-                ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
-            gen = GenerationConfig(
-                do_sample=False,
-                max_new_tokens=max_new,
-                min_new_tokens=None,
-                eos_token_id=None,
-                pad_token_id=0,
-                use_cache=True,
-            )
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-            new = out[:, width:]
-            if new.shape[1] != max_new:
-                raise RuntimeError(
-                    f"transformers generated {new.shape[1]} tokens, expected {max_new}"
-                )
-            for row, i in enumerate(batch):
-                results[i] = new[row, : output_lens[i]].tolist()
-            generated += len(batch) * max_new
-            padded_prompt += len(batch) * width
-    seconds = time.perf_counter() - t0
-    return RunResult(
-        seconds,
-        results,
-        sum(output_lens),
-        {
-            "batch_size": batch_size,
-            "generated_tokens": generated,
-            "padded_prompt_tokens": padded_prompt,
-        },
     )
 
 

@@ -41,14 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    REPO_ROOT,
-    append_jsonl,
-    build_random_smollm2_shape,
-    git_commit,
-    machine_info,
-    utc_now,
-)
+from common import REPO_ROOT, append_jsonl, utc_now  # noqa: E402
+
+from livelm.bench.machine import git_commit, machine_info  # noqa: E402
+from livelm.bench.random_model import build_random_smollm2_shape  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "prefix_cache.jsonl"
 

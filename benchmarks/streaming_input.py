@@ -36,9 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO_ROOT, append_jsonl, git_commit, machine_info, utc_now  # noqa: E402
+from common import REPO_ROOT, append_jsonl, utc_now  # noqa: E402
 
 from livelm import SamplingParams  # noqa: E402
+from livelm.bench.machine import git_commit, machine_info  # noqa: E402
 from livelm.engine.async_engine import AsyncEngine  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "streaming_input.jsonl"

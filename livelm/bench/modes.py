@@ -24,13 +24,13 @@ _ENGINE_FLAGS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_toke
 
 def model_dir(args: argparse.Namespace) -> Path:
     """The model under test as an HF directory (the random-weight twin when asked)."""
-    from livelm.bench import repo_benchmarks
+    from livelm.bench.random_model import random_default_shape_model
     from livelm.models.resolve import resolve_model_path
 
     if args.random_weights:
         if args.model:
             raise ValueError("give --model or --random-weights, not both")
-        return repo_benchmarks.random_default_shape_model()
+        return random_default_shape_model()
     return resolve_model_path(args.model)
 
 

@@ -7,7 +7,7 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
-from livelm.bench import repo_benchmarks
+from livelm.bench.machine import git_commit, machine_info
 
 LATENCY_METRICS = (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2el_ms"))
 
@@ -15,7 +15,7 @@ LATENCY_METRICS = (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), 
 def base_record(mode: str, threads: int | None = None) -> dict:
     """Date, commit and machine facts (with the load average right now)."""
     return {"mode": mode, "date": datetime.now(UTC).replace(microsecond=0).isoformat(),
-            "git_commit": repo_benchmarks.commit(), "machine": repo_benchmarks.machine_facts(threads)}
+            "git_commit": git_commit(), "machine": machine_info(threads)}
 
 
 def _clean(value):  # NaN is not JSON; null says "no value" to every reader

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from livelm.bench.workload import Workload, chat_prompt_ids
-
-# One round of generation: (prompt ids, output lengths) -> (output ids per request, extra).
-GenerateFn = Callable[[list[list[int]], list[int]], tuple[list[list[int]], dict]]
 
 
 @dataclass
@@ -93,22 +89,22 @@ class LivelmOffline:
 
 
 class TransformersOffline:
-    """transformers' batched ``generate`` (``benchmarks/offline_throughput.run_hf``):
+    """transformers' batched ``generate`` (:func:`livelm.bench.hf_baseline.run_hf`):
     prompts sorted by length, left-padded batches, each run to its longest output."""
 
     name = "transformers"
 
     def __init__(self, model_dir: str, batch_size: int = 16) -> None:
-        from livelm.bench import repo_benchmarks
+        from livelm.bench import hf_baseline
 
-        self._ot = repo_benchmarks.load("offline_throughput")
-        self.model = self._ot.build_hf(model_dir)
+        self._hf = hf_baseline
+        self.model = hf_baseline.build_hf(model_dir)
         self.batch_size = batch_size
         self.partial: tuple[int, int, int] = (0, 0, 0)
 
     def generate(self, prompts: list[list[int]], output_lens: list[int]) -> tuple[list[list[int]], dict]:
         """Run one round (no partial progress inside: ``generate`` returns per batch)."""
-        res = self._ot.run_hf(self.model, prompts, output_lens, min(self.batch_size, len(prompts)))
+        res = self._hf.run_hf(self.model, prompts, output_lens, min(self.batch_size, len(prompts)))
         return res.output_token_ids, {k: v for k, v in res.extra.items() if isinstance(v, int | float)}
 
 
