@@ -11,7 +11,6 @@ replies and frees its KV. The protocol is documented in docs/streaming_input.md.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
 import logging
@@ -22,6 +21,7 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 
 from livelm.engine.input_stream import InputStream
+from livelm.entrypoints.openai.auth import invalid_api_key, key_matches
 from livelm.entrypoints.openai.errors import OpenAIError
 from livelm.entrypoints.openai.logprobs import append_completion_logprobs
 from livelm.entrypoints.openai.protocol import CompletionLogprobs, random_id
@@ -100,18 +100,12 @@ class StreamSocket:
         key = self.state.config.api_key
         if not key:
             return True
-        header = self.ws.headers.get("authorization", "")
-        query = self.ws.query_params.get("api_key", "")
-        # Browsers cannot set headers on a WebSocket: the key may come as ?api_key=.
-        return hmac.compare_digest(header.encode(), f"Bearer {key}".encode()) or (
-            bool(query) and hmac.compare_digest(query.encode(), key.encode())
-        )
+        return key_matches(key, self.ws.headers.get("authorization", "").encode(),
+                           self.ws.query_params.get("api_key", ""))
 
     async def _deny(self) -> None:
         self.state.metrics.rejected.labels("unauthorized").inc()
-        err = OpenAIError("missing or invalid API key: send 'Authorization: Bearer <key>' or "
-                          "the query parameter ?api_key=<key>", 401, "authentication_error",
-                          code="invalid_api_key")
+        err = invalid_api_key(" or the query parameter ?api_key=<key>")
         if "websocket.http.response" in self.ws.scope.get("extensions", {}):
             await self.ws.send_denial_response(JSONResponse(err.body(), status_code=401))
         else:  # servers without the denial extension: refuse the handshake (403)
