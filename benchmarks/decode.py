@@ -32,14 +32,14 @@ weights one decode step reads, the bandwidth-bound decode speed (bandwidth / byt
 fraction of it achieved: against the higher of the bandwidths measured at the start and at
 the end of the run, and against the bandwidth measured beside each single-stream run (the
 higher of just before and just after it; the best run counts). This machine's memory
-speed moves within one run (42 GB/s at the start and 71 at the end of one), so the second
-pairs each decode with the memory speed it ran at. Results: a table with ratios on stdout and one JSON line appended
-to ``benchmarks/results/decode.jsonl`` (date, git commit, machine, load average at the
-start and end, every run).
+speed can move a lot within one run (BENCHMARKS.md records the figures), so the second
+pairs each decode with the memory speed it ran at. Results: a table with ratios on stdout
+and one JSON line appended to ``benchmarks/results/decode.jsonl`` (date, git commit,
+machine, load average at the start and end, every run).
 
 Usage::
 
-    python benchmarks/decode.py                 # default model, all arms (~30 min on 2 cores)
+    python benchmarks/decode.py                 # default model, all arms (long: see BENCHMARKS.md)
     python benchmarks/decode.py --quick         # short smoke run (a few minutes)
     python benchmarks/decode.py --model path/to/model.gguf --skip-batch
 """
