@@ -221,11 +221,23 @@ class AsyncEngine:
         """Load as of the last engine step."""
         return self._stats
 
-    async def shutdown(self) -> None:
-        """Abort what is in flight and stop the engine thread."""
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` began: new requests are refused (RuntimeError), and
+        a request that ends with ``finish_reason="abort"`` from then on was ended by it."""
+        return self._stopping
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking requests, let those in flight finish for up to ``drain_timeout_s``
+        seconds, then abort the rest (their last output has ``finish_reason="abort"``),
+        close the input streams and stop the engine thread. Calling it again is harmless."""
         self._stopping = True
-        self._commands.send(Stop())
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        deadline = time.monotonic() + drain_timeout_s
+        while self._streams and time.monotonic() < deadline and self._thread.is_alive():
+            await asyncio.sleep(0.01)
+        if self._thread.is_alive():
+            self._commands.send(Stop())
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     # ------------------------------------------------------------- engine thread
 

@@ -6,6 +6,13 @@ import argparse
 import os
 
 
+def _non_negative_seconds(value: str) -> float:
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return seconds
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """Add ``livelm serve``'s flags (server, then engine) to ``parser``."""
     server = parser.add_argument_group("server")
@@ -25,9 +32,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="largest accepted request body, else 413 (default 8 MiB)")
     server.add_argument("--cors-origin", action="append", default=[],
                         help="allow browser requests from this origin (repeatable; CORS is off by default)")
-    server.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before "
-                             "aborting them (default 30)")
+    server.add_argument("--drain-timeout", "--shutdown-timeout", dest="drain_timeout_s",
+                        type=_non_negative_seconds, default=5.0, metavar="SECONDS",
+                        help="on SIGINT/SIGTERM, new requests get 503 at once and in-flight ones "
+                             "may finish for this long; the rest then end with an error event "
+                             "or body (default 5; --shutdown-timeout is the old name)")
     server.add_argument("--log-level", default="info", type=str.lower,
                         choices=["critical", "error", "warning", "info", "debug"])
     engine = parser.add_argument_group("engine")

@@ -18,6 +18,7 @@ from livelm.entrypoints.openai.admission import AdmissionControl
 from livelm.entrypoints.openai.auth import BearerAuthMiddleware
 from livelm.entrypoints.openai.body_limit import BodySizeLimitMiddleware
 from livelm.entrypoints.openai.config import ServerConfig
+from livelm.entrypoints.openai.drain import Drain, DrainMiddleware
 from livelm.entrypoints.openai.errors import OpenAIError, install_error_handlers
 from livelm.entrypoints.openai.generation import ClientDisconnected
 from livelm.entrypoints.openai.logprobs import TokenText
@@ -70,16 +71,19 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         token_text=TokenText(engine.tokenizer),
     )
 
+    drain = Drain(admission, config.drain_timeout_s)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        # uvicorn has already let in-flight responses finish (or cancelled them past its
-        # graceful timeout, which aborted their engine requests); now stop the engine.
+        # Served by DrainingServer, the drain has already stopped the engine (this is then
+        # a no-op); under a plain uvicorn.Server, in-flight work is aborted here.
         if config.shutdown_engine:
             await engine.shutdown()
 
     app = FastAPI(title="livelm", lifespan=lifespan)
     app.state.livelm = state
+    app.state.drain = drain
 
     def reject(reason: str) -> None:
         metrics.rejected.labels(reason).inc()
@@ -105,6 +109,7 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(DrainMiddleware, drain=drain)  # outermost: refuses all once draining
     return app
 
 
@@ -192,6 +197,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_running=args.max_num_seqs,
         max_body_bytes=args.max_body_bytes,
         cors_origins=tuple(args.cors_origin or ()),
+        drain_timeout_s=getattr(args, "drain_timeout_s", ServerConfig.drain_timeout_s),
     )
 
 
@@ -216,6 +222,7 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from livelm.engine.async_engine import AsyncEngine
+    from livelm.entrypoints.openai.drain import FLUSH_TIMEOUT_S, DrainingServer
 
     configure_logging(args.log_level)
     engine_kwargs = engine_kwargs_from_args(args)
@@ -228,17 +235,19 @@ def run_server(args: argparse.Namespace) -> None:
         port=args.port,
         log_level=args.log_level.lower(),
         access_log=False,  # one JSON line per request is logged by the app itself
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        # The drain (DrainingServer) ends every request before uvicorn's own shutdown;
+        # this only bounds what could still be open after it.
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         # WebSocket messages over --max-body-bytes get an error event from /v1/stream; far
         # larger ones are refused by the protocol layer (close code 1009) before buffering.
         ws_max_size=2 * args.max_body_bytes,
     )
     logger.info("serving %s on http://%s:%d/v1", app.state.livelm.model_name, args.host, args.port)
-    # uvicorn handles SIGINT/SIGTERM itself (stop accepting, drain, lifespan shutdown), then
-    # re-raises the signal to the handler that was installed before it. With Python's
-    # defaults that would turn a clean drain into KeyboardInterrupt or death by SIGTERM;
-    # a no-op handler lets the process exit 0 once everything is stopped.
+    # SIGINT/SIGTERM start the drain (new requests get 503, in-flight ones get
+    # --drain-timeout seconds, then the engine stops and ends the rest with an error).
+    # uvicorn restores the handlers it found when it stops: no-ops, so that a signal
+    # arriving after that cannot turn a clean exit into KeyboardInterrupt.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(uv_config).run()
+    DrainingServer(uv_config, app.state.drain, engine.shutdown).run()
     logger.info("server stopped")

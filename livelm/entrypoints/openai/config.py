@@ -22,6 +22,9 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
     retry_after_s: int = 1
+    # On SIGINT/SIGTERM: seconds in-flight requests may take to finish while new ones get
+    # 503; then the rest end with an OpenAI-style error (see docs/serving.md#shutdown).
+    drain_timeout_s: float = 5.0
     # Whether the app's lifespan shutdown also shuts the engine down (tests that share one
     # engine between several apps turn it off).
     shutdown_engine: bool = True
@@ -33,3 +36,5 @@ class ServerConfig:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if not self.drain_timeout_s >= 0:  # also refuses NaN
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")

@@ -23,6 +23,32 @@ class ClientDisconnected(Exception):
     """The client went away before the response started."""
 
 
+class ServerShutdown(RuntimeError):
+    """The server shut down (its drain timeout passed) before the request finished."""
+
+    MESSAGE = "the server is shutting down: the request did not finish in time"
+
+    def __init__(self, message: str = MESSAGE) -> None:
+        super().__init__(message)
+
+    def error(self) -> OpenAIError:
+        """The 503 a non-streamed request gets (a stream gets it as its last event)."""
+        return OpenAIError(str(self), 503, "service_unavailable", code="server_shutdown",
+                           headers={"Connection": "close"})
+
+
+def stream_error(exc: Exception) -> OpenAIError:
+    """The error event that ends a stream which failed after it started: a 503
+    ``server_shutdown`` when the drain timeout cut it off, else a 500."""
+    if isinstance(exc, ServerShutdown):
+        return exc.error()
+    return OpenAIError(f"generation failed: {type(exc).__name__}: {exc}", 500, "server_error")
+
+
+def _stopping(engine: Any) -> bool:
+    return bool(getattr(engine, "stopping", False))
+
+
 class EngineStream:
     """One engine request: its id and its stream of output deltas.
 
@@ -38,11 +64,22 @@ class EngineStream:
         self.finished = False
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        async for out in self._gen:
-            self.finished = out.finished
-            yield out
-            if out.finished:
-                return
+        """The outputs; :class:`ServerShutdown` instead of the abort that ends a request
+        when the engine shuts down (or of the refusal of one that arrives too late)."""
+        try:
+            async for out in self._gen:
+                self.finished = out.finished
+                if out.finished and _stopping(self.engine) and any(
+                        o.finish_reason == "abort" for o in out.outputs):
+                    raise ServerShutdown()
+                yield out
+                if out.finished:
+                    return
+        except RuntimeError as exc:
+            if isinstance(exc, ServerShutdown) or not _stopping(self.engine):
+                raise
+            self.finished = True
+            raise ServerShutdown() from exc
 
     async def close(self) -> None:
         """Abort the request unless it finished, and close the engine's generator."""
@@ -140,7 +177,7 @@ async def finalize_request(streams: list[EngineStream], ticket: Any, tracker: An
     if status == 200:
         reason = resp.finish_reason
     else:
-        reason = "abort" if status == 499 else "error"
+        reason = "abort" if status in (499, 503) else "error"  # 503: cut off by shutdown
     tracker.finish(reason, status, error)
 
 
@@ -154,6 +191,10 @@ async def run_to_completion(raw: Request, work: Awaitable[None],
     """
     try:
         await unless_disconnected(raw, work)
+    except ServerShutdown as exc:  # the drain timeout passed: a 503, not a failure
+        err = exc.error()
+        await finalize(err.status_code, err.message)
+        raise err from exc
     except ValueError as exc:  # the engine refused the request
         err = bad_request_from_value_error(exc, {}, prompt_param)
         await finalize(400, err.message)

@@ -15,6 +15,7 @@ from livelm.entrypoints.openai.generation import (
     merge_streams,
     open_streams,
     run_to_completion,
+    stream_error,
 )
 from livelm.entrypoints.openai.logprobs import chat_logprobs
 from livelm.entrypoints.openai.protocol import (
@@ -169,8 +170,9 @@ async def _stream(builder: _ChatStream, streams: list[EngineStream], tracker: Re
         yield DONE
         status, error = 200, None
     except Exception as exc:  # the stream has started: report in-band, then end it
-        status, error = 500, f"{type(exc).__name__}: {exc}"
-        yield sse_error(OpenAIError(f"generation failed: {error}", 500, "server_error"))
+        err = stream_error(exc)  # 503 when cut off by shutdown, else 500
+        status, error = err.status_code, f"{type(exc).__name__}: {exc}"
+        yield sse_error(err)
         yield DONE
     finally:
         await finalize(status, error)
