@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from livelm.entrypoints.openai.choices import ResponseState
 from livelm.entrypoints.openai.errors import OpenAIError
-from livelm.entrypoints.openai.generation import (
-    EngineStream,
-    finalize_request,
-    merge_streams,
-    open_streams,
-    run_to_completion,
-    stream_error,
-)
+from livelm.entrypoints.openai.generation import open_streams
 from livelm.entrypoints.openai.logprobs import chat_logprobs
 from livelm.entrypoints.openai.protocol import (
     ChatChoice,
@@ -33,8 +24,9 @@ from livelm.entrypoints.openai.protocol import (
     random_id,
 )
 from livelm.entrypoints.openai.request_tracker import RequestTracker
+from livelm.entrypoints.openai.respond import respond
 from livelm.entrypoints.openai.sampling import chat_sampling_params
-from livelm.entrypoints.openai.sse import DONE, SSEResponse, sse_error, sse_event
+from livelm.entrypoints.openai.sse import sse_event
 from livelm.entrypoints.openai.state import ServerState, off_loop_if_large
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
@@ -75,11 +67,20 @@ class _ChatStream:
             self.req.include_usage,
         )
 
-    def deltas(self, out: RequestOutput) -> list[ChatChunkChoice]:
+    def opening(self) -> list[ChatChunkChoice]:
+        """Every choice opens with the role, as OpenAI's first chunk does."""
+        return [ChatChunkChoice(index=idx, delta=ChatDelta(role="assistant", content=""))
+                for idx in range(self.params.n)]
+
+    def start(self, prompt_index: int, out: RequestOutput) -> list[ChatChunkChoice]:
+        self.resp.first_sight(prompt_index, out)
+        return []
+
+    def deltas(self, prompt_index: int, out: RequestOutput) -> list[ChatChunkChoice]:
         """Content chunks, then a separate empty-delta chunk carrying finish_reason."""
         choices = []
         for delta in out.outputs:
-            idx = self.resp.choice_index(0, delta)
+            idx = self.resp.choice_index(prompt_index, delta)
             self.resp.choices[idx].add(delta)
             logprobs = None
             if self.req.logprobs and delta.token_ids:
@@ -131,48 +132,4 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                              state.model_name, req.stream, params.n)
     streams = open_streams(state.engine, [prompt_ids], params, response_id)
     builder = _ChatStream(state, req, params, response_id)
-
-    async def finalize(status: int = 499, error: str | None = "client disconnected") -> None:
-        await finalize_request(streams, ticket, tracker, builder.resp, status, error)
-
-    if req.stream:
-        return SSEResponse(_stream(builder, streams, tracker, finalize), finalize)
-    await run_to_completion(raw, _consume(builder, streams, tracker), finalize, "messages")
-    return JSONResponse(builder.whole().model_dump(mode="json"))
-
-
-async def _consume(builder: _ChatStream, streams: list[EngineStream],
-                   tracker: RequestTracker) -> None:
-    async for _, out in merge_streams(streams):
-        builder.resp.first_sight(0, out)
-        before = builder.resp.completion_tokens
-        builder.deltas(out)
-        tracker.on_tokens(builder.resp.completion_tokens - before)
-
-
-async def _stream(builder: _ChatStream, streams: list[EngineStream], tracker: RequestTracker,
-                  finalize: Callable[[int, str | None], Awaitable[None]]) -> AsyncIterator[str]:
-    status, error = 499, "client disconnected"
-    try:
-        # Every choice opens with the role, as OpenAI's first chunk does.
-        for idx in range(builder.params.n):
-            yield builder.chunk([ChatChunkChoice(index=idx,
-                                                 delta=ChatDelta(role="assistant", content=""))])
-        async for _, out in merge_streams(streams):
-            builder.resp.first_sight(0, out)
-            before = builder.resp.completion_tokens
-            choices = builder.deltas(out)
-            tracker.on_tokens(builder.resp.completion_tokens - before)
-            for choice in choices:
-                yield builder.chunk([choice])
-        if builder.req.include_usage:
-            yield builder.chunk([], builder.usage())
-        yield DONE
-        status, error = 200, None
-    except Exception as exc:  # the stream has started: report in-band, then end it
-        err = stream_error(exc)  # 503 when cut off by shutdown, else 500
-        status, error = err.status_code, f"{type(exc).__name__}: {exc}"
-        yield sse_error(err)
-        yield DONE
-    finally:
-        await finalize(status, error)
+    return await respond(raw, builder, streams, ticket, tracker, "messages")

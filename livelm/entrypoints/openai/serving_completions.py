@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from livelm.entrypoints.openai.choices import ResponseState
 from livelm.entrypoints.openai.errors import OpenAIError
-from livelm.entrypoints.openai.generation import (
-    EngineStream,
-    finalize_request,
-    merge_streams,
-    open_streams,
-    run_to_completion,
-    stream_error,
-)
+from livelm.entrypoints.openai.generation import EngineStream, open_streams
 from livelm.entrypoints.openai.logprobs import append_completion_logprobs
 from livelm.entrypoints.openai.protocol import (
     CompletionChoice,
@@ -28,8 +20,9 @@ from livelm.entrypoints.openai.protocol import (
     random_id,
 )
 from livelm.entrypoints.openai.request_tracker import RequestTracker
+from livelm.entrypoints.openai.respond import respond
 from livelm.entrypoints.openai.sampling import completion_sampling_params
-from livelm.entrypoints.openai.sse import DONE, SSEResponse, sse_error, sse_event
+from livelm.entrypoints.openai.sse import sse_event
 from livelm.entrypoints.openai.state import ServerState, off_loop_if_large
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
@@ -57,15 +50,32 @@ class _CompletionStream:
     """Turns engine outputs into completion choices (chunks or a whole response)."""
 
     def __init__(self, state: ServerState, req: CompletionRequest, params: SamplingParams,
-                 prompts: list[str | list[int]], num_prompts: int) -> None:
+                 prompts: list[str | list[int]], num_prompts: int, response_id: str) -> None:
         self.state = state
         self.req = req
         self.params = params
         self.prompts = prompts
+        self.response_id = response_id
         self.resp = ResponseState(num_prompts, params.n)
         self.want_logprobs = req.logprobs is not None
         self.logprobs = [CompletionLogprobs() for _ in self.resp.choices]
         self.text_offset = [0] * len(self.resp.choices)
+
+    def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        return sse_event(
+            CompletionResponse(id=self.response_id, model=self.state.model_name,
+                               choices=choices, usage=usage),
+            self.req.include_usage,
+        )
+
+    def opening(self) -> list[CompletionChoice]:
+        return []
+
+    def start(self, prompt_index: int, out: RequestOutput) -> list[CompletionChoice]:
+        """The echoed prompt's choices on its first output when ``req.echo``."""
+        if self.resp.first_sight(prompt_index, out) and self.req.echo:
+            return self.echo(prompt_index, out)
+        return []
 
     def _prompt_text(self, prompt_index: int, out: RequestOutput) -> str:
         prompt = self.prompts[prompt_index]
@@ -120,15 +130,15 @@ class _CompletionStream:
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                          total_tokens=prompt + completion)
 
-    def whole(self, response_id: str) -> CompletionResponse:
+    def whole(self) -> CompletionResponse:
         """The non-streamed response."""
         choices = [
             CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
                              logprobs=self.logprobs[c.index] if self.want_logprobs else None)
             for c in self.resp.choices
         ]
-        return CompletionResponse(id=response_id, model=self.state.model_name, choices=choices,
-                                  usage=self.usage())
+        return CompletionResponse(id=self.response_id, model=self.state.model_name,
+                                  choices=choices, usage=self.usage())
 
 
 def _extend(dest: CompletionLogprobs, src: CompletionLogprobs) -> None:
@@ -165,56 +175,5 @@ async def respond_completion(state: ServerState, req: CompletionRequest, raw: Re
     """Answer from engine streams already opened (one per prompt): SSE chunks when
     ``req.stream``, else one response. Replies to streamed input use it too (``req`` is then
     any request with ``stream``, ``include_usage``, ``logprobs`` and ``echo``)."""
-    builder = _CompletionStream(state, req, params, prompts, len(prompts))
-
-    async def finalize(status: int = 499, error: str | None = "client disconnected") -> None:
-        await finalize_request(streams, ticket, tracker, builder.resp, status, error)
-
-    if req.stream:
-        return SSEResponse(_stream(builder, streams, response_id, tracker, finalize), finalize)
-    await run_to_completion(raw, _consume(builder, streams, tracker), finalize, "prompt")
-    return JSONResponse(builder.whole(response_id).model_dump(mode="json"))
-
-
-async def _consume(builder: _CompletionStream, streams: list[EngineStream],
-                   tracker: RequestTracker) -> None:
-    async for i, out in merge_streams(streams):
-        if builder.resp.first_sight(i, out) and builder.req.echo:
-            builder.echo(i, out)
-        before = builder.resp.completion_tokens
-        builder.deltas(i, out)
-        tracker.on_tokens(builder.resp.completion_tokens - before)
-
-
-async def _stream(builder: _CompletionStream, streams: list[EngineStream], response_id: str,
-                  tracker: RequestTracker,
-                  finalize: Callable[[int, str | None], Awaitable[None]]) -> AsyncIterator[str]:
-    include_usage = builder.req.include_usage
-    model = builder.state.model_name
-
-    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-        return sse_event(CompletionResponse(id=response_id, model=model, choices=choices,
-                                            usage=usage), include_usage)
-
-    status, error = 499, "client disconnected"
-    try:
-        async for i, out in merge_streams(streams):
-            if builder.resp.first_sight(i, out) and builder.req.echo:
-                for choice in builder.echo(i, out):
-                    yield chunk([choice])
-            before = builder.resp.completion_tokens
-            choices = builder.deltas(i, out)
-            tracker.on_tokens(builder.resp.completion_tokens - before)
-            for choice in choices:
-                yield chunk([choice])
-        if include_usage:
-            yield chunk([], builder.usage())
-        yield DONE
-        status, error = 200, None
-    except Exception as exc:  # the stream has started: report in-band, then end it
-        err = stream_error(exc)  # 503 when cut off by shutdown, else 500
-        status, error = err.status_code, f"{type(exc).__name__}: {exc}"
-        yield sse_error(err)
-        yield DONE
-    finally:
-        await finalize(status, error)
+    builder = _CompletionStream(state, req, params, prompts, len(prompts), response_id)
+    return await respond(raw, builder, streams, ticket, tracker, "prompt")
