@@ -247,3 +247,55 @@ def test_drain_timeout_flag_and_config():
         parser.parse_args(["serve", "--drain-timeout", "-1"])
     with pytest.raises(ValueError, match="drain_timeout_s"):
         ServerConfig(drain_timeout_s=-0.5)
+
+
+def test_second_signal_ends_the_drain_at_once(llama_dir, tmp_path):
+    """With a long drain timeout, a second SIGTERM cuts the drain short: the streams still
+    end with the error event and the process exits 0."""
+    log = tmp_path / "server.log"
+    proc, url = _start_process(llama_dir, log, "--drain-timeout", "60")
+    try:
+        streams = [_stream_in_thread(url, "/v1/completions", _completion(16000)) for _ in range(2)]
+        for _, result in streams:
+            assert result["started"].wait(30)
+        proc.send_signal(signal.SIGTERM)
+        signalled_at = time.monotonic()
+        _assert_refused(url)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still draining
+        proc.send_signal(signal.SIGTERM)
+        elapsed = _wait_for_exit(proc, signalled_at, log)
+        print(f"\ntwo SIGTERMs: exited {elapsed:.2f}s after the first")
+        assert elapsed < 15.0
+        for thread, result in streams:
+            thread.join(10)
+            _assert_ended_with_shutdown_error(result)
+        _assert_clean_log(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_draining_app_refuses_http_and_websocket_with_openai_errors(llama_dir):
+    """In process: once the drain began, every route and the WebSocket handshake get the
+    503; the engine keeps serving (the server, not the app, decides when to stop it)."""
+    from server_utils import serve, start_engine, stop_engine
+    from websockets.exceptions import InvalidStatus
+
+    engine = start_engine(llama_dir)
+    try:
+        with serve(engine) as srv:
+            srv.app.state.drain.begin()
+            for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                                 ("GET", "/v1/models"), ("POST", "/v1/sessions")):
+                r = httpx.request(method, f"{srv.url}{path}", json={"prompt": "x"}, timeout=10)
+                assert r.status_code == 503, (path, r.text)
+                assert r.headers["connection"] == "close"
+                assert r.json()["error"]["code"] == "server_shutdown"
+            with pytest.raises(InvalidStatus) as denied:
+                connect(srv.url.replace("http://", "ws://") + "/v1/stream")
+            assert denied.value.response.status_code == 503
+            assert json.loads(denied.value.response.body)["error"]["type"] == "service_unavailable"
+            assert not engine.stopping
+    finally:
+        stop_engine(engine)
