@@ -21,6 +21,7 @@ from livelm.layers.attention import (
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
 from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
+from livelm.runner.sampling.guard import NonFiniteLogits, RowFailure
 
 
 class ModelRunner:
@@ -47,7 +48,7 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
-        self.attention: AttentionBackend = select_attention_backend(
+        self.attn_backend: AttentionBackend = select_attention_backend(
             attention_backend, self.device, self.dtype, cfg.head_dim
         )
         self.tied_head: nn.Module | None = prepare_model(model)
@@ -78,13 +79,38 @@ class ModelRunner:
         sample_chunks = [c for c in chunks if c.sample]
         lp_chunks = [c for c in chunks if c.want_prompt_logprobs]
         sampled: dict[str, SampledToken] = {}
+        failed: dict[str, Exception] = {}
         if sample_chunks:
             rows = torch.tensor([row_of[c.request_id][1] - 1 for c in sample_chunks], device=self.device)
             logits = self._logits(hidden.index_select(0, rows))
-            out = self.sampler(logits, self._sampling_batch(sample_chunks))
-            sampled = self._to_sampled(sample_chunks, out)
+            sampled = self._sample(logits, sample_chunks, failed)
         prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
-        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps)
+        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed)
+
+    def execute_each(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """After ``execute(sched)`` raised: run each chunk alone, so that a failure names
+        the request that causes it (in ``failed``) and the others get their results.
+
+        The failed attempt may have written KV for some chunks: running them again writes
+        the same values into the same slots. It may also have drawn from seeded rows'
+        generators: each is set back first to where it stood before that step.
+        """
+        sampled: dict[str, SampledToken] = {}
+        prompt_lps: dict[str, PromptLogprobs] = {}
+        failed: dict[str, Exception] = {}
+        for chunk in sched.chunks:
+            try:
+                self._rewind_generator(chunk)
+                out = self.execute(SchedulerOutput(chunks=[chunk]))
+            except Exception as e:  # noqa: BLE001 - this chunk's own failure
+                error = RuntimeError(f"the engine step failed for this request: {type(e).__name__}: {e}")
+                error.__cause__ = e
+                failed[chunk.request_id] = error
+                continue
+            sampled.update(out.sampled)
+            prompt_lps.update(out.prompt_logprobs)
+            failed.update(out.failed)
+        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tied_head is not None:
@@ -123,7 +149,7 @@ class ModelRunner:
             decode_lens=None,
             block_size=bs,
             prefills=[],
-            backend=self.attention,
+            backend=self.attn_backend,
         )
         if decode_lens:
             max_blocks = max(len(t) for t in decode_tables)
@@ -139,12 +165,40 @@ class ModelRunner:
             tbl = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=dev)
             ctx_slots = tbl[offsets // bs] * bs + offsets % bs
             meta.prefills.append(PrefillSegment(start_row, n, ctx_slots, None))
-        self.attention.prepare(meta, self.dtype)  # what only this backend reads
+        self.attn_backend.prepare(meta, self.dtype)  # what only this backend reads
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions_t = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions_t, meta, row_of
 
     # ----------------------------------------------------------------- sampling
+
+    def _sample(
+        self, logits: torch.Tensor, chunks: list[ScheduledChunk], failed: dict[str, Exception]
+    ) -> dict[str, SampledToken]:
+        """Sample a token for each chunk; a row that cannot be sampled (a seed the generator
+        refuses, logits that are not finite) goes into ``failed`` and the rest are sampled
+        again without it: nothing was drawn yet, so their tokens are those of a batch
+        without it."""
+        while True:
+            try:
+                out = self.sampler(logits, self._sampling_batch(chunks))
+                return self._to_sampled(chunks, out)
+            except RowFailure as e:
+                for i, error in e.errors.items():
+                    failed[chunks[i].request_id] = self._row_error(error, logits[i])
+                keep = [i for i in range(len(chunks)) if i not in e.errors]
+                if not keep:
+                    return {}
+                chunks = [chunks[i] for i in keep]
+                logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+
+    @staticmethod
+    def _row_error(error: Exception, raw_logits: torch.Tensor) -> Exception:
+        # Non-finite after penalties/temperature: the request's parameters did it (a 400)
+        # unless the model's own logits were not finite already (a 500).
+        if isinstance(error, NonFiniteLogits) and not bool(torch.isfinite(raw_logits).all()):
+            return RuntimeError("the model produced non-finite logits (NaN or Inf) for this request")
+        return error
 
     def _generator(self, chunk: ScheduledChunk) -> torch.Generator | None:
         seed = chunk.sampling_params.seed
@@ -157,13 +211,35 @@ class ModelRunner:
             self._generators[chunk.request_id] = gen
         return gen
 
+    def _rewind_generator(self, chunk: ScheduledChunk) -> None:
+        """Set a seeded request's generator back to where it stood before this step: its
+        seed, then one number drawn per token it sampled so far (the sampler draws one per
+        row and step), drawn the same way."""
+        if self._generators.pop(chunk.request_id, None) is None:
+            return
+        gen = self._generator(chunk)
+        one = torch.empty(1, device=self.device)
+        for _ in range(len(chunk.output_token_ids)):
+            one.uniform_(generator=gen)
+
     def _sampling_batch(self, chunks: list[ScheduledChunk]) -> SamplingBatch:
         eos = self.eos_token_ids
+        generators: list[torch.Generator | None] = []
+        bad: dict[int, Exception] = {}
+        for i, c in enumerate(chunks):
+            try:
+                generators.append(self._generator(c))
+            except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+                seed = c.sampling_params.seed
+                bad[i] = ValueError(f"seed {seed} cannot seed a random generator ({e}): use a 64-bit seed")
+                generators.append(None)
+        if bad:
+            raise RowFailure(bad)
         return SamplingBatch(
             params=[c.sampling_params for c in chunks],
             prompt_token_ids=[c.prompt_token_ids for c in chunks],
             output_token_ids=[c.output_token_ids for c in chunks],
-            generators=[self._generator(c) for c in chunks],
+            generators=generators,
             eos_token_ids=[set() if c.sampling_params.ignore_eos else eos for c in chunks],
         )
 

@@ -66,7 +66,7 @@ def test_prepare_builds_slots_tables_and_segments(runner: ModelRunner) -> None:
     assert (first.query_start, first.query_len, first.context_slots) == (2, 3, None)
     assert (cont.query_start, cont.query_len) == (5, 3)
     assert cont.context_slots.tolist() == [4, 5, 6, 7, 16, 17, 18, 19, 8]  # positions 0..8
-    assert meta.backend is runner.attention and isinstance(runner.attention, TorchAttention)
+    assert meta.backend is runner.attn_backend and isinstance(runner.attn_backend, TorchAttention)
 
     # The torch backend's extras: gather slots and padding bias per decode, causal masks.
     assert meta.decode_slots.tolist() == [[28, 29, 30, 31, 12, 13, 14, 15], [20, 21, 22, 23, 0, 1, 2, 3]]
@@ -81,7 +81,7 @@ def test_prepare_builds_slots_tables_and_segments(runner: ModelRunner) -> None:
 
 def test_cpu_backend_needs_no_torch_extras(llama_dir) -> None:
     runner = _runner(llama_dir, "cpu")
-    backend = runner.attention
+    backend = runner.attn_backend
     if not isinstance(backend, CpuKernelAttention) or backend.decode is None or backend.prefill is None:
         pytest.skip("the C++ attention kernels could not be built here")
     _, _, meta, _ = runner._prepare([_chunk("d", [1], 5, [7, 3]), _chunk("p", [2, 3], 6, [1, 4])])
@@ -104,7 +104,7 @@ def test_backends_give_the_same_tokens(llama_dir, runner: ModelRunner) -> None:
             for rid in seqs:
                 seqs[rid].append(out.sampled[rid].token_id)
             chunks = [_chunk(rid, s[-1:], len(s) - 1, blocks[rid], prompt=prompts[rid]) for rid, s in seqs.items()]
-        tokens[r.attention.name] = [seqs["a"], seqs["b"]]
+        tokens[r.attn_backend.name] = [seqs["a"], seqs["b"]]
     assert len(set(map(str, tokens.values()))) == 1, tokens
 
 
