@@ -89,10 +89,13 @@ class PromptLogprobs:
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
-    """Per request id: the sampled token, and prompt logprobs when asked."""
+    """Per request id: the sampled token, and prompt logprobs when asked; ``failed`` holds
+    the requests the runner could not serve this step (nothing sampled for them) and the
+    error each one ends with."""
 
     sampled: dict[str, SampledToken]
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
+    failed: dict[str, Exception] = field(default_factory=dict)
 
 
 @dataclass

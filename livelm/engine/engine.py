@@ -24,9 +24,10 @@ import torch
 
 from livelm.config import CacheConfig, EngineConfig, SchedulerConfig
 from livelm.core.kv_manager import blocks_needed
-from livelm.core.request import FinishReason, Request
+from livelm.core.request import FinishReason, Request, RequestStatus
 from livelm.core.request_options import NO_OPTIONS, RequestOptions
 from livelm.core.scheduler import Scheduler
+from livelm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from livelm.core.token_ids import check_vocab_range
 from livelm.engine.request_state import RequestState
 from livelm.engine.tokenizer import chat_prompt_ids, encode_prompt, load_tokenizer
@@ -36,7 +37,7 @@ from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
 from livelm.outputs import RequestOutput
 from livelm.runner.model_runner import ModelRunner
-from livelm.sampling_params import SamplingParams
+from livelm.sampling_params import SamplingParams, check_engine_limits
 
 logger = logging.getLogger("livelm")
 
@@ -74,6 +75,10 @@ class EngineStats:
     num_session_pins_closed: int = 0
     num_input_streams: int = 0
     num_computed_tokens: int = 0
+    # Liveness: unix time of the last completed step (0 before the first), and whether the
+    # step loop still runs (AsyncEngine sets False once its engine thread stopped).
+    last_step_time: float = 0.0
+    engine_alive: bool = True
 
 
 def make_engine_config(model: str | None, kwargs: dict) -> EngineConfig:
@@ -147,6 +152,10 @@ class Engine:
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
         self.states: dict[str, RequestState] = {}  # requests in flight, by id
         self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)
+        self.last_step_time = 0.0  # time.time() when the last step completed
+        # Input streams a step failed and ended (no caller-side state): (id, error), for
+        # their owner (AsyncEngine) to take and close.
+        self.failed_streams: list[tuple[str, Exception]] = []
         self._ids = itertools.count()
 
     def _num_kv_blocks(self) -> int:
@@ -199,6 +208,14 @@ class Engine:
             )
         if options.session_id is not None and params.n > 1:
             raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
+        if params.max_tokens is None and n + params.min_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + min_tokens ({params.min_tokens}) exceeds the context length "
+                f"of {self.max_model_len} tokens: lower min_tokens"
+            )
+        # Stop ids may name any token of the model's or the tokenizer's vocabulary.
+        check_engine_limits(params, max_n=self.config.max_n, max_num_seqs=self.config.max_num_seqs,
+                            vocab_size=max(self.model_config.vocab_size, len(self.tokenizer)))
 
     def add(
         self,
@@ -253,32 +270,86 @@ class Engine:
 
     def step(self) -> list[tuple[RequestState, RequestOutput]]:
         """Run one scheduling + model step; returns (request, delta output) for each
-        request that moved."""
+        request that moved.
+
+        A request the step cannot serve (a seed the generator refuses, logits that are not
+        finite, a failure of the model step that only its chunk causes, a failure turning
+        its tokens into text) ends alone: its last delta has ``finish_reason="error"`` and
+        ``state.error`` says why; the others go on as if it had not been there. Isolation
+        costs nothing until something fails. What no request can be blamed for raises.
+        """
         sched = self.scheduler.schedule()
         self.last_step_was_empty = sched.is_empty
         if sched.is_empty:
             if sched.finished_request_ids:
                 self.runner.execute(sched)  # lets the runner drop their state
             return []
-        updates = self.scheduler.update(sched, self.runner.execute(sched))
+        try:
+            ran = self.runner.execute(sched)
+        except Exception as e:
+            ran = self._isolate(sched, e)
+        moved = self._fail_sequences(ran.failed) if ran.failed else []
+        updates = self.scheduler.update(sched, ran)
         deltas: dict[str, list] = {}
         for out in updates:
             state = self.states.get(out.parent_id)
             if state is None:
                 continue
-            result = state.process(out)
+            try:
+                result = state.process(out)
+            except Exception as e:
+                logger.exception("request %s failed turning its output into text", out.parent_id)
+                deltas.pop(out.parent_id, None)
+                moved.append(self.fail(out.parent_id, RuntimeError(f"the output could not be decoded: {e!r}")))
+                continue
             if result.stop_matched is not None:
                 seq = state.seqs[out.index]
                 self.scheduler.finish_request(result.stop_matched, FinishReason.STOP, seq.stop_reason)
             if result.delta is not None:
                 deltas.setdefault(out.parent_id, []).append(result.delta)
-        moved = []
         for rid, ds in deltas.items():
             state = self.states[rid]
             moved.append((state, state.delta_output(ds)))
             if state.finished:
                 del self.states[rid]
+        self.last_step_time = time.time()
         return moved
+
+    def _isolate(self, sched: SchedulerOutput, error: Exception) -> ModelRunnerOutput:
+        """The runner failed the whole step: run each chunk alone to find the requests that
+        cause it (they end; the rest get their results). Only on failure."""
+        logger.warning(
+            "engine step failed (%s: %s); running its %d chunk(s) one by one to find the cause",
+            type(error).__name__, error, len(sched.chunks), exc_info=error,
+        )
+        ran = self.runner.execute_each(sched)
+        if len(sched.chunks) > 1 and len(ran.failed) == len(sched.chunks):
+            logger.error("every request of the failed step fails alone too: ending them all")
+        return ran
+
+    def _fail_sequences(self, failed: dict[str, Exception]) -> list[tuple[RequestState, RequestOutput]]:
+        """End the requests (all their sequences) and input streams the runner could not serve."""
+        moved = []
+        for seq_id, error in failed.items():
+            req = self.scheduler.requests.get(seq_id)
+            parent = (req.parent_id or seq_id) if req is not None else seq_id
+            logger.error("request %s failed: %s: %s", parent, type(error).__name__, error)
+            if parent in self.states:
+                moved.append(self.fail(parent, error))
+            elif req is not None and req.input_only:
+                self.scheduler.finish_request(seq_id)
+                self.failed_streams.append((seq_id, error))
+        return moved
+
+    def fail(self, request_id: str, error: Exception) -> tuple[RequestState, RequestOutput] | None:
+        """End a request with an error (``finish_reason="error"``, ``state.error``) and free
+        its KV; returns its state and final delta, if it existed."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        for seq_id in sequence_ids(request_id, state.params.n):
+            self.scheduler.finish_request(seq_id, FinishReason.ABORT)
+        return state, state.delta_output(state.fail(error))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV; returns its final (aborted) delta, if it existed."""
@@ -327,8 +398,11 @@ class Engine:
         """Current load of the engine."""
         s = self.scheduler.stats()
         kv = s.kv
+        running = s.num_running
+        if s.num_input_streams:  # an input stream waiting for input is not running
+            running -= sum(r.status is RequestStatus.WAITING_FOR_INPUT for r in self.scheduler.running)
         return EngineStats(
-            num_running=s.num_running,
+            num_running=running,
             num_waiting=s.num_waiting,
             num_free_blocks=kv.num_free_blocks,
             num_total_blocks=kv.num_total_blocks,
@@ -345,4 +419,5 @@ class Engine:
             num_session_pins_closed=kv.num_session_pins_closed,
             num_input_streams=s.num_input_streams,
             num_computed_tokens=s.num_computed_tokens,
+            last_step_time=self.last_step_time,
         )

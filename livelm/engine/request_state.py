@@ -82,6 +82,7 @@ class RequestState:
             for i in range(params.n)
         ]
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
+        self.error: Exception | None = None  # why the request failed (see fail())
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(prompt_token_ids)
 
@@ -142,6 +143,17 @@ class RequestState:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
                 deltas.append(CompletionOutput(seq.index, "", [], seq.cumulative_logprob, None, "abort"))
+        return deltas
+
+    def fail(self, error: Exception) -> list[CompletionOutput]:
+        """End every unfinished sequence with ``finish_reason="error"``: the request failed
+        (``error`` says why; AsyncEngine raises it to the caller). Returns their final deltas."""
+        self.error = error
+        deltas = []
+        for seq in self.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "error"
+                deltas.append(CompletionOutput(seq.index, "", [], seq.cumulative_logprob, None, "error"))
         return deltas
 
     def delta_output(self, deltas: list[CompletionOutput]) -> RequestOutput:

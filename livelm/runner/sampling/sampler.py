@@ -33,6 +33,7 @@ import torch
 from livelm.runner.sampling.batch import SamplerOutput, SamplingBatch
 from livelm.runner.sampling.draw import _sample_rows
 from livelm.runner.sampling.filters import _scale_by_temperature
+from livelm.runner.sampling.guard import check_finite_rows
 from livelm.runner.sampling.logprobs import _attach_logprobs
 from livelm.runner.sampling.penalties import apply_penalties
 from livelm.runner.sampling.rows import _put_rows, _take_rows
@@ -61,7 +62,8 @@ class Sampler:
             and p.min_tokens <= len(out)
             for p, out in zip(batch.params, batch.output_token_ids, strict=True)
         ):
-            token_ids = logits.argmax(dim=-1)
+            top, token_ids = logits.max(dim=-1)  # one pass, as argmax: the max is the guard's
+            check_finite_rows((top, None))
         else:
             token_ids = self._sample(logits, batch)
         return _attach_logprobs(logits, token_ids, batch.params)
@@ -72,15 +74,21 @@ class Sampler:
         x = apply_penalties(logits, batch)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         if len(greedy_rows) == n:
-            return x.argmax(dim=-1)
+            top, token_ids = x.max(dim=-1)
+            check_finite_rows((top, None))
+            return token_ids
         if not greedy_rows:
-            return _sample_rows(_scale_by_temperature(x, params), params, batch.generators)
+            s = _scale_by_temperature(x, params)
+            check_finite_rows((s.amax(dim=-1), None))  # before any row is drawn
+            return _sample_rows(s, params, batch.generators)
 
         token_ids = torch.empty(n, dtype=torch.long, device=logits.device)
-        _put_rows(token_ids, greedy_rows, _take_rows(x, greedy_rows).argmax(dim=-1))
+        greedy_top, greedy_ids = _take_rows(x, greedy_rows).max(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         rparams = [params[i] for i in random_rows]
         s = _scale_by_temperature(_take_rows(x, random_rows), rparams)
+        check_finite_rows((greedy_top, greedy_rows), (s.amax(dim=-1), random_rows))
+        _put_rows(token_ids, greedy_rows, greedy_ids)
         sampled = _sample_rows(s, rparams, [batch.generators[i] for i in random_rows])
         _put_rows(token_ids, random_rows, sampled)
         return token_ids
