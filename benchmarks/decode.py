@@ -320,8 +320,8 @@ class LlamaCppArm:
     """llama.cpp on one GGUF, every call in a fresh child process.
 
     Never in this process: llama.cpp brings its own OpenMP runtime and thread pool, and
-    once it has run here torch's ops slow down several times over (measured: livelm q8_0
-    decode 135 -> 18 tok/s in the same process), which would wreck the other arms.
+    once it has run here torch's ops slow down several times over (BENCHMARKS.md has the
+    measurement), which would wreck the other arms.
     """
 
     def __init__(self, path: Path, threads: int) -> None:
