@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from livelm.core.request_options import MAX_SESSION_TTL_S
+
 # Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
 QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8")
 # Values of EngineConfig.attention_backend (the backends of livelm.layers.attention, and auto).
@@ -47,8 +49,8 @@ class CacheConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}")
-        if self.session_ttl_s < 0:
-            raise ValueError(f"session_ttl_s must be >= 0, got {self.session_ttl_s}")
+        if not 0 <= self.session_ttl_s <= MAX_SESSION_TTL_S:  # also refuses NaN
+            raise ValueError(f"session_ttl_s must be in [0, {MAX_SESSION_TTL_S:g}] seconds, got {self.session_ttl_s}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class EngineConfig:
 
     ``attention_backend``: ``cpu`` (livelm's C++ kernels, fp32 on CPU), ``torch`` (torch
     ops, any device), or ``auto`` (``cpu`` for fp32 on CPU, else ``torch``).
+
+    ``max_n`` is the most sequences one request may ask for (``n``; it must also be at most
+    ``max_num_seqs``): a larger ``n`` is refused when the request is added.
     """
 
     model: str | None = None
@@ -100,6 +105,7 @@ class EngineConfig:
     max_stream_pending_tokens: int = 16384
     quantization: str = "auto"
     attention_backend: str = "auto"
+    max_n: int = 16
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_CHOICES:
@@ -126,6 +132,8 @@ class EngineConfig:
             raise ValueError(f"stream_idle_timeout_s must be > 0, got {self.stream_idle_timeout_s}")
         if self.max_stream_pending_tokens < 1:
             raise ValueError(f"max_stream_pending_tokens must be >= 1, got {self.max_stream_pending_tokens}")
+        if isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or self.max_n < 1:
+            raise ValueError(f"max_n must be an integer >= 1, got {self.max_n!r}")
         # Reuse the smaller configs' checks.
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 1)
         CacheConfig(self.block_size, session_ttl_s=self.session_ttl_s)

@@ -9,14 +9,19 @@ and docs/sessions.md); :meth:`RequestOptions.from_extra` reads it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+# The longest a request may pin its session's KV (7 days, in seconds): a pin's expiry is a
+# deadline the engine loop waits on, and a wait must stay a finite, representable time.
+MAX_SESSION_TTL_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
 class RequestOptions:
     """``session_id`` names a session whose KV stays pinned after the turn, ``session_ttl``
-    (seconds >= 0) overrides the engine's pin time for this turn, and ``cache_salt`` keeps
+    (seconds, finite, in [0, ``MAX_SESSION_TTL_S`` = 7 days]) overrides the engine's pin time for this turn, and ``cache_salt`` keeps
     the request's KV apart from other salts (per tenant; an empty salt is no salt).
     """
 
@@ -28,8 +33,13 @@ class RequestOptions:
         session_id, ttl, salt = self.session_id, self.session_ttl, self.cache_salt
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0):
-            raise ValueError(f"session_ttl must be a number of seconds >= 0, got {ttl!r}")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, int | float)
+            or not (isinstance(ttl, int) or math.isfinite(ttl)) or not 0 <= ttl <= MAX_SESSION_TTL_S
+        ):
+            raise ValueError(
+                f"session_ttl must be a number of seconds >= 0 and <= {MAX_SESSION_TTL_S:g} (7 days), got {ttl!r:.40}"
+            )
         if salt is not None and not isinstance(salt, str):
             raise ValueError(f"cache_salt must be a string, got {salt!r}")
         if ttl is not None:

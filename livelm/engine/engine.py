@@ -37,7 +37,7 @@ from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
 from livelm.outputs import RequestOutput
 from livelm.runner.model_runner import ModelRunner
-from livelm.sampling_params import SamplingParams
+from livelm.sampling_params import SamplingParams, check_engine_limits
 
 logger = logging.getLogger("livelm")
 
@@ -208,6 +208,14 @@ class Engine:
             )
         if options.session_id is not None and params.n > 1:
             raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
+        if params.max_tokens is None and n + params.min_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + min_tokens ({params.min_tokens}) exceeds the context length "
+                f"of {self.max_model_len} tokens: lower min_tokens"
+            )
+        # Stop ids may name any token of the model's or the tokenizer's vocabulary.
+        check_engine_limits(params, max_n=self.config.max_n, max_num_seqs=self.config.max_num_seqs,
+                            vocab_size=max(self.model_config.vocab_size, len(self.tokenizer)))
 
     def add(
         self,

@@ -212,8 +212,9 @@ def test_queue_full_is_503_with_retry_after(server, auth, engine):
             r = http.post(f"{server.url}{C}", json={**body, "stream": False, "max_tokens": 2})
             error = _assert_openai_error(r, 503)
             assert error["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
-            # n counts sequences, so a request for several is refused as well.
-            r = http.post(f"{server.url}{CHAT}", json={"messages": MSG, "n": 2, "max_tokens": 2})
+            # Sequences are counted (prompts times n), so a request for several is refused as
+            # well (n=2 would be a 400 here: more than the engine's max_num_seqs of 1).
+            r = http.post(f"{server.url}{C}", json={"prompt": ["a", "b"], "max_tokens": 2})
             _assert_openai_error(r, 503)
         # Leaving early aborts both; once the server has noticed, requests fit again.
         assert wait_until(lambda: scrape(server.url)["livelm_server_sequences_in_flight"] == 0)

@@ -49,11 +49,22 @@ class AdmissionControl:
     def admit(self, num_seqs: int) -> AdmissionTicket:
         """Admit ``num_seqs`` sequences or raise a 503 with ``Retry-After``.
 
-        A request larger than the whole bound is still admitted when nothing else is in
-        flight, so it can never be refused forever.
+        A request for more sequences than the whole bound (``max_running + max_waiting``)
+        could never be admitted alongside anything else, so it is refused with a 400 that
+        says so, idle server or not (``n`` itself is bounded by the engine's ``max_n`` and
+        ``max_num_seqs``; this catches many prompts times ``n``).
         """
-        if self.max_waiting is not None and self._in_flight > 0:
-            if self._in_flight + num_seqs > self.max_running + self.max_waiting:
+        if self.max_waiting is not None:
+            bound = self.max_running + self.max_waiting
+            if num_seqs > bound:
+                raise OpenAIError(
+                    f"the request asks for {num_seqs} sequences (prompts times n), more than the "
+                    f"server ever admits at once ({bound}: {self.max_running} running and "
+                    f"{self.max_waiting} waiting): split it into smaller requests",
+                    400,
+                    code="too_many_sequences",
+                )
+            if self._in_flight + num_seqs > bound:
                 raise OpenAIError(
                     f"server is at capacity ({self._in_flight} sequences in flight, "
                     f"at most {self.max_running} running and {self.max_waiting} waiting); "

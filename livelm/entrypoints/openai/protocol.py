@@ -5,15 +5,31 @@ except the documented livelm extras: ``top_k``, ``min_p``, ``repetition_penalty`
 ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``,
 ``include_stop_str_in_output``, ``session_id``, ``session_ttl`` and ``cache_salt``. Value ranges are checked by
 :class:`~livelm.sampling_params.SamplingParams`, so the API and the Python engine agree.
+
+Types are checked here, strictly enough that nothing odd reaches the engine: numbers must
+be finite (no ``NaN``/``Infinity``), booleans must be JSON ``true``/``false`` (not
+``"yes"`` or ``1``), integers must not be booleans, and text must be valid Unicode (a lone
+surrogate such as ``"\ud800"`` is refused with a 400 naming the field).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
+
+from livelm.sampling_params import is_valid_unicode
 
 # "abort" only reaches a client when the server shuts down under it.
 FinishReason = Literal["stop", "length", "abort"]
@@ -24,46 +40,72 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class OpenAIModel(BaseModel):
-    """Base of every request: unknown fields are accepted and ignored."""
+def _valid_text(value: str) -> str:
+    if not is_valid_unicode(value):
+        raise PydanticCustomError(
+            "unicode_invalid", "text is not valid Unicode (it holds a lone surrogate): send UTF-8 text"
+        )
+    return value
 
-    model_config = ConfigDict(extra="allow")
+
+def _no_bool(kind: str) -> Any:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError(f"{kind}_type", f"Input should be a valid {kind}, not a boolean")
+        return value
+
+    return BeforeValidator(check)
+
+
+# Field types of the requests: text that UTF-8 can encode, integers and numbers that are
+# not booleans (lax pydantic reads true as 1), and booleans that are booleans.
+Text = Annotated[str, AfterValidator(_valid_text)]
+Int = Annotated[int, _no_bool("integer")]
+Float = Annotated[float, _no_bool("number")]
+Bool = StrictBool
+
+
+class OpenAIModel(BaseModel):
+    """Base of every request: unknown fields are accepted and ignored; floats must be
+    finite."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(OpenAIModel):
     """``stream_options``: ``include_usage`` adds a last chunk with usage and no choices."""
 
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    model: Text | None = None
+    max_tokens: Int | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: Int | None = None
+    min_p: Float | None = None
+    n: Int = 1
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[Int] | None = None
+    seed: Int | None = None
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
+    repetition_penalty: Float | None = None
+    ignore_eos: Bool = False
+    min_tokens: Int = 0
+    skip_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
+    logit_bias: dict[str, Float] | None = None
+    user: Text | None = None
     # A session's KV stays pinned for session_ttl seconds after the turn (default: the
     # engine's); requests with different cache_salt values never share KV.
-    session_id: str | None = None
-    session_ttl: float | None = None
-    cache_salt: str | None = None
-    stream: bool = False
+    session_id: Text | None = None
+    session_ttl: Float | None = None
+    cache_salt: Text | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
 
     @property
@@ -75,26 +117,26 @@ class SamplingRequest(OpenAIModel):
 class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: Text | list[Text] | list[Int] | list[list[Int]]
+    echo: Bool = False
+    logprobs: Int | None = None
+    suffix: Text | None = None
+    best_of: Int | None = None
 
 
 class TextContentPart(OpenAIModel):
     """One part of a message's content; only text is served."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIModel):
     """One message of a conversation."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
@@ -109,9 +151,9 @@ class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_completion_tokens: Int | None = None
+    logprobs: Bool = False
+    top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -119,17 +161,17 @@ class ChatCompletionRequest(SamplingRequest):
 class TokenizeRequest(OpenAIModel):
     """``POST /tokenize``: either ``prompt`` or ``messages`` (chat template applied)."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: Bool = True
 
 
 class DetokenizeRequest(OpenAIModel):
     """``POST /detokenize``."""
 
-    model: str | None = None
-    tokens: list[int]
+    model: Text | None = None
+    tokens: list[Int]
 
 
 # ----------------------------------------------------------------------------- responses

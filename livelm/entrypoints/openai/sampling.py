@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from livelm.core.request_options import RequestOptions
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
 from livelm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -13,6 +14,7 @@ from livelm.entrypoints.openai.protocol import (
 from livelm.sampling_params import SamplingParams
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_OPTION_FIELDS = {f.name: f.name for f in dataclasses.fields(RequestOptions)}
 
 
 def _unsupported(param: str, what: str) -> OpenAIError:
@@ -53,8 +55,11 @@ def _common_kwargs(req: SamplingRequest) -> dict:
 def _check_common(req: SamplingRequest) -> None:
     if req.logit_bias:
         raise _unsupported("logit_bias", "logit_bias")
-    if req.session_ttl is not None and req.session_ttl < 0:
-        raise OpenAIError("session_ttl must be a number of seconds >= 0", 400, param="session_ttl")
+    try:  # the engine parses the same options again, after a stream may have started
+        RequestOptions(session_id=req.session_id or None, session_ttl=req.session_ttl,
+                       cache_salt=req.cache_salt)
+    except ValueError as exc:
+        raise bad_request_from_value_error(exc, _OPTION_FIELDS, "prompt") from exc
     if req.session_id and req.n > 1:
         raise OpenAIError("a session turn must have n == 1", 400, param="n")
     if req.stream_options is not None and not req.stream:
@@ -68,7 +73,7 @@ def _build(kwargs: dict, param_names: dict[str, str], prompt_param: str) -> Samp
     except ValueError as exc:
         raise bad_request_from_value_error(exc, param_names, prompt_param) from exc
     except TypeError as exc:  # a wrong type that pydantic let through (should not happen)
-        raise OpenAIError(str(exc), 400) from exc
+        raise OpenAIError("invalid sampling parameters: check the types of the fields", 400) from exc
 
 
 def completion_sampling_params(req: CompletionRequest) -> SamplingParams:

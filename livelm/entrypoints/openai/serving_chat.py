@@ -125,6 +125,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     prompt_ids = await off_loop_if_large(size, lambda: chat_prompt_ids(state, req.messages))
     state.check_context(len(prompt_ids), None, "messages")
     params = chat_sampling_params(req, state.max_model_len - len(prompt_ids))
+    state.check_params(params)
     state.check_context(len(prompt_ids), params.max_tokens, "messages")
     response_id = random_id("chatcmpl")
     ticket = state.admission.admit(params.n)

@@ -152,6 +152,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     """Serve one completions request (see the module docstring)."""
     state.check_model(req.model)
     params = completion_sampling_params(req)
+    state.check_params(params)
     prompts = _prompts(state, req.prompt)
     # Tokenize here, not in the engine, so a prompt that cannot fit is a 400 before a
     # stream starts (a streamed response has sent its 200 by the time the engine sees it).

@@ -7,11 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from livelm.config import EngineConfig
 from livelm.entrypoints.openai.admission import AdmissionControl
 from livelm.entrypoints.openai.config import ServerConfig
-from livelm.entrypoints.openai.errors import OpenAIError
+from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
 from livelm.entrypoints.openai.logprobs import TokenText
 from livelm.entrypoints.openai.metrics import ServerMetrics
+from livelm.sampling_params import SamplingParams, check_engine_limits
 
 T = TypeVar("T")
 
@@ -59,14 +61,38 @@ class ServerState:
                 code="model_not_found",
             )
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids must be below this."""
+        return max(len(self.tokenizer), int(getattr(self.engine, "vocab_size", 0) or 0))
+
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         """Reject token ids the model cannot embed (they would crash the engine step)."""
-        vocab = max(len(self.tokenizer), int(getattr(self.engine, "vocab_size", 0) or 0))
+        vocab = self.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
+            shown = ", ".join(str(t) if abs(t) < 2**64 else "(a huge integer)" for t in bad[:5])
             raise OpenAIError(
-                f"token ids must be in [0, {vocab}); got {bad[:5]}", 400, param=param
+                f"token ids must be in [0, {vocab}); got [{shown}]", 400, param=param
             )
+
+    def check_params(self, params: SamplingParams, n_param: str = "n") -> None:
+        """400 for what ``params`` ask beyond the engine's limits (``n`` above ``max_n`` or
+        ``max_num_seqs``, stop token ids outside the vocabulary): the engine would refuse
+        them too, but only once a streamed response has started."""
+        config = getattr(self.engine, "config", None)
+        defaults = EngineConfig()
+        try:
+            check_engine_limits(
+                params,
+                max_n=getattr(config, "max_n", defaults.max_n),
+                max_num_seqs=getattr(config, "max_num_seqs", defaults.max_num_seqs),
+                vocab_size=self.vocab_size,
+            )
+        except ValueError as exc:
+            raise bad_request_from_value_error(
+                exc, {"n": n_param, "stop_token_ids": "stop_token_ids"}, "prompt"
+            ) from exc
 
     def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """Token ids of a prompt, exactly as the engine would make them."""

@@ -23,7 +23,14 @@ from livelm.entrypoints.openai.errors import (
     _validation_param,
     bad_request_from_value_error,
 )
-from livelm.entrypoints.openai.protocol import OpenAIModel, SamplingRequest, random_id
+from livelm.entrypoints.openai.protocol import (
+    Bool,
+    Int,
+    OpenAIModel,
+    SamplingRequest,
+    Text,
+    random_id,
+)
 from livelm.entrypoints.openai.sampling import stream_reply_sampling_params
 from livelm.entrypoints.openai.state import ServerState
 from livelm.sampling_params import SamplingParams
@@ -35,29 +42,29 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class SessionOpenRequest(OpenAIModel):
     """``POST /v1/sessions`` and the WebSocket ``open`` event."""
 
-    session_id: str | None = None  # default: a random id (ids are not secrets, but unguessable)
-    cache_salt: str | None = None  # sessions with different salts never share KV
+    session_id: Text | None = None  # default: a random id (ids are not secrets, but unguessable)
+    cache_salt: Text | None = None  # sessions with different salts never share KV
 
 
 class SessionInputRequest(OpenAIModel):
     """``POST /v1/sessions/{id}/input``: at most one of ``text``, ``tokens`` or ``bytes``
     (base64 of UTF-8 bytes; a piece may end inside a character), then ``close`` optionally."""
 
-    text: str | None = None
-    tokens: list[int] | None = None
-    bytes: str | None = None
+    text: Text | None = None
+    tokens: list[Int] | None = None
+    bytes: Text | None = None
     mode: Literal["append", "replace"] = "append"
-    close: bool = False
+    close: Bool = False
 
 
 class SessionGenerateRequest(SamplingRequest):
     """A reply to the session's input as it is now: ``/v1/completions``' sampling fields,
     plus ``suffix`` (text or token ids added after the input for this reply only)."""
 
-    suffix: str | list[int] | None = None
-    logprobs: int | None = Field(default=None, ge=0)
-    echo: bool = False
-    id: str | None = None  # WebSocket: names the reply in its delta/done events
+    suffix: Text | list[Int] | None = None
+    logprobs: Int | None = Field(default=None, ge=0)
+    echo: Bool = False
+    id: Text | None = None  # WebSocket: names the reply in its delta/done events
 
 
 def open_session(state: ServerState, session_id: str | None, cache_salt: str | None) -> InputStream:
@@ -178,6 +185,7 @@ def prepare_reply(state: ServerState, stream: InputStream, req: SessionGenerateR
     empty or the reply would not fit the context)."""
     state.check_model(req.model)
     params = stream_reply_sampling_params(req)
+    state.check_params(params)
     if stream.closed:
         raise _closed(stream)
     if isinstance(req.suffix, list):
