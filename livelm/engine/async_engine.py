@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import replace
 
 from livelm.core.request_options import RequestOptions
 from livelm.engine.engine import Engine, EngineStats, make_engine_config
@@ -27,11 +28,17 @@ from livelm.engine.engine_commands import (
     Stop,
     UpdateStream,
 )
+from livelm.engine.errors import EngineDeadError
 from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
 logger = logging.getLogger("livelm")
+
+# The longest idle wait of the engine thread: a far-off wakeup (a session TTL of 1e10 s)
+# must not overflow the wait, and waking once an hour to recompute costs nothing.
+_MAX_IDLE_WAIT_S = 3600.0
+_RECOVERY_PAUSE_S = 0.05  # after a loop iteration failed: never spin on a failure
 
 
 class _Failure:
@@ -72,7 +79,8 @@ class AsyncEngine:
         self._open_in_core: dict[str, int] = {}
         self._stream_ids = iter(range(1 << 62))
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="livelm-engine", daemon=True)
+        self._dead_reason: str | None = None  # set once the engine thread stopped
+        self._thread = threading.Thread(target=self._run, name="livelm-engine", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- public API
@@ -136,11 +144,15 @@ class AsyncEngine:
         ``options`` its session and salt (default: read from ``params.extra``)."""
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
+        self._check_alive()
         if options is None:
             options = RequestOptions.from_extra(params.extra)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, stream)
+        if self._dead_reason is not None:  # it died meanwhile, maybe before seeing this stream
+            self._streams.pop(rid, None)
+            self._check_alive()
         # A reply rides in the same batch as the stream updates made just before it.
         self._commands.send(AddRequest(rid, prompt, params, options, fork_from, prompt_text),
                             batch=fork_from is not None)
@@ -162,6 +174,7 @@ class AsyncEngine:
 
     async def close_session(self, session_id: str) -> bool:
         """Release a session's pinned KV now; False when the session is unknown."""
+        self._check_alive()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
         self._commands.send(CloseSession(session_id, loop, done))
@@ -178,6 +191,7 @@ class AsyncEngine:
         """
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
+        self._check_alive()
         limit = self.config.max_input_streams
         if len(self._input_streams) >= limit:
             raise ValueError(
@@ -220,6 +234,24 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """Load as of the last engine step."""
         return self._stats
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the engine thread runs its step loop; False once it stopped (shut
+        down, or died: then every request in flight got an :class:`EngineDeadError`, and
+        new ones are refused with one)."""
+        return self._dead_reason is None and self._thread.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine thread stopped; None while it runs."""
+        if self._dead_reason is None and not self._thread.is_alive():
+            return "the engine thread is not running"
+        return self._dead_reason
+
+    def _check_alive(self) -> None:
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine stopped: {self.dead_reason}")
 
     @property
     def stopping(self) -> bool:
@@ -341,39 +373,112 @@ class AsyncEngine:
                 soonest = left
         return soonest
 
+    def _run(self) -> None:
+        """The engine thread: the step loop until Stop; should it ever end otherwise,
+        everyone in flight gets an error at once and new requests are refused."""
+        try:
+            self._loop()
+            reason = "the engine shut down"
+        except BaseException as e:  # noqa: BLE001 - the thread ends here either way
+            logger.critical("the engine loop died; failing every request", exc_info=True)
+            reason = f"the engine loop died: {type(e).__name__}: {e}"
+        self._die(reason)
+
     def _loop(self) -> None:
-        engine, commands, scheduler = self._engine, self._commands, self._engine.scheduler
         while True:
-            for cmd in commands.drain():
-                if not self._apply_command(cmd):
-                    self._stats = engine.stats()
-                    return
-            if self._open_in_core:
-                self._publish_stream_progress()
-            stream_timeout = self._expire_idle_streams() if self._open_in_core else None
-            if not scheduler.has_pending_work():
-                scheduler.expire_sessions()
-                self._stats = engine.stats()
-                # Idle with session pins or open streams: wake when the next one expires,
-                # so its blocks (and the stats) are released on time even if nothing comes.
-                timeouts = [t for t in (scheduler.seconds_to_next_pin_expiry(), stream_timeout) if t is not None]
-                commands.wait(max(min(timeouts), 0.01) if timeouts else None)
-                continue
             try:
-                moved = engine.step()
-            except Exception as e:  # a failed step must not leave callers hanging
+                if not self._turn():
+                    return
+            except Exception as e:
+                # Nothing to blame a request for (Engine.step already isolates the requests
+                # a step fails for): end all in flight, so no broken state stays, and go on.
                 logger.exception("engine step failed; aborting in-flight requests")
-                for rid in list(engine.states):
-                    engine.abort(rid)
-                    self._deliver(rid, _Failure(RuntimeError(f"engine step failed: {e}")))
+                self._fail_in_flight(RuntimeError(f"engine step failed: {e}"), f"the engine step failed: {e}")
+                self._commands.wait(_RECOVERY_PAUSE_S)
+
+    def _turn(self) -> bool:
+        """Commands, then one step (or an idle wait); False once told to stop."""
+        engine, commands, scheduler = self._engine, self._commands, self._engine.scheduler
+        for cmd in commands.drain():
+            if not self._apply_command_safely(cmd):
                 self._stats = engine.stats()
-                continue
-            if engine.last_step_was_empty:
-                # Waiting requests that cannot start yet (KV full, a fork waiting for its
-                # stream) and nothing running: do not spin, a command or an output wakes us.
-                commands.wait(0.005)
-            self._stats = engine.stats()  # first, so a caller woken by its output sees it
-            for state, out in moved:
-                self._deliver(state.request_id, out)
-            if self._open_in_core:
-                self._publish_stream_progress()
+                return False
+        if self._open_in_core:
+            self._publish_stream_progress()
+        stream_timeout = self._expire_idle_streams() if self._open_in_core else None
+        if not scheduler.has_pending_work():
+            scheduler.expire_sessions()
+            self._stats = engine.stats()
+            # Idle with session pins or open streams: wake when the next one expires,
+            # so its blocks (and the stats) are released on time even if nothing comes.
+            timeouts = [t for t in (scheduler.seconds_to_next_pin_expiry(), stream_timeout) if t is not None]
+            commands.wait(min(max(min(timeouts), 0.01), _MAX_IDLE_WAIT_S) if timeouts else None)
+            return True
+        moved = engine.step()
+        if engine.failed_streams:
+            failed, engine.failed_streams = engine.failed_streams, []
+            for sid, error in failed:
+                self._close_stream_in_core(sid, f"the input stream failed: {error}")
+        if engine.last_step_was_empty:
+            # Waiting requests that cannot start yet (KV full, a fork waiting for its
+            # stream) and nothing running: do not spin, a command or an output wakes us.
+            commands.wait(0.005)
+        self._stats = engine.stats()  # first, so a caller woken by its output sees it
+        for state, out in moved:
+            self._deliver(state.request_id, _Failure(state.error) if state.error is not None else out)
+        if self._open_in_core:
+            self._publish_stream_progress()
+        return True
+
+    def _apply_command_safely(self, cmd: Command) -> bool:
+        """:meth:`_apply_command`; a command that fails is answered to its sender, if any."""
+        try:
+            return self._apply_command(cmd)
+        except Exception as e:
+            logger.exception("engine command %s failed", type(cmd).__name__)
+            match cmd:
+                case Stop():
+                    return False  # _run ends what is left
+                case OpenStream(sid, _):  # not in the core: only its owner to tell
+                    stream = self._input_streams.pop(sid, None)
+                    if stream is not None:
+                        stream.notify_closed(f"the input stream could not be opened: {e}")
+                case UpdateStream(sid, _, _, _):
+                    self._close_stream_in_core(sid, f"the input stream failed: {e}")
+                case CloseSession(_, loop, done):
+                    try:
+                        loop.call_soon_threadsafe(_resolve, done, False)
+                    except RuntimeError:
+                        pass
+            return True
+
+    def _fail_in_flight(self, error: Exception, stream_reason: str) -> None:
+        """End every request (``error`` to its caller) and input stream (engine thread)."""
+        for rid in list(self._engine.states):
+            self._engine.abort(rid)
+            self._deliver(rid, _Failure(error))
+        for sid in list(self._open_in_core):
+            self._close_stream_in_core(sid, stream_reason)
+        self._stats = self._engine.stats()
+
+    def _die(self, reason: str) -> None:
+        """The engine thread is ending: refuse new work and fail everything still waiting
+        (best effort: the engine's state may be what broke)."""
+        self._dead_reason = reason
+        self._stats = replace(self._stats, engine_alive=False)
+        error = EngineDeadError(f"the engine stopped: {reason}")
+        try:
+            self._fail_in_flight(error, f"the engine stopped: {reason}")
+            self._stats = replace(self._stats, engine_alive=False)
+        except BaseException:  # noqa: BLE001
+            logger.exception("could not free the requests of the stopped engine")
+        for cmd in self._commands.drain():  # unanswered questions get an answer
+            if isinstance(cmd, CloseSession):
+                try:
+                    cmd.loop.call_soon_threadsafe(_resolve, cmd.done, False)
+                except RuntimeError:
+                    pass
+        for rid in list(self._streams):  # requests the engine never saw
+            self._deliver(rid, _Failure(error))
+        for stream in list(self._input_streams.values()):
+            stream.notify_closed(f"the engine stopped: {reason}")

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from livelm.config import EngineConfig
 from livelm.entrypoints.openai.admission import AdmissionControl
@@ -114,10 +114,14 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health")
-    async def health() -> dict:
-        """Liveness: open without a key."""
-        return {"status": "ok"}
+    @app.get("/health", response_model=None)
+    async def health() -> dict | JSONResponse:
+        """Liveness (open without a key): 200 while the engine's step loop runs, 503 with
+        why once it stopped (an engine without ``is_alive`` counts as alive)."""
+        if getattr(state.engine, "is_alive", True):
+            return {"status": "ok"}
+        reason = getattr(state.engine, "dead_reason", None) or "the engine stopped"
+        return JSONResponse({"status": "error", "message": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

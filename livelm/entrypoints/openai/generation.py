@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from livelm.engine.errors import EngineDeadError
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
@@ -37,11 +38,19 @@ class ServerShutdown(RuntimeError):
                            headers={"Connection": "close"})
 
 
+def engine_stopped(exc: EngineDeadError) -> OpenAIError:
+    """The 503 of a request the engine cannot serve because its thread stopped."""
+    return OpenAIError(str(exc), 503, "service_unavailable", code="engine_stopped")
+
+
 def stream_error(exc: Exception) -> OpenAIError:
     """The error event that ends a stream which failed after it started: a 503
-    ``server_shutdown`` when the drain timeout cut it off, else a 500."""
+    ``server_shutdown`` when the drain timeout cut it off, a 503 ``engine_stopped`` when
+    the engine thread stopped, else a 500."""
     if isinstance(exc, ServerShutdown):
         return exc.error()
+    if isinstance(exc, EngineDeadError):
+        return engine_stopped(exc)
     return OpenAIError(f"generation failed: {type(exc).__name__}: {exc}", 500, "server_error")
 
 
@@ -193,6 +202,10 @@ async def run_to_completion(raw: Request, work: Awaitable[None],
         await unless_disconnected(raw, work)
     except ServerShutdown as exc:  # the drain timeout passed: a 503, not a failure
         err = exc.error()
+        await finalize(err.status_code, err.message)
+        raise err from exc
+    except EngineDeadError as exc:  # the engine thread stopped: a 503 for everyone
+        err = engine_stopped(exc)
         await finalize(err.status_code, err.message)
         raise err from exc
     except ValueError as exc:  # the engine refused the request

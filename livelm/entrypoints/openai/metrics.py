@@ -40,7 +40,8 @@ class _LiveGauges(Collector):
         if stats is None:
             return
         gauges = (
-            ("livelm_num_requests_running", "Requests the engine is running.", stats.num_running),
+            ("livelm_num_requests_running", "Requests the engine is running (input streams "
+             "waiting for input are not).", stats.num_running),
             ("livelm_num_requests_waiting", "Requests waiting in the engine's queue.", stats.num_waiting),
             ("livelm_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", stats.kv_usage),
             ("livelm_kv_cache_free_blocks", "Free KV cache blocks.", stats.num_free_blocks),
@@ -53,6 +54,19 @@ class _LiveGauges(Collector):
         )
         yield from _stream_metrics(stats)
         yield from _cache_metrics(stats)
+        yield from _liveness_metrics(stats)
+
+
+def _liveness_metrics(stats: Any) -> Iterator[Any]:
+    """The engine loop's watchdog (absent from stats of engines that have none): a step
+    timestamp that stops moving while requests run means a stuck loop."""
+    if hasattr(stats, "last_step_time"):
+        yield GaugeMetricFamily("livelm_last_step_timestamp_seconds", "Unix time the engine "
+                                "last completed a step (0 before the first).",
+                                value=stats.last_step_time)
+    if hasattr(stats, "engine_alive"):
+        yield GaugeMetricFamily("livelm_engine_alive", "1 while the engine's step loop runs, "
+                                "0 once it stopped.", value=float(stats.engine_alive))
 
 
 def _stream_metrics(stats: Any) -> Iterator[Any]:
