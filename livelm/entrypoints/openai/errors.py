@@ -83,6 +83,21 @@ def _validation_param(loc: tuple) -> str | None:
     return ".".join(parts) if parts else None
 
 
+def validation_error(errors: list) -> OpenAIError:
+    """The 400 of a pydantic validation failure: the first error's field and message."""
+    first = errors[0] if errors else {}
+    # A value that fits none of a union's types fails once per member; a member's
+    # complaint about the value itself (a lone surrogate, a bound) beats "not a str".
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), first)
+    param = _validation_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid request"))
+    if param:
+        msg = f"{param}: {msg}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more error(s))"
+    return OpenAIError(msg, 400, param=param)
+
+
 _REJECT_REASONS = {400: "invalid", 404: "unknown_model", 503: "queue_full"}
 
 
@@ -113,13 +128,7 @@ def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None] | None
                 code="invalid_json",
             )
             return error_response(err)
-        param = _validation_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid request")
-        if param:
-            msg = f"{param}: {msg}"
-        if len(errors) > 1:
-            msg += f" (and {len(errors) - 1} more error(s))"
-        return error_response(OpenAIError(msg, 400, param=param))
+        return error_response(validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

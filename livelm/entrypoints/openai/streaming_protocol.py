@@ -20,8 +20,8 @@ from pydantic import Field, ValidationError
 from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.entrypoints.openai.errors import (
     OpenAIError,
-    _validation_param,
     bad_request_from_value_error,
+    validation_error,
 )
 from livelm.entrypoints.openai.protocol import (
     Bool,
@@ -207,7 +207,4 @@ def parse_model(model: type[OpenAIModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _validation_param(tuple(first.get("loc", ())))
-        msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        raise OpenAIError(msg, 400, param=param) from exc
+        raise validation_error(exc.errors()) from exc
