@@ -39,6 +39,9 @@ logger = logging.getLogger("livelm")
 # must not overflow the wait, and waking once an hour to recompute costs nothing.
 _MAX_IDLE_WAIT_S = 3600.0
 _RECOVERY_PAUSE_S = 0.05  # after a loop iteration failed: never spin on a failure
+# Iterations failing in a row (the first ended everything in flight) that mean the loop
+# itself is broken: it stops then, and says so (EngineDeadError, /health 503).
+_MAX_FAILED_ITERATIONS = 3
 
 
 class _Failure:
@@ -385,14 +388,20 @@ class AsyncEngine:
         self._die(reason)
 
     def _loop(self) -> None:
+        failed = 0
         while True:
             try:
                 if not self._turn():
                     return
+                failed = 0
             except Exception as e:
                 # Nothing to blame a request for (Engine.step already isolates the requests
-                # a step fails for): end all in flight, so no broken state stays, and go on.
-                logger.exception("engine step failed; aborting in-flight requests")
+                # a step fails for): end all in flight, so no broken state stays, and go on,
+                # unless that did not help.
+                failed += 1
+                if failed >= _MAX_FAILED_ITERATIONS:
+                    raise
+                logger.exception("engine loop failed; aborting in-flight requests")
                 self._fail_in_flight(RuntimeError(f"engine step failed: {e}"), f"the engine step failed: {e}")
                 self._commands.wait(_RECOVERY_PAUSE_S)
 
