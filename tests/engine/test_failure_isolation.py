@@ -229,3 +229,21 @@ def test_async_failed_step_ends_the_culprit_with_runtime_error(async_engine, mon
 
     asyncio.run(run())
     assert engine.is_alive
+
+
+def test_async_input_stream_whose_prefill_fails_is_closed_with_the_reason(async_engine, monkeypatch):
+    engine = async_engine
+    poison = [91, 92, 93, 94, 95]
+    _fail_when(monkeypatch, "_prepare", lambda chunks: any(c.token_ids[:5] == poison for c in chunks))
+
+    async def run():
+        alone = await _collect(engine, VICTIMS[0], GREEDY)
+        victim = asyncio.create_task(_collect(engine, VICTIMS[0], GREEDY))
+        async with engine.open_stream() as stream:
+            stream.append(poison)
+            await stream.wait_prefilled(timeout=10)
+            assert stream.closed and "the input stream failed" in stream.closed_reason
+        assert await victim == alone
+
+    asyncio.run(run())
+    assert engine.is_alive
