@@ -30,6 +30,7 @@ from livelm.engine.engine_commands import (
 )
 from livelm.engine.errors import EngineDeadError
 from livelm.engine.input_stream import InputStream, StreamClosedError
+from livelm.kernels.cpu_memory import release_free_memory
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
@@ -42,6 +43,37 @@ _RECOVERY_PAUSE_S = 0.05  # after a loop iteration failed: never spin on a failu
 # Iterations failing in a row (the first ended everything in flight) that mean the loop
 # itself is broken: it stops then, and says so (EngineDeadError, /health 503).
 _MAX_FAILED_ITERATIONS = 3
+# Idle this long after a step, the engine thread gives free heap memory back to the OS;
+# while it stays idle it trims again this often, for memory freed by requests that never
+# reached the engine (a huge prompt tokenized in a server thread and refused).
+_IDLE_TRIM_AFTER_S = 1.0
+_IDLE_TRIM_EVERY_S = 30.0
+
+
+class _IdleTrim:
+    """When the idle engine thread should call :func:`release_free_memory`."""
+
+    def __init__(self) -> None:
+        self.idle_since: float | None = None  # when the engine last ran out of work
+        self.trimmed_at = time.monotonic()
+        self.stepped = False  # a step ran since the last trim
+
+    def busy(self) -> None:
+        """A step is about to run."""
+        self.idle_since, self.stepped = None, True
+
+    def seconds_to_trim(self, now: float) -> float:
+        """Seconds until the next trim is due (<= 0: now); the idle wait wakes by then."""
+        if self.idle_since is None:
+            self.idle_since = now
+        due = max(self.idle_since + _IDLE_TRIM_AFTER_S,
+                  now if self.stepped else self.trimmed_at + _IDLE_TRIM_EVERY_S)
+        return due - now
+
+    def trim(self) -> None:
+        """Release free memory now."""
+        release_free_memory()
+        self.trimmed_at, self.stepped = time.monotonic(), False
 
 
 class _Failure:
@@ -82,6 +114,7 @@ class AsyncEngine:
         self._open_in_core: dict[str, int] = {}
         self._stream_ids = iter(range(1 << 62))
         self._stopping = False
+        self._idle_trim = _IdleTrim()  # engine thread only
         self._dead_reason: str | None = None  # set once the engine thread stopped
         self._thread = threading.Thread(target=self._run, name="livelm-engine", daemon=True)
         self._thread.start()
@@ -421,8 +454,13 @@ class AsyncEngine:
             # Idle with session pins or open streams: wake when the next one expires,
             # so its blocks (and the stats) are released on time even if nothing comes.
             timeouts = [t for t in (scheduler.seconds_to_next_pin_expiry(), stream_timeout) if t is not None]
-            commands.wait(min(max(min(timeouts), 0.01), _MAX_IDLE_WAIT_S) if timeouts else None)
+            trim = self._idle_trim
+            if trim.seconds_to_trim(time.monotonic()) <= 0:
+                trim.trim()
+            timeouts.append(trim.seconds_to_trim(time.monotonic()))
+            commands.wait(min(max(min(timeouts), 0.01), _MAX_IDLE_WAIT_S))
             return True
+        self._idle_trim.busy()
         moved = engine.step()
         if engine.failed_streams:
             failed, engine.failed_streams = engine.failed_streams, []

@@ -7,6 +7,12 @@ unmaps them on free, so each one's pages fault in again on first touch. A prefil
 docs/kernels.md). Raising the mmap and trim thresholds to 1 GiB keeps such
 buffers in the heap, where the next step reuses them; the cost is that freed memory up to
 that size stays with the process.
+
+:func:`release_free_memory` gives it back once the engine is idle (the async engine's
+loop calls it). Not only a big step's buffers stay: so does what other threads free in
+their own malloc arenas, whatever the thresholds (a multi-megabyte prompt tokenized in a
+server worker thread and then refused leaves hundreds of MiB in that thread's arena), so
+without a trim a long-running server's RSS only grows.
 """
 
 from __future__ import annotations
@@ -39,3 +45,30 @@ def keep_large_buffers_in_heap() -> bool:
     if ok:
         logger.info("glibc mmap/trim thresholds raised to 1 GiB: large step buffers stay in the heap")
     return ok
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of every malloc arena back to the OS (glibc ``malloc_trim(0)``).
+
+    Call it when nothing runs: the next step faults its buffers in again, once. Returns
+    False where there is no glibc.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
