@@ -252,3 +252,34 @@ def test_websocket_refuses_poison_and_keeps_the_socket(server, expected):
     assert [e["status"] for e in errors] == [400] * 6
     assert [e["param"] for e in errors] == ["temperature", "seed", "n", "stop_token_ids", "echo",
                                             "text"]
+
+
+HUGE_LISTS = [
+    # (route, raw body of several MB, param): refused from their length, before any work
+    (C, '{"prompt": [' + ",".join(["[5]"] * 2_000_000) + '], "max_tokens": 1}', "prompt"),
+    (C, '{"prompt": [' + ",".join(['"a"'] * 1_000_000) + '], "max_tokens": 1}', "prompt"),
+    (C, '{"prompt": [' + ",".join(['"a"'] * 2049) + '], "max_tokens": 1}', "prompt"),
+    (CHAT, '{"messages": [' + ",".join(['{"role": "user"}'] * 400_000) + '], "max_tokens": 1}',
+     "messages"),
+    (C, '{"prompt": "hi", "stop": [' + ",".join(['"s"'] * 1_000_000) + "]}", "stop"),
+    (C, '{"prompt": "hi", "stop_token_ids": [' + ",".join(["5"] * 1_000_000) + "]}",
+     "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize(("route", "raw", "param"), HUGE_LISTS,
+                         ids=[f"{i}-{p[0]}-{p[2]}" for i, p in enumerate(HUGE_LISTS)])
+def test_huge_lists_are_refused_at_once(server, expected, route, raw, param):
+    """Two million one-token prompts once took the event loop for seconds (pydantic tried
+    every shape of ``prompt`` and reported millions of errors); 400,000 messages went
+    through the chat template on the event loop."""
+    assert len(raw) < 8 * 1024 * 1024
+
+    def poison() -> tuple[httpx.Response, float]:
+        start = time.monotonic()
+        return post_raw(server, route, raw), time.monotonic() - start
+
+    r, elapsed = with_victim(server, expected, poison)
+    error = assert_openai_error(r, 400, param)
+    assert "at most" in error["message"]
+    assert elapsed < 5

@@ -23,13 +23,20 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
+    Tag,
     model_serializer,
 )
 from pydantic_core import PydanticCustomError
 
-from livelm.sampling_params import is_valid_unicode
+from livelm.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, is_valid_unicode
+
+# The most prompts one completions request may list, and messages one conversation may
+# hold (docs/serving.md#request-limits): longer lists are refused before any work on them.
+MAX_PROMPTS = 2048
+MAX_MESSAGES = 8192
 
 # "abort" only reaches a client when the server shuts down under it.
 FinishReason = Literal["stop", "length", "abort"]
@@ -65,6 +72,34 @@ Float = Annotated[float, _no_bool("number")]
 Bool = StrictBool
 
 
+def _prompt_shape(value: Any) -> str | None:
+    # One union member per shape, chosen by looking at the value: pydantic then validates
+    # only that member (trying all four on a list of two million token-id lists reports
+    # millions of errors and takes seconds).
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list):
+        first = value[0] if value else 0
+        if isinstance(first, str):
+            return "list[str]"
+        return "list[list[int]]" if isinstance(first, list) else "list[int]"
+    return None
+
+
+Prompt = Annotated[
+    Annotated[Text, Tag("str")]
+    | Annotated[list[Text], Field(max_length=MAX_PROMPTS), Tag("list[str]")]
+    | Annotated[list[Int], Tag("list[int]")]
+    | Annotated[list[list[Int]], Field(max_length=MAX_PROMPTS), Tag("list[list[int]]")],
+    Discriminator(
+        _prompt_shape,
+        custom_error_type="prompt_type",
+        custom_error_message="Input should be a string, a list of strings, a list of token ids "
+        "or a list of token-id lists",
+    ),
+]
+
+
 class OpenAIModel(BaseModel):
     """Base of every request: unknown fields are accepted and ignored; floats must be
     finite."""
@@ -88,8 +123,8 @@ class SamplingRequest(OpenAIModel):
     top_k: Int | None = None
     min_p: Float | None = None
     n: Int = 1
-    stop: Text | list[Text] | None = None
-    stop_token_ids: list[Int] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     seed: Int | None = None
     presence_penalty: Float = 0.0
     frequency_penalty: Float = 0.0
@@ -117,7 +152,7 @@ class SamplingRequest(OpenAIModel):
 class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``."""
 
-    prompt: Text | list[Text] | list[Int] | list[list[Int]]
+    prompt: Prompt
     echo: Bool = False
     logprobs: Int | None = None
     suffix: Text | None = None
@@ -150,7 +185,7 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Int | None = None
     logprobs: Bool = False
     top_logprobs: Int | None = None
@@ -163,7 +198,7 @@ class TokenizeRequest(OpenAIModel):
 
     model: Text | None = None
     prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
     add_special_tokens: Bool = True
 
 

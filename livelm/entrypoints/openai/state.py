@@ -54,7 +54,8 @@ class ServerState:
         """Raise a 404 unless ``name`` is the served model (a missing name means it)."""
         if name is not None and name != self.model_name:
             raise OpenAIError(
-                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                f"The model `{name if len(name) <= 80 else name[:80] + '...'}` does not exist; "
+                f"this server serves `{self.model_name}`.",
                 404,
                 "not_found_error",
                 param="model",

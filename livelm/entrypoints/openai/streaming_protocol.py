@@ -35,8 +35,9 @@ from livelm.entrypoints.openai.sampling import stream_reply_sampling_params
 from livelm.entrypoints.openai.state import ServerState
 from livelm.sampling_params import SamplingParams
 
-# Session ids travel in URLs: keep them to characters that need no escaping.
-_SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Session ids travel in URLs: keep them to characters that need no escaping, and not "."
+# or ".." (clients resolve those path segments away, so the session could not be named).
+_SESSION_ID = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$")
 
 
 class SessionOpenRequest(OpenAIModel):
@@ -73,7 +74,7 @@ def open_session(state: ServerState, session_id: str | None, cache_salt: str | N
     if not hasattr(engine, "open_stream"):
         raise OpenAIError("this engine does not take streamed input", 501, "server_error")
     if session_id is not None and not _SESSION_ID.match(session_id):
-        raise OpenAIError("session_id must be 1-128 characters of A-Z a-z 0-9 . _ : -", 400,
+        raise OpenAIError("session_id must be 1-128 characters of A-Z a-z 0-9 . _ : - (not . or ..)", 400,
                           param="session_id")
     sid = session_id or random_id("sess")
     if engine.get_stream(sid) is not None:
