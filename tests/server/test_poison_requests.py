@@ -198,6 +198,9 @@ def test_sessions_rest_refuses_poison(server, expected):
             post_raw(server, "/v1/sessions", '{"session_id": "\\ud800"}'),
             post_raw(server, "/v1/sessions", '{"cache_salt": NaN}'),
         ]
+        # "." and ".." cannot be named in a URL (clients resolve them away).
+        out += [post_raw(server, "/v1/sessions", '{"session_id": "."}'),
+                post_raw(server, "/v1/sessions", '{"session_id": ".."}')]
         r = post_raw(server, "/v1/sessions", '{"session_id": "poison-rest"}')
         assert r.status_code == 200, r.text
         base = "/v1/sessions/poison-rest"
