@@ -45,6 +45,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="context length (default: the model's)")
     engine.add_argument("--max-num-seqs", type=int, default=None,
                         help="sequences run at once (default: the engine's)")
+    engine.add_argument("--max-n", dest="max_n", type=int, default=None,
+                        help="most sequences (n) one request may ask for (default 16)")
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one engine step")
     engine.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU")

@@ -164,3 +164,12 @@ def test_async_engine_refuses_before_anything_is_yielded(llama_dir):
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_serve_flag_max_n_reaches_the_engine():
+    from livelm.entrypoints.cli import build_parser
+    from livelm.entrypoints.openai.api_server import engine_kwargs_from_args
+
+    args = build_parser().parse_args(["serve", "--max-n", "4"])
+    assert engine_kwargs_from_args(args) == {"max_n": 4}
+    assert EngineConfig(**engine_kwargs_from_args(args)).max_n == 4
