@@ -97,10 +97,11 @@ def test_a_dead_loop_turns_health_and_requests_into_503s(llama_dir):
                                                      "max_tokens": 4})):
             r = httpx.post(f"{srv.url}{path}", json=body, timeout=30)
             assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
-        # Streamed: the error arrives as the stream's event, at once.
+        # Streamed: refused before the stream starts, with the same 503.
         with httpx.stream("POST", f"{srv.url}/v1/completions", timeout=30,
                           json={"prompt": "hi", "max_tokens": 4, "stream": True}) as r:
             body = r.read().decode()
+            assert r.status_code == 503, body
         assert "engine_stopped" in body
         assert time.monotonic() - t0 < 20
         m = scrape(srv.url)

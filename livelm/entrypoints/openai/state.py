@@ -80,7 +80,12 @@ class ServerState:
     def check_params(self, params: SamplingParams, n_param: str = "n") -> None:
         """400 for what ``params`` ask beyond the engine's limits (``n`` above ``max_n`` or
         ``max_num_seqs``, stop token ids outside the vocabulary): the engine would refuse
-        them too, but only once a streamed response has started."""
+        them too, but only once a streamed response has started. A 503 when the engine has
+        stopped, for the same reason: a stream would only carry the error as an event."""
+        if not getattr(self.engine, "is_alive", True):
+            reason = getattr(self.engine, "dead_reason", None) or "it was shut down"
+            raise OpenAIError(f"the engine stopped: {reason}", 503, "service_unavailable",
+                              code="engine_stopped")
         config = getattr(self.engine, "config", None)
         defaults = EngineConfig()
         try:
