@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT  # noqa: E402
 
+from livelm.bench.client import StreamError, chunk_text, sse_events  # noqa: E402
 from livelm.bench.local_server import LocalServer  # noqa: E402
 from livelm.bench.metrics import percentile  # noqa: E402
 from livelm.bench.prompts import PromptMaker  # noqa: E402
@@ -188,17 +189,6 @@ class Aborted(Exception):
     """The client gave up on its request on purpose."""
 
 
-def _chunk_text(event: dict) -> str:
-    """Text of choice 0 in a completions or chat chunk ('' for role/finish/usage chunks)."""
-    for choice in event.get("choices") or []:
-        if choice.get("index", 0) != 0:
-            continue
-        if "text" in choice:
-            return choice.get("text") or ""
-        return (choice.get("delta") or {}).get("content") or ""
-    return ""
-
-
 class SoakClient:
     """Runs jobs against the server; aborting clients abort each of theirs."""
 
@@ -252,24 +242,19 @@ class SoakClient:
             if abort and job.abort_chunks == 0:
                 raise Aborted  # leaving the block closes the connection
             chunks = 0
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    rec.error = f"stream error: {event['error']}"
-                    return ""
-                piece = _chunk_text(event)
-                if piece:
-                    if rec.ttft_s is None:
-                        rec.ttft_s = time.perf_counter() - sent
-                    text.append(piece)
-                    chunks += 1
-                    if abort and chunks >= job.abort_chunks:
-                        raise Aborted
+            try:
+                async for event in sse_events(resp):
+                    piece = chunk_text(event, index=0)
+                    if piece:
+                        if rec.ttft_s is None:
+                            rec.ttft_s = time.perf_counter() - sent
+                        text.append(piece)
+                        chunks += 1
+                        if abort and chunks >= job.abort_chunks:
+                            raise Aborted
+            except StreamError as e:
+                rec.error = str(e)
+                return ""
         return "".join(text)
 
     # -- the job kinds

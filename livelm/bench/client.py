@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -88,17 +89,8 @@ class OpenAIStreamClient:
                     detail = (await resp.aread()).decode(errors="replace")[:300]
                     record.error = f"HTTP {resp.status_code}: {detail}"
                     return record
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    if "error" in event:
-                        record.error = f"stream error: {event['error']}"
-                        return record
-                    piece = _chunk_text(event)
+                async for event in sse_events(resp):
+                    piece = chunk_text(event)
                     if piece:
                         # Time every text chunk; an empty role/finish chunk is no token.
                         record.chunk_times_s.append(time.perf_counter() - start)
@@ -108,6 +100,9 @@ class OpenAIStreamClient:
                     if usage:
                         usage_out = usage.get("completion_tokens")
                         record.prompt_tokens = usage.get("prompt_tokens") or record.prompt_tokens
+        except StreamError as e:
+            record.error = str(e)
+            return record
         except httpx.HTTPError as e:
             record.error = f"{type(e).__name__}: {e}"
             return record
@@ -131,10 +126,32 @@ class OpenAIStreamClient:
         return self.model
 
 
-def _chunk_text(event: dict) -> str:
-    """Output text of one completions or chat chunk ('' for role, finish and usage chunks)."""
+class StreamError(Exception):
+    """An error event inside an SSE response (the server failed the request mid-stream)."""
+
+
+async def sse_events(resp: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON events of an OpenAI-style SSE response, up to ``data: [DONE]``; an error
+    event raises :class:`StreamError`, a malformed one ``json.JSONDecodeError``."""
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise StreamError(f"stream error: {event['error']}")
+        yield event
+
+
+def chunk_text(event: dict, index: int | None = None) -> str:
+    """Output text of one completions or chat chunk ('' for role, finish and usage chunks):
+    of every choice, or of choice ``index`` only."""
     out = []
     for choice in event.get("choices") or []:
+        if index is not None and choice.get("index", 0) != index:
+            continue
         if "text" in choice:
             out.append(choice.get("text") or "")
         else:
