@@ -2,8 +2,9 @@
 
 from livelm.outputs import CompletionOutput, Logprob, RequestOutput
 from livelm.sampling_params import SamplingParams
+from livelm.structured_output import StructuredOutput
 
-__all__ = ["LLM", "AsyncEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "AsyncEngine", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"
 
 

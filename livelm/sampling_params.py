@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from livelm.structured_output import StructuredOutput
 
 _GREEDY_EPS = 1e-5
 
@@ -67,7 +71,10 @@ class SamplingParams:
     [0.01, 100]; ``seed`` is an integer in [0, 2**63 - 1] (negative seeds are refused, not
     wrapped); at most ``MAX_STOP_STRINGS`` = 16 stop strings of at most
     ``MAX_STOP_STRING_CHARS`` = 256 characters each, and at most 256 ``stop_token_ids``;
-    booleans must be ``bool``, integers ``int`` (not ``bool``). What depends on the engine
+    booleans must be ``bool``, integers ``int`` (not ``bool``). ``structured`` constrains
+    the output (:class:`~livelm.structured_output.StructuredOutput`, or a JSON schema dict
+    or pydantic model class as shorthand); whether it compiles is checked when the request
+    is added. What depends on the engine
     (``n`` against ``max_n`` and ``max_num_seqs``, stop token ids against the vocabulary)
     is checked by :func:`check_engine_limits` when the request is added.
     """
@@ -90,6 +97,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | Any = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +110,10 @@ class SamplingParams:
                            _as_tuple("stop_token_ids", self.stop_token_ids, "a list of token ids"))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if self.structured is not None:
+            from livelm.structured_output import StructuredOutput  # it imports this module
+
+            object.__setattr__(self, "structured", StructuredOutput.coerce(self.structured))
         self._validate()
 
     def _validate(self) -> None:

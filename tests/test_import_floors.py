@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(livelm.__file__).resolve().parent
 # with core.
 FLOORS: list[tuple[str, ...]] = [
     ("kernels",),
-    ("quant", "core", "config", "sampling_params", "outputs"),
+    ("quant", "core", "config", "sampling_params", "structured_output", "outputs"),
     ("layers",),
     ("models",),
     ("runner",),
