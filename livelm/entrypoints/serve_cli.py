@@ -37,6 +37,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="on SIGINT/SIGTERM, new requests get 503 at once and in-flight ones "
                              "may finish for this long; the rest then end with an error event "
                              "or body (default 5; --shutdown-timeout is the old name)")
+    server.add_argument("--tool-call-parser", default="auto",
+                        choices=["auto", "hermes", "llama3_json", "mistral", "none"],
+                        help="how tool calls are read from replies with tool_choice 'auto': auto "
+                             "picks the format from the chat template (default), none leaves "
+                             "them in the content (docs/serving.md#tool-calling)")
     server.add_argument("--log-level", default="info", type=str.lower,
                         choices=["critical", "error", "warning", "info", "debug"])
     engine = parser.add_argument_group("engine")

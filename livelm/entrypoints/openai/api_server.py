@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from livelm.config import EngineConfig
+from livelm.engine.tokenizer import chat_template_text, template_supports_tools
 from livelm.entrypoints.openai.admission import AdmissionControl
 from livelm.entrypoints.openai.auth import BearerAuthMiddleware
 from livelm.entrypoints.openai.body_limit import BodySizeLimitMiddleware
@@ -38,6 +39,7 @@ from livelm.entrypoints.openai.serving_chat import chat_prompt_ids, create_chat_
 from livelm.entrypoints.openai.serving_completions import create_completion
 from livelm.entrypoints.openai.state import ServerState
 from livelm.entrypoints.openai.streaming_sessions import add_session_routes
+from livelm.entrypoints.openai.tool_parsers import resolve_tool_parser
 from livelm.entrypoints.openai.websocket_stream import add_websocket_route
 
 logger = logging.getLogger("livelm.server")
@@ -69,6 +71,8 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         metrics=metrics,
         admission=admission,
         token_text=TokenText(engine.tokenizer),
+        tool_parser=resolve_tool_parser(config.tool_call_parser, chat_template_text(engine.tokenizer)),
+        native_tools=template_supports_tools(engine.tokenizer),
     )
 
     drain = Drain(admission, config.drain_timeout_s)
@@ -202,6 +206,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         cors_origins=tuple(args.cors_origin or ()),
         drain_timeout_s=getattr(args, "drain_timeout_s", ServerConfig.drain_timeout_s),
+        tool_call_parser=getattr(args, "tool_call_parser", ServerConfig.tool_call_parser),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from livelm.entrypoints.openai.tool_parsers import TOOL_PARSER_CHOICES
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -28,6 +30,9 @@ class ServerConfig:
     # Whether the app's lifespan shutdown also shuts the engine down (tests that share one
     # engine between several apps turn it off).
     shutdown_engine: bool = True
+    # How tool calls are read from a reply with tool_choice "auto": "auto" picks the
+    # parser from the chat template's markers; "none" leaves calls in the content.
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_waiting is not None and self.max_waiting < 0:
@@ -36,5 +41,8 @@ class ServerConfig:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.tool_call_parser not in TOOL_PARSER_CHOICES:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSER_CHOICES)}, "
+                             f"got {self.tool_call_parser!r}")
         if not self.drain_timeout_s >= 0:  # also refuses NaN
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")

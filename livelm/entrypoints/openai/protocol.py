@@ -3,7 +3,9 @@
 Requests accept unknown fields and ignore them (clients send fields of newer API versions),
 except the documented livelm extras: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``,
-``include_stop_str_in_output``, ``session_id``, ``session_ttl`` and ``cache_salt``. Value ranges are checked by
+``include_stop_str_in_output``, ``session_id``, ``session_ttl``, ``cache_salt`` and the
+structured-output fields (``structured_outputs`` and vLLM's legacy ``guided_json``,
+``guided_regex``, ``guided_choice``, ``guided_grammar``). Value ranges are checked by
 :class:`~livelm.sampling_params.SamplingParams`, so the API and the Python engine agree.
 
 Types are checked here, strictly enough that nothing odd reaches the engine: numbers must
@@ -28,18 +30,27 @@ from pydantic import (
     StrictBool,
     Tag,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from livelm.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, is_valid_unicode
+from livelm.structured_output import MAX_CHOICES
 
 # The most prompts one completions request may list, and messages one conversation may
 # hold (docs/serving.md#request-limits): longer lists are refused before any work on them.
 MAX_PROMPTS = 2048
 MAX_MESSAGES = 8192
+# Tools one request may offer (OpenAI's own limit), the length of a function's
+# description, and the tool calls one assistant message of the history may hold.
+MAX_TOOLS = 128
+MAX_DESCRIPTION_CHARS = 8192
+MAX_TOOL_CALLS = 128
+# OpenAI's rule for function and schema names.
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
 # "abort" only reaches a client when the server shuts down under it.
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 def random_id(prefix: str) -> str:
@@ -113,6 +124,93 @@ class StreamOptions(OpenAIModel):
     include_usage: Bool = False
 
 
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Description = Annotated[Text, Field(max_length=MAX_DESCRIPTION_CHARS)]
+# A JSON schema as sent (its values are checked when it is compiled, see
+# livelm/structured_output.py: no NaN, bounded size).
+Schema = dict[str, Any]
+Choices = Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
+
+
+class TextFormat(OpenAIModel):
+    """``response_format: {"type": "text"}``: no constraint."""
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(OpenAIModel):
+    """``response_format: {"type": "json_object"}``: any JSON object."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(OpenAIModel):
+    """``response_format.json_schema``: a named JSON schema the output must match."""
+
+    name: Name
+    description: Description | None = None
+    schema_: Schema = Field(alias="schema")
+    strict: Bool | None = None
+
+
+class JsonSchemaFormat(OpenAIModel):
+    """``response_format: {"type": "json_schema", "json_schema": {...}}``."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+_FORMATS = {"text": "TextFormat", "json_object": "JsonObjectFormat", "json_schema": "JsonSchemaFormat"}
+
+
+def _format_tag(value: Any) -> str | None:
+    # Tags named like the classes keep the member out of a 400's param (errors.py drops
+    # capitalised path parts): "response_format.json_schema.name", not "....json_schema...".
+    if isinstance(value, dict):
+        return _FORMATS.get(value.get("type"))  # type: ignore[arg-type]
+    return type(value).__name__ if isinstance(value, BaseModel) else None
+
+
+ResponseFormat = Annotated[
+    Annotated[TextFormat, Tag("TextFormat")]
+    | Annotated[JsonObjectFormat, Tag("JsonObjectFormat")]
+    | Annotated[JsonSchemaFormat, Tag("JsonSchemaFormat")],
+    Discriminator(
+        _format_tag,
+        custom_error_type="response_format_type",
+        custom_error_message='response_format must be {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+    ),
+]
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json`` (a schema), ``json_object``,
+    ``regex``, ``choice`` or ``grammar`` (Lark syntax). Unknown keys are refused, so a
+    constraint livelm does not serve is never dropped silently."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    json_: Schema | Text | None = Field(None, alias="json")
+    json_object: Bool | None = None
+    regex: Text | None = None
+    choice: Choices | None = None
+    grammar: Text | None = None
+
+
+class StructuredFields(OpenAIModel):
+    """The fields that constrain the output, shared by completions and chat (at most one
+    of them per request; see ``sampling.structured_output``)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names of structured_outputs' fields.
+    guided_json: Schema | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: Text | None = None
+
+
 class SamplingRequest(OpenAIModel):
     """Fields shared by completions and chat completions."""
 
@@ -149,7 +247,7 @@ class SamplingRequest(OpenAIModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(StructuredFields, SamplingRequest):
     """``POST /v1/completions``."""
 
     prompt: Prompt
@@ -166,12 +264,41 @@ class TextContentPart(OpenAIModel):
     text: Text
 
 
-class ChatMessage(OpenAIModel):
-    """One message of a conversation."""
+class FunctionCallText(OpenAIModel):
+    """The function of a tool call in the history: its name and arguments (JSON text)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    name: Text
+    arguments: Text
+
+
+class MessageToolCall(OpenAIModel):
+    """One tool call of an assistant message in the history."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCallText
+
+
+class ChatMessage(OpenAIModel):
+    """One message of a conversation: ``tool`` messages answer the call named by
+    ``tool_call_id``; assistant messages may carry ``tool_calls`` (content then null)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_call_id: Text | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError(
+                "tool_call_id_missing",
+                "a tool message needs tool_call_id: the id of the tool call it answers",
+            )
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls_role", "only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
@@ -182,15 +309,63 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingRequest):
+class FunctionDefinition(OpenAIModel):
+    """A function the model may call: its name, what it does, its parameters' schema."""
+
+    name: Name
+    description: Description | None = None
+    parameters: Schema | None = None
+    strict: Bool | None = None
+
+
+class ToolDefinition(OpenAIModel):
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    """The function ``tool_choice`` names."""
+
+    name: Text
+
+
+class NamedToolChoice(OpenAIModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _tool_choice_tag(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "Mode"
+    return "NamedToolChoice" if isinstance(value, dict | NamedToolChoice) else None
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("Mode")]
+    | Annotated[NamedToolChoice, Tag("NamedToolChoice")],
+    Discriminator(
+        _tool_choice_tag,
+        custom_error_type="tool_choice_type",
+        custom_error_message='tool_choice must be "none", "auto", "required" or {"type": "function", '
+        '"function": {"name": ...}}',
+    ),
+]
+
+
+class ChatCompletionRequest(StructuredFields, SamplingRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Int | None = None
     logprobs: Bool = False
     top_logprobs: Int | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: Bool | None = None
 
 
 class TokenizeRequest(OpenAIModel):
@@ -269,11 +444,36 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+def _drop_none(data: dict, keys: tuple[str, ...] | None = None) -> dict:
+    return {k: v for k, v in data.items() if v is not None or (keys is not None and k not in keys)}
+
+
+class FunctionCall(BaseModel):
+    """The function of a tool call in a response: ``arguments`` is JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of a response message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
-    """The assistant message of a non-streamed chat choice."""
+    """The assistant message of a non-streamed chat choice (``content`` is null when the
+    message is only tool calls; ``tool_calls`` is left out when there are none)."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict:
+        return _drop_none(handler(self), ("tool_calls",))
 
 
 class ChatChoice(BaseModel):
@@ -296,15 +496,41 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    """A piece of a streamed tool call's function: its name (first chunk only) and a
+    fragment of its arguments."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict:
+        return _drop_none(handler(self))
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: ``id`` and ``type`` only in its first chunk."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict:
+        return _drop_none(handler(self))
+
+
 class ChatDelta(BaseModel):
     """What one chunk adds to a message; absent fields are left out, as OpenAI does."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict:
-        return {k: v for k, v in handler(self).items() if v is not None}
+        return _drop_none(handler(self))
 
 
 class ChatChunkChoice(BaseModel):

@@ -9,9 +9,14 @@ from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value
 from livelm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
     SamplingRequest,
+    StructuredFields,
 )
+from livelm.entrypoints.openai.tools import NO_TOOLS, ToolPlan
 from livelm.sampling_params import SamplingParams
+from livelm.structured_output import StructuredOutput
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _OPTION_FIELDS = {f.name: f.name for f in dataclasses.fields(RequestOptions)}
@@ -67,6 +72,61 @@ def _check_common(req: SamplingRequest) -> None:
                           param="stream_options")
 
 
+_LEGACY = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _constraints(req: StructuredFields) -> list[tuple[str, dict]]:
+    """Every output constraint the request gives: ``(param, StructuredOutput kwargs)``."""
+    found: list[tuple[str, dict]] = []
+    fmt = req.response_format
+    if isinstance(fmt, JsonObjectFormat):
+        found.append(("response_format", {"json_object": True}))
+    elif isinstance(fmt, JsonSchemaFormat):
+        found.append(("response_format", {"json": fmt.json_schema.schema_}))
+    so = req.structured_outputs
+    if so is not None:
+        given = {k: v for k, v in (("json", so.json_), ("json_object", so.json_object or None),
+                                   ("regex", so.regex), ("choice", so.choice),
+                                   ("grammar", so.grammar)) if v is not None}
+        if len(given) != 1:
+            raise OpenAIError(f"structured_outputs takes exactly one of {', '.join(_KINDS)}; got "
+                              f"{', '.join(given) or 'none'}", 400, param="structured_outputs")
+        found.append(("structured_outputs", given))
+    for name in _LEGACY:
+        value = getattr(req, name)
+        if value is not None:  # vLLM's older names: guided_json -> json, ...
+            found.append((name, {name.removeprefix("guided_"): value}))
+    return found
+
+
+def structured_output(req: StructuredFields, plan: ToolPlan = NO_TOOLS
+                      ) -> tuple[StructuredOutput | None, str | None]:
+    """The output constraint of a request and the field it came from: ``response_format``
+    (json_object / json_schema), ``structured_outputs``, a legacy ``guided_*`` field, or
+    the tool plan (``tool_choice`` required or a named function). More than one is a 400,
+    and so are tools offered (tool_choice auto) beside a response format: a constraint
+    would keep the model from writing its calls."""
+    found = _constraints(req)
+    if plan.structured is not None:
+        found.insert(0, ("tool_choice", {}))
+    elif plan.offered and plan.mode == "auto" and found:
+        raise OpenAIError(f"tools with tool_choice 'auto' cannot be combined with {found[0][0]}: "
+                          "use tool_choice 'none' or drop the constraint", 400, param=found[0][0])
+    if len(found) > 1:
+        raise OpenAIError(f"give at most one output constraint; got {found[0][0]} and "
+                          f"{found[1][0]}", 400, param=found[1][0])
+    if not found:
+        return None, None
+    param, kwargs = found[0]
+    if plan.structured is not None:
+        return plan.structured, "tools" if plan.mode == "required" else "tool_choice"
+    try:
+        return StructuredOutput(**kwargs), param
+    except ValueError as exc:
+        raise OpenAIError(f"{param}: {exc}", 400, param=param) from exc
+
+
 def _build(kwargs: dict, param_names: dict[str, str], prompt_param: str) -> SamplingParams:
     try:
         return SamplingParams(**kwargs)
@@ -88,21 +148,21 @@ def completion_sampling_params(req: CompletionRequest) -> SamplingParams:
     kwargs["logprobs"] = req.logprobs
     # echo with logprobs returns the prompt's logprobs too, in the same shape.
     kwargs["prompt_logprobs"] = req.logprobs if req.echo and req.logprobs is not None else None
-    names = {name: name for name in _SAMPLING_FIELDS} | {"prompt_logprobs": "logprobs"}
+    kwargs["structured"], param = structured_output(req)
+    names = {name: name for name in _SAMPLING_FIELDS} | {"prompt_logprobs": "logprobs",
+                                                         "structured": param or "response_format"}
     return _build(kwargs, names, "prompt")
 
 
-def chat_sampling_params(req: ChatCompletionRequest, room: int) -> SamplingParams:
+def chat_sampling_params(req: ChatCompletionRequest, room: int,
+                         plan: ToolPlan = NO_TOOLS) -> SamplingParams:
     """SamplingParams of a ``/v1/chat/completions`` request.
 
     ``room`` is how many tokens fit after the prompt; it is the default ``max_tokens``
-    (OpenAI chat generates until the context is full when no limit is given).
+    (OpenAI chat generates until the context is full when no limit is given). ``plan`` is
+    the request's use of tools (:func:`~livelm.entrypoints.openai.tools.tool_plan`).
     """
     _check_common(req)
-    if req.tools:
-        raise _unsupported("tools", "tool calling")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", "structured output (response_format)")
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError("top_logprobs requires logprobs to be true", 400, param="top_logprobs")
     kwargs = _common_kwargs(req)
@@ -110,9 +170,14 @@ def chat_sampling_params(req: ChatCompletionRequest, room: int) -> SamplingParam
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     kwargs["max_tokens"] = max(room, 1) if limit is None else limit
     kwargs["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
+    kwargs["structured"], param = structured_output(req, plan)
+    if (plan.mode == "auto" and plan.parser is not None and not plan.parser.skip_special_tokens
+            and "skip_special_tokens" not in req.model_fields_set):
+        kwargs["skip_special_tokens"] = False  # the format's marker is a special token
     names = {name: name for name in _SAMPLING_FIELDS} | {
         "max_tokens": limit_param,
         "logprobs": "top_logprobs",
+        "structured": param or "response_format",
     }
     return _build(kwargs, names, "messages")
 
@@ -133,8 +198,20 @@ def stream_reply_sampling_params(req: SamplingRequest) -> SamplingParams:
             )
     if getattr(req, "echo", False):
         raise _unsupported("echo", "echo in a reply to streamed input")
+    extra = req.model_extra or {}
+    for param in ("response_format", "structured_outputs", *_LEGACY, "tools", "tool_choice"):
+        if extra.get(param) is not None:
+            raise _unsupported(param, f"{param} in a reply to streamed input")
     kwargs = _common_kwargs(req)
     kwargs["max_tokens"] = 16 if req.max_tokens is None else req.max_tokens
     kwargs["logprobs"] = getattr(req, "logprobs", None)
     names = {name: name for name in _SAMPLING_FIELDS}
     return _build(kwargs, names, "suffix")
+
+
+def constraint_param(req: StructuredFields, plan: ToolPlan = NO_TOOLS) -> str:
+    """The request field a 400 about its output constraint names."""
+    if plan.structured is not None:
+        return "tools" if plan.mode == "required" else "tool_choice"
+    found = _constraints(req)
+    return found[0][0] if found else "response_format"

@@ -1,10 +1,14 @@
-"""``POST /v1/chat/completions``: chat template, then generation, streamed or whole."""
+"""``POST /v1/chat/completions``: chat template (tools included), then generation, streamed
+or whole; a reply read for tool calls goes through ``tool_stream.ToolCallStream``."""
 
 from __future__ import annotations
+
+import json
 
 from fastapi import Request
 from fastapi.responses import Response
 
+from livelm.engine.tokenizer import chat_prompt_ids as render_chat
 from livelm.entrypoints.openai.choices import ResponseState
 from livelm.entrypoints.openai.errors import OpenAIError
 from livelm.entrypoints.openai.generation import open_streams
@@ -25,9 +29,16 @@ from livelm.entrypoints.openai.protocol import (
 )
 from livelm.entrypoints.openai.request_tracker import RequestTracker
 from livelm.entrypoints.openai.respond import respond
-from livelm.entrypoints.openai.sampling import chat_sampling_params
+from livelm.entrypoints.openai.sampling import chat_sampling_params, constraint_param
 from livelm.entrypoints.openai.sse import sse_event
 from livelm.entrypoints.openai.state import ServerState, off_loop_if_large
+from livelm.entrypoints.openai.tool_prompt import (
+    fallback_messages,
+    native_messages,
+    uses_tool_template,
+)
+from livelm.entrypoints.openai.tool_stream import ToolCallStream
+from livelm.entrypoints.openai.tools import NO_TOOLS, ToolPlan, tool_plan
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 
@@ -40,10 +51,17 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
     ]
 
 
-def chat_prompt_ids(state: ServerState, messages: list[ChatMessage]) -> list[int]:
-    """The prompt token ids of a conversation, with the assistant's turn opened."""
+def chat_prompt_ids(state: ServerState, messages: list[ChatMessage],
+                    plan: ToolPlan = NO_TOOLS) -> list[int]:
+    """The prompt token ids of a conversation, with the assistant's turn opened; tools and
+    tool messages in the template's own format, or the fallback (tool_prompt.py)."""
     try:
-        return list(state.engine.apply_chat_template(template_messages(messages)))
+        if not uses_tool_template(messages, plan):
+            return list(state.engine.apply_chat_template(template_messages(messages)))
+        if state.native_tools:
+            tools = list(plan.tools) if plan.offered else None
+            return list(render_chat(state.tokenizer, native_messages(messages), tools=tools))
+        return list(render_chat(state.tokenizer, fallback_messages(messages, plan)))
     except Exception as exc:  # a template may reject a conversation (e.g. role order)
         raise OpenAIError(f"chat template failed: {exc}", 400, param="messages") from exc
 
@@ -52,13 +70,17 @@ class _ChatStream:
     """Turns engine outputs into chat choices (chunks or a whole response)."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest, params: SamplingParams,
-                 response_id: str) -> None:
+                 response_id: str, plan: ToolPlan = NO_TOOLS) -> None:
         self.state = state
         self.req = req
         self.params = params
         self.response_id = response_id
+        self.plan = plan
         self.resp = ResponseState(1, params.n)
         self.logprobs: list[list[ChatTokenLogprob]] = [[] for _ in self.resp.choices]
+        # Streamed replies read for tool calls: one reader per choice.
+        self.tool_streams = ([ToolCallStream(plan) for _ in self.resp.choices]
+                             if plan.reads_calls and req.stream else None)
 
     def chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
         return sse_event(
@@ -88,13 +110,42 @@ class _ChatStream:
                                         self.params.logprobs or 0, self.state.token_text)
                 self.logprobs[idx] += content
                 logprobs = ChatLogprobs(content=content)
-            if delta.text or logprobs is not None:
-                choices.append(ChatChunkChoice(index=idx, delta=ChatDelta(content=delta.text),
-                                               logprobs=logprobs))
+            if self.tool_streams is None:
+                if delta.text or logprobs is not None:
+                    choices.append(ChatChunkChoice(index=idx, delta=ChatDelta(content=delta.text),
+                                                   logprobs=logprobs))
+                reason = delta.finish_reason
+            else:
+                choices += self._tool_deltas(idx, delta.text, logprobs, delta.finish_reason)
+                reason = self.tool_streams[idx].finish_reason(delta.finish_reason)
             if delta.finish_reason is not None:
-                choices.append(ChatChunkChoice(index=idx, delta=ChatDelta(),
-                                               finish_reason=delta.finish_reason))
+                choices.append(ChatChunkChoice(index=idx, delta=ChatDelta(), finish_reason=reason))
         return choices
+
+    def _tool_deltas(self, idx: int, text: str, logprobs: ChatLogprobs | None,
+                     finish_reason: str | None) -> list[ChatChunkChoice]:
+        """Content and tool-call chunks of a reply read for calls (the delta's logprobs
+        ride on its first chunk, or on an empty one when its text is held back)."""
+        stream = self.tool_streams[idx]
+        deltas = stream.feed(text)
+        if finish_reason is not None:
+            deltas += stream.finish()
+        if not deltas and logprobs is not None:
+            deltas = [ChatDelta()]
+        return [ChatChunkChoice(index=idx, delta=d, logprobs=logprobs if i == 0 else None)
+                for i, d in enumerate(deltas)]
+
+    def _message(self, text: str, finish_reason: str | None) -> tuple[ChatResponseMessage, str | None]:
+        """The whole message of one choice, read for tool calls when the plan says so
+        (through the same reader a stream uses, fed all at once)."""
+        if not self.plan.reads_calls:
+            return ChatResponseMessage(content=text), finish_reason
+        stream = ToolCallStream(self.plan)
+        stream.feed(text)
+        stream.finish()
+        content, calls = stream.message(finish_reason)
+        reason = stream.finish_reason(finish_reason) if calls else finish_reason
+        return ChatResponseMessage(content=content, tool_calls=calls), reason
 
     def usage(self) -> UsageInfo:
         prompt = self.resp.prompt_tokens[0]
@@ -104,15 +155,15 @@ class _ChatStream:
 
     def whole(self) -> ChatCompletionResponse:
         """The non-streamed response."""
-        choices = [
-            ChatChoice(
+        choices = []
+        for c in self.resp.choices:
+            message, reason = self._message(c.text, c.finish_reason)
+            choices.append(ChatChoice(
                 index=c.index,
-                message=ChatResponseMessage(content=c.text),
+                message=message,
                 logprobs=ChatLogprobs(content=self.logprobs[c.index]) if self.req.logprobs else None,
-                finish_reason=c.finish_reason,
-            )
-            for c in self.resp.choices
-        ]
+                finish_reason=reason,
+            ))
         return ChatCompletionResponse(id=self.response_id, model=self.state.model_name,
                                       choices=choices, usage=self.usage())
 
@@ -121,17 +172,22 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     """Serve one chat completions request."""
     state.check_model(req.model)
-    # Rendering the template costs about as much per message as tokenizing 100 characters.
+    plan = tool_plan(req, state.tool_parser)
+    # Rendering the template costs about as much per message as tokenizing 100 characters
+    # (tools: as their JSON).
     size = sum(len(m.text()) + 100 for m in req.messages)
-    prompt_ids = await off_loop_if_large(size, lambda: chat_prompt_ids(state, req.messages))
+    if plan.offered:
+        size += len(json.dumps(plan.tools))
+    prompt_ids = await off_loop_if_large(size, lambda: chat_prompt_ids(state, req.messages, plan))
     state.check_context(len(prompt_ids), None, "messages")
-    params = chat_sampling_params(req, state.max_model_len - len(prompt_ids))
+    params = chat_sampling_params(req, state.max_model_len - len(prompt_ids), plan)
     state.check_params(params)
+    await state.check_structured(params, constraint_param(req, plan))
     state.check_context(len(prompt_ids), params.max_tokens, "messages")
     response_id = random_id("chatcmpl")
     ticket = state.admission.admit(params.n)
     tracker = RequestTracker(state.metrics, response_id, "/v1/chat/completions",
                              state.model_name, req.stream, params.n)
     streams = open_streams(state.engine, [prompt_ids], params, response_id)
-    builder = _ChatStream(state, req, params, response_id)
+    builder = _ChatStream(state, req, params, response_id, plan)
     return await respond(raw, builder, streams, ticket, tracker, "messages")

@@ -21,7 +21,7 @@ from livelm.entrypoints.openai.protocol import (
 )
 from livelm.entrypoints.openai.request_tracker import RequestTracker
 from livelm.entrypoints.openai.respond import respond
-from livelm.entrypoints.openai.sampling import completion_sampling_params
+from livelm.entrypoints.openai.sampling import completion_sampling_params, constraint_param
 from livelm.entrypoints.openai.sse import sse_event
 from livelm.entrypoints.openai.state import ServerState, off_loop_if_large
 from livelm.outputs import RequestOutput
@@ -153,6 +153,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     state.check_model(req.model)
     params = completion_sampling_params(req)
     state.check_params(params)
+    await state.check_structured(params, constraint_param(req))
     prompts = _prompts(state, req.prompt)
     # Tokenize here, not in the engine, so a prompt that cannot fit is a 400 before a
     # stream starts (a streamed response has sent its 200 by the time the engine sees it).

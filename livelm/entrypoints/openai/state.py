@@ -13,6 +13,7 @@ from livelm.entrypoints.openai.config import ServerConfig
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
 from livelm.entrypoints.openai.logprobs import TokenText
 from livelm.entrypoints.openai.metrics import ServerMetrics
+from livelm.entrypoints.openai.tool_parsers import ToolParser
 from livelm.sampling_params import SamplingParams, check_engine_limits
 
 T = TypeVar("T")
@@ -39,6 +40,11 @@ class ServerState:
     metrics: ServerMetrics
     admission: AdmissionControl
     token_text: TokenText
+    # The parser of the model's own tool-call format (tool_choice "auto"; None: calls are
+    # not parsed) and whether the chat template renders tools itself (else the fallback
+    # prompt of tool_prompt.py).
+    tool_parser: type[ToolParser] | None = None
+    native_tools: bool = False
 
     @property
     def tokenizer(self) -> Any:
@@ -99,6 +105,21 @@ class ServerState:
             raise bad_request_from_value_error(
                 exc, {"n": n_param, "stop_token_ids": "stop_token_ids"}, "prompt"
             ) from exc
+
+    async def check_structured(self, params: SamplingParams, param: str) -> None:
+        """400 naming ``param`` for an output constraint that does not compile (an invalid
+        JSON schema, regex or grammar), before any compute. The engine compiles it in a
+        worker thread (compiled grammars are cached, so the request's own compile later is
+        free)."""
+        check = getattr(self.engine, "check_structured", None)
+        if params.structured is None or check is None:
+            return
+        try:
+            await asyncio.to_thread(check, params.structured)
+        except ValueError as exc:
+            message = str(exc) if len(str(exc)) <= 2000 else str(exc)[:2000] + "..."
+            raise OpenAIError(f"{param}: {message}", 400, param=param,
+                              code="invalid_structured_output") from exc
 
     def prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """Token ids of a prompt, exactly as the engine would make them."""
