@@ -73,8 +73,9 @@ class SamplingParams:
     ``MAX_STOP_STRING_CHARS`` = 256 characters each, and at most 256 ``stop_token_ids``;
     booleans must be ``bool``, integers ``int`` (not ``bool``). ``structured`` constrains
     the output (:class:`~livelm.structured_output.StructuredOutput`, or a JSON schema dict
-    or pydantic model class as shorthand); whether it compiles is checked when the request
-    is added. What depends on the engine
+    or pydantic model class as shorthand; not with ``ignore_eos`` or ``min_tokens``, since
+    the constraint decides where the output ends); whether it compiles is checked when the
+    request is added. What depends on the engine
     (``n`` against ``max_n`` and ``max_num_seqs``, stop token ids against the vocabulary)
     is checked by :func:`check_engine_limits` when the request is added.
     """
@@ -165,10 +166,29 @@ class SamplingParams:
             if value is not None and not 0 <= value <= 20:
                 raise ValueError(f"{name} must be an integer in [0, 20] or None, got {value!r:.40}")
         self._validate_stop()
+        self._validate_structured()
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(
                 f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r:.40}: use a non-negative "
                 "64-bit seed (leave it out for a random one)"
+            )
+
+    def _validate_structured(self) -> None:
+        # A constraint decides where the output ends: EOS is allowed exactly where the
+        # structure is complete, and forced when nothing else may follow. ignore_eos would
+        # then loop on EOS, and min_tokens would hold back the only allowed token (the
+        # scheduler ends a request on EOS only from min_tokens on): refuse both.
+        if self.structured is None:
+            return
+        if self.ignore_eos:
+            raise ValueError(
+                "ignore_eos cannot be combined with structured output: the constraint decides "
+                "where the output ends (use max_tokens to bound it)"
+            )
+        if self.min_tokens:
+            raise ValueError(
+                "min_tokens cannot be combined with structured output: the constraint decides "
+                "where the output ends (leave min_tokens at 0)"
             )
 
     def _validate_stop(self) -> None:

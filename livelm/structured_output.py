@@ -24,9 +24,11 @@ KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 def _schema_text(schema: Any) -> str:
-    """Canonical JSON text of a schema given as a dict, a JSON string or a pydantic model
+    """Compact JSON text of a schema given as a dict, a JSON string or a pydantic model
     class (the same schema always gives the same text, so compiled grammars can be cached
-    by it)."""
+    by it). Keys keep their order: the output's properties come in the schema's order
+    (a "reasoning" field before an "answer" field is written first), so two schemas that
+    differ only in order are different constraints."""
     if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
         schema = schema.model_json_schema()
     if isinstance(schema, str):
@@ -45,7 +47,7 @@ def _schema_text(schema: Any) -> str:
         )
 
     try:
-        return json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return json.dumps(schema, separators=(",", ":"), allow_nan=False)
     except ValueError:
         raise ValueError("the JSON schema must not hold NaN or Infinity") from None
     except TypeError as e:
@@ -58,12 +60,15 @@ def _schema_text(schema: Any) -> str:
 class StructuredOutput:
     """A constraint on one request's output; set exactly one field.
 
-    - ``json``: a JSON schema (dict, JSON text or pydantic model class); kept as canonical
-      JSON text.
+    - ``json``: a JSON schema (dict, JSON text or pydantic model class); kept as compact
+      JSON text, keys in their order (the order the output's properties are written in).
     - ``json_object=True``: any JSON object.
     - ``regex``: the whole output matches this regular expression.
     - ``choice``: the output is exactly one of these strings.
-    - ``grammar``: a context-free grammar in Lark syntax (llguidance's grammar format).
+    - ``grammar``: a context-free grammar in Lark syntax (llguidance's dialect); one that
+      defines its rules with ``::=`` is read as GBNF (llama.cpp's format) and converted.
+
+    docs/structured_output.md says what each kind accepts and how outputs end.
 
     ``SamplingParams(structured=...)`` takes one of these, or a dict / pydantic model class
     as shorthand for ``StructuredOutput(json=...)``.

@@ -33,6 +33,7 @@ from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.kernels.cpu_memory import release_free_memory
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
+from livelm.structured_output import StructuredOutput
 
 logger = logging.getLogger("livelm")
 
@@ -249,6 +250,13 @@ class AsyncEngine:
     def num_input_streams(self) -> int:
         """Input streams open now."""
         return len(self._input_streams)
+
+    def check_structured(self, structured: StructuredOutput | None) -> None:
+        """Raise ValueError (saying what is wrong) unless the constraint compiles for this
+        model. Cached, and safe from any thread while the engine thread runs: the server
+        calls it off its event loop (``asyncio.to_thread``) before a response starts, so a
+        large schema compiles there and the engine thread finds it in the cache."""
+        self._engine.check_structured(structured)
 
     def check_stream_input(self, token_ids: list[int]) -> None:
         """ValueError unless a stream may hold ``token_ids`` (vocabulary and length)."""

@@ -37,7 +37,9 @@ from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
 from livelm.outputs import RequestOutput
 from livelm.runner.model_runner import ModelRunner
+from livelm.runner.structured import GrammarBackend
 from livelm.sampling_params import SamplingParams, check_engine_limits
+from livelm.structured_output import StructuredOutput
 
 logger = logging.getLogger("livelm")
 
@@ -148,7 +150,11 @@ class Engine:
             self.cache_config,
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend)
+        # Constrained decoding (docs/structured_output.md); its costly parts start on first use.
+        self.structured = GrammarBackend(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend, self.structured
+        )
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
         self.states: dict[str, RequestState] = {}  # requests in flight, by id
         self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)
@@ -216,6 +222,14 @@ class Engine:
         # Stop ids may name any token of the model's or the tokenizer's vocabulary.
         check_engine_limits(params, max_n=self.config.max_n, max_num_seqs=self.config.max_num_seqs,
                             vocab_size=max(self.model_config.vocab_size, len(self.tokenizer)))
+        self.check_structured(params.structured)
+
+    def check_structured(self, structured: StructuredOutput | None) -> None:
+        """ValueError (llguidance's message) unless ``structured`` compiles for this model.
+        Compiled grammars are cached, so the step that first samples the request finds it
+        ready; thread-safe (``AsyncEngine.check_structured`` calls it from any thread)."""
+        if structured is not None:
+            self.structured.compile(structured)
 
     def add(
         self,

@@ -22,10 +22,19 @@ from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
 from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
 from livelm.runner.sampling.guard import NonFiniteLogits, RowFailure
+from livelm.runner.sampling.token_mask import TokenMask
+from livelm.runner.structured import GrammarBackend, StepMasks, StructuredDecoding
+from livelm.runner.structured.step import MaskJob
 
 
 class ModelRunner:
-    """Owns the model, its KV cache tensors and per-request sampling state."""
+    """Owns the model, its KV cache tensors and per-request sampling state.
+
+    ``structured`` (the engine's grammar backend) enables constrained requests
+    (``SamplingParams.structured``): each constrained sequence gets a matcher, and its
+    step's token bitmask is filled in a worker thread while the model runs. Without it a
+    constrained request fails (the engine always gives one).
+    """
 
     def __init__(
         self,
@@ -34,6 +43,7 @@ class ModelRunner:
         block_size: int,
         eos_token_ids: frozenset[int],
         attention_backend: str = "auto",
+        structured: GrammarBackend | None = None,
     ) -> None:
         self.model = model
         cfg = model.config
@@ -55,6 +65,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.eos_token_ids = set(eos_token_ids)
         self._generators: dict[str, torch.Generator] = {}
+        self.structured = StructuredDecoding(structured) if structured is not None else None
 
     @staticmethod
     def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
@@ -69,23 +80,38 @@ class ModelRunner:
         """Run one step of the model over every scheduled chunk."""
         for rid in sched.finished_request_ids:
             self._generators.pop(rid, None)
+        if self.structured is not None:
+            self.structured.drop(sched.finished_request_ids)
         if sched.is_empty:
             return ModelRunnerOutput(sampled={})
         # Decodes first: they share one batched attention call; prefills follow one by one.
         chunks = sorted(sched.chunks, key=lambda c: not c.is_decode)
-        input_ids, positions, meta, row_of = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-
         sample_chunks = [c for c in chunks if c.sample]
-        lp_chunks = [c for c in chunks if c.want_prompt_logprobs]
-        sampled: dict[str, SampledToken] = {}
-        failed: dict[str, Exception] = {}
-        if sample_chunks:
-            rows = torch.tensor([row_of[c.request_id][1] - 1 for c in sample_chunks], device=self.device)
-            logits = self._logits(hidden.index_select(0, rows))
-            sampled = self._sample(logits, sample_chunks, failed)
-        prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
+        masks = self._start_masks(sample_chunks)
+        try:
+            input_ids, positions, meta, row_of = self._prepare(chunks)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            lp_chunks = [c for c in chunks if c.want_prompt_logprobs]
+            sampled: dict[str, SampledToken] = {}
+            failed: dict[str, Exception] = {}
+            if sample_chunks:
+                rows = torch.tensor([row_of[c.request_id][1] - 1 for c in sample_chunks], device=self.device)
+                logits = self._logits(hidden.index_select(0, rows))
+                sampled = self._sample(logits, sample_chunks, failed, masks.result() if masks else None)
+            prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
+        finally:
+            if masks is not None:
+                masks.wait()  # the worker is done with the matchers before anyone else runs
         return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed)
+
+    def _start_masks(self, sample_chunks: list[ScheduledChunk]) -> MaskJob | None:
+        """Start filling the bitmask of the step's constrained sequences (None: none)."""
+        if not any(c.sampling_params is not None and c.sampling_params.structured is not None
+                   for c in sample_chunks):
+            return None
+        if self.structured is None:
+            raise RuntimeError("this model runner has no grammar backend for structured output")
+        return self.structured.start(sample_chunks)
 
     def execute_each(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """After ``execute(sched)`` raised: run each chunk alone, so that a failure names
@@ -173,15 +199,26 @@ class ModelRunner:
     # ----------------------------------------------------------------- sampling
 
     def _sample(
-        self, logits: torch.Tensor, chunks: list[ScheduledChunk], failed: dict[str, Exception]
+        self,
+        logits: torch.Tensor,
+        chunks: list[ScheduledChunk],
+        failed: dict[str, Exception],
+        masks: StepMasks | None = None,
     ) -> dict[str, SampledToken]:
         """Sample a token for each chunk; a row that cannot be sampled (a seed the generator
-        refuses, logits that are not finite) goes into ``failed`` and the rest are sampled
-        again without it: nothing was drawn yet, so their tokens are those of a batch
-        without it."""
+        refuses, logits that are not finite, a constraint that failed) goes into ``failed``
+        and the rest are sampled again without it: nothing was drawn yet, so their tokens
+        are those of a batch without it."""
+        if masks is not None and masks.errors:
+            failed.update((rid, e) for rid, e in masks.errors.items() if rid in {c.request_id for c in chunks})
+            keep = [i for i, c in enumerate(chunks) if c.request_id not in masks.errors]
+            if not keep:
+                return {}
+            chunks = [chunks[i] for i in keep]
+            logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
         while True:
             try:
-                out = self.sampler(logits, self._sampling_batch(chunks))
+                out = self.sampler(logits, self._sampling_batch(chunks, masks))
                 return self._to_sampled(chunks, out)
             except RowFailure as e:
                 for i, error in e.errors.items():
@@ -222,7 +259,21 @@ class ModelRunner:
         for _ in range(len(chunk.output_token_ids)):
             one.uniform_(generator=gen)
 
-    def _sampling_batch(self, chunks: list[ScheduledChunk]) -> SamplingBatch:
+    @staticmethod
+    def _token_mask(chunks: list[ScheduledChunk], masks: StepMasks | None) -> TokenMask | None:
+        """The constrained rows of ``chunks`` and their bitmask rows."""
+        if masks is None or not masks.row_of:
+            return None
+        rows = [i for i, c in enumerate(chunks) if c.request_id in masks.row_of]
+        if not rows:
+            return None
+        mask_rows = [masks.row_of[chunks[i].request_id] for i in rows]
+        bitmask = masks.bitmask
+        if mask_rows != list(range(bitmask.shape[0])):
+            bitmask = bitmask.index_select(0, torch.tensor(mask_rows))
+        return TokenMask(rows, bitmask)
+
+    def _sampling_batch(self, chunks: list[ScheduledChunk], masks: StepMasks | None = None) -> SamplingBatch:
         eos = self.eos_token_ids
         generators: list[torch.Generator | None] = []
         bad: dict[int, Exception] = {}
@@ -241,6 +292,7 @@ class ModelRunner:
             output_token_ids=[c.output_token_ids for c in chunks],
             generators=generators,
             eos_token_ids=[set() if c.sampling_params.ignore_eos else eos for c in chunks],
+            token_mask=self._token_mask(chunks, masks),
         )
 
     @staticmethod

@@ -2,6 +2,7 @@
 :mod:`livelm.runner.sampling.sampler`.
 
 - ``batch``: :class:`SamplingBatch` (per-step inputs) and :class:`SamplerOutput`.
+- ``token_mask``: :class:`TokenMask`, structured output's allowed tokens as -inf elsewhere.
 - ``penalties``: min_tokens suppression, repetition / presence / frequency penalties.
 - ``filters``: temperature, and top-k / top-p / min-p as per-row logit thresholds.
 - ``draw``: the inverse-CDF draw, among top candidates or over whole rows.

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from livelm.runner.sampling.token_mask import TokenMask
 from livelm.sampling_params import SamplingParams
 
 
@@ -16,7 +17,8 @@ class SamplingBatch:
     ``eos_token_ids[i]`` and the row's ``stop_token_ids`` are suppressed while the row has
     fewer than ``min_tokens`` output tokens (the runner passes an empty set for
     ``ignore_eos`` requests). ``generators[i]`` is the request's own generator (on the
-    logits' device) when it has a seed, else ``None``.
+    logits' device) when it has a seed, else ``None``. ``token_mask`` holds the tokens the
+    constrained rows may take (structured output), ``None`` when no row is constrained.
     """
 
     params: list[SamplingParams]
@@ -24,6 +26,7 @@ class SamplingBatch:
     output_token_ids: list[list[int]]
     generators: list[torch.Generator | None]
     eos_token_ids: list[set[int]]
+    token_mask: TokenMask | None = None
 
 
 @dataclass

@@ -7,7 +7,14 @@ batched; Python loops over rows only build index tensors and draw the seeded row
 Choices (where vLLM and Hugging Face differ, or neither says):
 
 - Logprobs, ranks and top-K alternatives come from the raw logits (before penalties,
-  temperature and filters), as in vLLM's default and the OpenAI API.
+  temperature and filters), as in vLLM's default and the OpenAI API. For a row under a
+  structured-output constraint too: the grammar's mask decides which token is drawn, the
+  logprobs say how likely the model found it (so a forced token can have a low logprob,
+  and the top-K alternatives can be tokens the grammar refused).
+- A constrained row's disallowed tokens are set to -inf before anything else (penalties,
+  temperature, filters, greedy), on a copy: unconstrained rows are untouched, so their
+  tokens are those of a batch without constraints, and a batch without constraints costs
+  nothing more.
 - Repetition penalty follows Hugging Face (prompt + output tokens; ``l / p`` if ``l > 0``
   else ``l * p``); presence / frequency penalties follow OpenAI (output tokens only).
   Repetition is applied first, then presence / frequency (vLLM's order).
@@ -37,6 +44,7 @@ from livelm.runner.sampling.guard import check_finite_rows
 from livelm.runner.sampling.logprobs import _attach_logprobs
 from livelm.runner.sampling.penalties import apply_penalties
 from livelm.runner.sampling.rows import _put_rows, _take_rows
+from livelm.runner.sampling.token_mask import apply_token_mask
 
 
 class Sampler:
@@ -53,6 +61,9 @@ class Sampler:
         """
         if logits.shape[0] == 0:
             return SamplerOutput(torch.empty(0, dtype=torch.long, device=logits.device))
+        raw = logits
+        if batch.token_mask is not None:
+            logits = apply_token_mask(logits, batch.token_mask)  # a copy: raw stays as it was
         # The throughput hot path: plain greedy rows need nothing but an argmax.
         if all(
             p.greedy
@@ -66,7 +77,7 @@ class Sampler:
             check_finite_rows((top, None))
         else:
             token_ids = self._sample(logits, batch)
-        return _attach_logprobs(logits, token_ids, batch.params)
+        return _attach_logprobs(raw, token_ids, batch.params)
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         n = logits.shape[0]
