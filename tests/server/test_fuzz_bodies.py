@@ -131,7 +131,52 @@ CONTENT = st.one_of(TEXT, st.lists(st.fixed_dictionaries({"type": st.just("text"
                                    min_size=1, max_size=3))
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
                                  "content": CONTENT}, optional={"name": WORDS})
-MESSAGES = st.lists(MESSAGE, min_size=1, max_size=4)
+TOOL_CALL = st.fixed_dictionaries({
+    "id": st.sampled_from(["call_1", "call_2"]), "type": st.just("function"),
+    "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "g"]),
+                                       "arguments": st.sampled_from(["{}", '{"x": 1}', "not json"])})})
+TOOL_MESSAGES = st.one_of(
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none(),
+                           "tool_calls": st.lists(TOOL_CALL, min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": st.sampled_from(["call_1", "x"]),
+                           "content": TEXT}),
+)
+MESSAGES = st.lists(st.one_of(MESSAGE, MESSAGE, TOOL_MESSAGES), min_size=1, max_size=4)
+# Output constraints (issue 15): small, bounded ones, so a constrained tiny model ends soon.
+SMALL_SCHEMA = st.sampled_from([
+    {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+     "additionalProperties": False},
+    {"type": "string", "enum": ["x", "y"]},
+    {"type": "integer", "minimum": 0, "maximum": 9},
+])
+RESPONSE_FORMAT = st.one_of(
+    st.just({"type": "text"}), st.just({"type": "json_object"}),
+    st.builds(lambda schema: {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+              SMALL_SCHEMA),
+)
+STRUCTURED = {
+    "response_format": RESPONSE_FORMAT,
+    "structured_outputs": st.one_of(
+        st.builds(lambda c: {"choice": c}, st.lists(WORDS, min_size=1, max_size=3)),
+        st.just({"regex": "[ab]{1,3}"}), st.just({"grammar": 'start: "x" | "yz"'}),
+        st.builds(lambda schema: {"json": schema}, SMALL_SCHEMA)),
+    "guided_choice": st.lists(WORDS, min_size=1, max_size=3),
+    "guided_regex": st.sampled_from(["[0-9]{1,2}", "(a|b)c", "("]),
+    "guided_json": SMALL_SCHEMA,
+    "guided_grammar": st.just('start: "q"'),
+}
+TOOL = st.builds(
+    lambda name, params, description: {"type": "function", "function": {
+        "name": name, **({"parameters": params} if params is not None else {}),
+        **({"description": description} if description else {})}},
+    st.sampled_from(["f", "g", "get_weather"]),
+    st.one_of(st.none(), SMALL_SCHEMA.filter(lambda s: s.get("type") == "object")),
+    TEXT,
+)
+TOOL_CHOICE = st.one_of(
+    st.sampled_from(["none", "auto", "required"]),
+    st.builds(lambda n: {"type": "function", "function": {"name": n}}, st.sampled_from(["f", "g", "h"])),
+)
 
 
 @st.composite
@@ -155,13 +200,14 @@ def bodies(draw, required: dict, optional: dict) -> object:  # noqa: ANN001
 
 
 COMPLETION = bodies({"prompt": PROMPT, "max_tokens": MAX_TOKENS}, {
-    **SAMPLING, "echo": st.booleans(), "logprobs": st.integers(0, 3), "suffix": st.just(""),
+    **SAMPLING, **STRUCTURED, "echo": st.booleans(), "logprobs": st.integers(0, 3), "suffix": st.just(""),
     "best_of": st.just(1),
 })
 CHAT = bodies({"messages": MESSAGES, "max_tokens": MAX_TOKENS}, {
     **SAMPLING, "max_completion_tokens": MAX_TOKENS, "logprobs": st.booleans(),
-    "top_logprobs": st.integers(0, 3), "tools": st.just([]),
-    "response_format": st.just({"type": "text"}),
+    "top_logprobs": st.integers(0, 3), **STRUCTURED,
+    "tools": st.lists(TOOL, max_size=3), "tool_choice": TOOL_CHOICE,
+    "parallel_tool_calls": st.booleans(),
 })
 TOKENIZE = st.one_of(bodies({"prompt": TEXT}, {"add_special_tokens": st.booleans()}),
                      bodies({"messages": MESSAGES}, {"add_special_tokens": st.booleans()}))

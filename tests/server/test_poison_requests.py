@@ -143,6 +143,61 @@ POISON = [
     (C, _body('"session_id": "\\ud800"'), "session_id", None),
     (C, _body('"cache_salt": "\\ud800"'), "cache_salt", None),
     (C, '{"prompt": [' + ", ".join(["[5]"] * 1000) + '], "max_tokens": 1}', None, "sequences"),
+    # Structured output and tools (issue 15): every new field gets its poison.
+    (CHAT, _chat('"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+                 '"schema": {"type": "number", "maximum": NaN}}}'), "response_format", "NaN"),
+    (C, _body('"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+              '"schema": {"type": "integer", "minimum": Infinity}}}'), "response_format", "NaN"),
+    (CHAT, _chat('"response_format": {"type": "json_schema", "json_schema": {"name": "\\ud800", '
+                 '"schema": {}}}'), "response_format.json_schema.name", None),
+    (CHAT, _chat('"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+                 '"schema": ' + "[" * 200 + "]" * 200 + "}}"), "response_format.json_schema.schema", None),
+    (CHAT, _chat('"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+                 '"schema": {"enum": ["' + "e" * 200_000 + '"]}}}'), "response_format", "at most 100000"),
+    (C, _body('"response_format": {"type": 1e999}'), "response_format", None),
+    (C, _body('"response_format": true'), "response_format", None),
+    (C, _body('"structured_outputs": {"regex": "\\ud800"}'), "structured_outputs.regex", "Unicode"),
+    (C, _body('"structured_outputs": {"choice": [1, 2]}'), "structured_outputs.choice.0", None),
+    (C, _body('"structured_outputs": {"json_object": "yes"}'), "structured_outputs.json_object", "boolean"),
+    (C, _body('"structured_outputs": {"json": {"maximum": NaN}}'), "structured_outputs", "NaN"),
+    (C, _body('"structured_outputs": {"grammar": "' + "g" * 200_000 + '"}'), "structured_outputs",
+     "at most 100000"),
+    (C, _body('"structured_outputs": [' + "[" * 200 + "]" * 200 + "]"), "structured_outputs", None),
+    (C, _body('"guided_choice": [' + ", ".join(['"c"'] * 5000) + "]"), "guided_choice", "at most 1024"),
+    (C, _body('"guided_regex": 12'), "guided_regex", None),
+    (C, _body('"guided_json": "{\\"a\\": NaN}"'), "guided_json", None),
+    (C, _body('"guided_grammar": "x", "guided_regex": "y"'), "guided_grammar", "at most one"),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f", "parameters": '
+                 '{"x": NaN}}}]'), "tools.0.function.parameters", "NaN"),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f", "parameters": '
+                 '{"x": "' + "p" * 200_000 + '"}}}]'), "tools.0.function.parameters", "at most"),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f", "parameters": '
+                 '{"\\ud800": 1}}}]'), "tools.0.function.parameters", "Unicode"),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f", "parameters": '
+                 + "[" * 200 + "]" * 200 + "}}]"), "tools.0.function.parameters", None),
+    (CHAT, _chat('"tools": [' + ", ".join(['{"type": "function", "function": {"name": "f' + str(i) + '"}}'
+                                          for i in range(5000)]) + "]"), "tools", "at most 128"),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "' + "n" * 100_000 + '"}}]'),
+     "tools.0.function.name", None),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f", "description": "'
+                 + "d" * 100_000 + '"}}]'), "tools.0.function.description", None),
+    (CHAT, _chat('"tools": "all"'), "tools", None),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": 1e999'),
+     "tool_choice", None),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": '
+                 '{"type": "function", "function": {"name": "' + "g" * 100_000 + '"}}'),
+     "tool_choice", "not in tools"),
+    (CHAT, _chat('"tool_choice": "required"'), "tool_choice", "needs tools"),
+    (CHAT, _chat('"tools": [{"type": "function", "function": {"name": "f"}}], '
+                 '"parallel_tool_calls": 1'), "parallel_tool_calls", "boolean"),
+    (CHAT, '{"messages": [{"role": "tool", "content": "x"}], "max_tokens": 2}', "messages.0",
+     "tool_call_id"),
+    (CHAT, '{"messages": [{"role": "assistant", "tool_calls": [{"id": "\\ud800", "type": "function", '
+           '"function": {"name": "f", "arguments": "{}"}}]}], "max_tokens": 2}',
+     "messages.0.tool_calls.0.id", "Unicode"),
+    (CHAT, '{"messages": [{"role": "assistant", "tool_calls": [' + ", ".join(
+        ['{"id": "c", "function": {"name": "f", "arguments": "{}"}}'] * 1000) + ']}], "max_tokens": 2}',
+     "messages.0.tool_calls", "at most 128"),
     ("/tokenize", '{"prompt": "\\ud800"}', "prompt", "not valid Unicode"),
     ("/tokenize", '{"prompt": "hi", "add_special_tokens": "yes"}', "add_special_tokens", None),
     ("/detokenize", '{"tokens": [18446744073709551616]}', "tokens", None),
