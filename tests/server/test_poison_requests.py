@@ -244,7 +244,7 @@ def test_a_full_body_of_huge_stop_strings_is_refused_at_once(server, expected):
 
     r, elapsed = with_victim(server, expected, poison)
     assert_openai_error(r, 400, "stop")
-    assert elapsed < 5
+    assert elapsed < 30  # a guard against holding the server, not a speed measure (2-3 s when quiet)
 
 
 def test_sessions_rest_refuses_poison(server, expected):
@@ -340,4 +340,4 @@ def test_huge_lists_are_refused_at_once(server, expected, route, raw, param):
     r, elapsed = with_victim(server, expected, poison)
     error = assert_openai_error(r, 400, param)
     assert "at most" in error["message"]
-    assert elapsed < 5
+    assert elapsed < 30  # a guard against holding the server, not a speed measure (2-3 s when quiet)
