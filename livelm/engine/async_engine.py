@@ -49,6 +49,10 @@ _MAX_FAILED_ITERATIONS = 3
 # reached the engine (a huge prompt tokenized in a server thread and refused).
 _IDLE_TRIM_AFTER_S = 1.0
 _IDLE_TRIM_EVERY_S = 30.0
+# An engine that never goes idle (steady traffic) trims between two steps this often: a
+# 30-minute soak at load 3-4 never idled and its RSS grew 8.4% until the first idle trim
+# took it back to 1.3% above the 5-minute mark. A trim costs 8-44 ms, once a minute.
+_BUSY_TRIM_EVERY_S = 60.0
 
 
 class _IdleTrim:
@@ -70,6 +74,10 @@ class _IdleTrim:
         due = max(self.idle_since + _IDLE_TRIM_AFTER_S,
                   now if self.stepped else self.trimmed_at + _IDLE_TRIM_EVERY_S)
         return due - now
+
+    def due_while_busy(self, now: float) -> bool:
+        """True when steps have run without a trim for ``_BUSY_TRIM_EVERY_S``."""
+        return self.stepped and now - self.trimmed_at >= _BUSY_TRIM_EVERY_S
 
     def trim(self) -> None:
         """Release free memory now."""
@@ -468,6 +476,8 @@ class AsyncEngine:
             timeouts.append(trim.seconds_to_trim(time.monotonic()))
             commands.wait(min(max(min(timeouts), 0.01), _MAX_IDLE_WAIT_S))
             return True
+        if self._idle_trim.due_while_busy(time.monotonic()):
+            self._idle_trim.trim()
         self._idle_trim.busy()
         moved = engine.step()
         if engine.failed_streams:

@@ -8,6 +8,7 @@ import time
 from livelm import SamplingParams
 from livelm.engine import async_engine
 from livelm.engine.async_engine import (
+    _BUSY_TRIM_EVERY_S,
     _IDLE_TRIM_AFTER_S,
     _IDLE_TRIM_EVERY_S,
     AsyncEngine,
@@ -33,6 +34,17 @@ def test_trim_is_due_soon_after_a_step_then_rarely():
     assert abs(trim.seconds_to_trim(now) - _IDLE_TRIM_EVERY_S) < 1e-6
     trim.busy()  # work again: the idle clock restarts
     assert trim.seconds_to_trim(now + 0.5) == _IDLE_TRIM_AFTER_S
+
+
+def test_an_engine_that_never_idles_trims_between_steps_once_a_period():
+    trim = _IdleTrim()
+    t0 = trim.trimmed_at
+    assert not trim.due_while_busy(t0 + 10 * _BUSY_TRIM_EVERY_S)  # no step ran: nothing freed
+    trim.busy()
+    assert not trim.due_while_busy(t0 + _BUSY_TRIM_EVERY_S - 1.0)
+    assert trim.due_while_busy(t0 + _BUSY_TRIM_EVERY_S)
+    trim.trim()
+    assert not trim.due_while_busy(trim.trimmed_at + 1.0)  # the period restarts
 
 
 def test_the_engine_trims_once_idle_after_work(llama_dir, monkeypatch):
