@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from server_utils import serve, sse_events, start_engine, stop_engine
+from server_utils import serve, sse_events, stop_engine
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Describe a city as JSON."}]
@@ -38,26 +38,6 @@ class City(BaseModel):
 
 
 CITY_SCHEMA = City.model_json_schema()
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir):
-    engine = start_engine(llama_dir, max_model_len=1024, kv_cache_gib=0.25)
-    yield engine
-    stop_engine(engine)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve(engine) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def constrained(engine):
-    """Constrained outputs need the engine half of issue 15."""
-    if not hasattr(engine, "check_structured"):
-        pytest.skip("the engine does not decode structured output yet (AsyncEngine.check_structured)")
 
 
 def post(server, path: str, body: dict) -> httpx.Response:  # noqa: ANN001
@@ -110,7 +90,7 @@ KINDS = [
 
 
 @pytest.mark.parametrize(("fields", "check"), KINDS, ids=[next(iter(k[0])) + f"-{i}" for i, k in enumerate(KINDS)])
-def test_every_kind_holds_under_sampling_on_both_apis(server, constrained, fields, check):
+def test_every_kind_holds_under_sampling_on_both_apis(server, fields, check):
     for path, prompt in ((CHAT, {"messages": MESSAGES}), (C, {"prompt": "A city:"})):
         outputs, reasons = texts(server, path, {**prompt, **SAMPLED, **fields, "n": 3, "seed": 7})
         for text, reason in zip(outputs, reasons, strict=True):
@@ -130,7 +110,7 @@ def test_every_kind_holds_under_sampling_on_both_apis(server, constrained, field
             check(streamed)
 
 
-def test_openai_client_parse_round_trips_on_the_default_model(constrained):
+def test_openai_client_parse_round_trips_on_the_default_model():
     """``client.chat.completions.parse(response_format=PydanticModel)`` on the default model
     (SmolLM2-135M-Instruct): the reply parses into the model class."""
     from livelm.engine.async_engine import AsyncEngine
@@ -153,7 +133,7 @@ def test_openai_client_parse_round_trips_on_the_default_model(constrained):
         stop_engine(engine)
 
 
-def test_max_tokens_cutting_a_structure_finishes_with_length(server, constrained):
+def test_max_tokens_cutting_a_structure_finishes_with_length(server):
     for path, prompt in ((CHAT, {"messages": MESSAGES}), (C, {"prompt": "A city:"})):
         (text,), (reason,) = texts(server, path, {**prompt, "response_format": CITY_FORMAT,
                                                   "max_tokens": 3, "temperature": 1.0, "seed": 1})
@@ -228,7 +208,7 @@ UNCOMPILABLE = [
 
 
 @pytest.mark.parametrize(("fields", "param"), UNCOMPILABLE, ids=[str(i) for i in range(len(UNCOMPILABLE))])
-def test_constraints_that_do_not_compile_get_a_400_before_compute(server, constrained, fields, param):
+def test_constraints_that_do_not_compile_get_a_400_before_compute(server, fields, param):
     for route, prompt in ((C, {"prompt": "hi"}), (CHAT, {"messages": MESSAGES})):
         for stream in (False, True):
             r = post(server, route, {**prompt, "max_tokens": 2, **fields, "stream": stream})
@@ -237,16 +217,63 @@ def test_constraints_that_do_not_compile_get_a_400_before_compute(server, constr
             assert error["param"] == param and error["code"] == "invalid_structured_output", error
 
 
-def test_a_stream_reply_refuses_constraints(server):
-    """Replies to streamed input (/v1/sessions/{id}/generate) do not take constraints yet:
-    a 400 names the field rather than ignoring it."""
+STREAM_REPLY_KINDS = [
+    ({"response_format": CITY_FORMAT}, lambda t: City.model_validate_json(t)),
+    ({"structured_outputs": {"regex": r"[a-c]{2,5}-\d{3}"}},
+     lambda t: re.fullmatch(r"[a-c]{2,5}-\d{3}", t) or 1 / 0),
+    ({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green") or 1 / 0),
+]
+
+
+def test_stream_replies_follow_their_constraints(server):
+    """Replies to streamed input (``/v1/sessions/{id}/generate`` and ``/v1/stream``
+    generate events) take the same constraint fields: each reply, whole and streamed over
+    SSE and over the WebSocket, validates; a constraint that does not compile and tools
+    get a 400 naming the field; the session keeps serving afterwards."""
+    from websockets.sync.client import connect
+
+    base = f"{server.url}/v1/sessions/structured-reply"
     assert post(server, "/v1/sessions", {"session_id": "structured-reply"}).status_code == 200
     try:
-        post(server, "/v1/sessions/structured-reply/input", {"text": "Once upon a time"})
-        for fields in ({"response_format": {"type": "json_object"}}, {"guided_regex": "a+"},
-                       {"structured_outputs": {"choice": ["a"]}}):
+        post(server, "/v1/sessions/structured-reply/input", {"text": "A city, as JSON:"})
+        for fields, check in STREAM_REPLY_KINDS:
+            body = {**SAMPLED, **fields, "seed": 5}
+            r = httpx.post(f"{base}/generate", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            (choice,) = r.json()["choices"]
+            assert choice["finish_reason"] == "stop", choice
+            check(choice["text"])
+            with httpx.stream("POST", f"{base}/generate", json={**body, "stream": True},
+                              timeout=120) as streamed:
+                events = sse_events(streamed)
+            text = "".join(c["text"] for e in events[:-1] for c in json.loads(e)["choices"])
+            assert text == choice["text"]
+        for fields, param in (({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
+                              ({"guided_json": {"type": "nonsense"}}, "guided_json"),
+                              ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")):
             r = post(server, "/v1/sessions/structured-reply/generate", {"max_tokens": 2, **fields})
             assert r.status_code == 400, r.text
-            assert r.json()["error"]["param"] == next(iter(fields))
+            assert r.json()["error"]["param"] == param
+        r = post(server, "/v1/sessions/structured-reply/generate", {"max_tokens": 2})
+        assert r.status_code == 200, r.text
     finally:
-        httpx.delete(f"{server.url}/v1/sessions/structured-reply", timeout=10)
+        httpx.delete(base, timeout=10)
+
+    with connect(server.url.replace("http://", "ws://") + "/v1/stream") as ws:
+        ws.send(json.dumps({"type": "append", "text": "A city, as JSON:"}))
+        for i, (fields, check) in enumerate(STREAM_REPLY_KINDS):
+            ws.send(json.dumps({"type": "generate", "id": f"r{i}", **SAMPLED, **fields, "seed": 5}))
+            text, done = "", None
+            while done is None:
+                event = json.loads(ws.recv(timeout=120))
+                assert event["type"] != "error", event
+                if event["type"] == "delta":
+                    text += event["text"]
+                elif event["type"] == "done":
+                    done = event
+            assert done["finish_reason"] == "stop", done
+            check(text)
+        ws.send(json.dumps({"type": "generate", "structured_outputs": {"regex": "(unclosed"}}))
+        while (event := json.loads(ws.recv(timeout=60)))["type"] != "error":
+            pass
+        assert event["status"] == 400 and event["param"] == "structured_outputs", event

@@ -13,7 +13,7 @@ import json
 import httpx
 import openai
 import pytest
-from server_utils import serve, sse_events, start_engine, stop_engine
+from server_utils import serve, sse_events
 
 from livelm.outputs import CompletionOutput, RequestOutput
 
@@ -36,28 +36,8 @@ HISTORY = MESSAGES + [
 
 
 @pytest.fixture(scope="module")
-def engine(llama_dir):
-    engine = start_engine(llama_dir, max_model_len=1024, kv_cache_gib=0.25)
-    yield engine
-    stop_engine(engine)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with serve(engine) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def constrained(engine):
-    """Forced calls need the engine's constrained decoding (the engine half of issue 15)."""
-    if not hasattr(engine, "check_structured"):
-        pytest.skip("the engine does not decode structured output yet (AsyncEngine.check_structured)")
 
 
 def post(server, body: dict) -> httpx.Response:  # noqa: ANN001
@@ -106,7 +86,7 @@ def check_weather_call(name: str, arguments: str) -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_required_returns_well_formed_tool_calls(server, constrained, seed):
+def test_required_returns_well_formed_tool_calls(server, seed):
     body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "temperature": 1.0,
             "seed": seed, "max_tokens": 500}
     r = post(server, body)
@@ -126,7 +106,7 @@ def test_required_returns_well_formed_tool_calls(server, constrained, seed):
                      for c in message["tool_calls"]]
 
 
-def test_required_without_parallel_calls_makes_exactly_one(server, constrained):
+def test_required_without_parallel_calls_makes_exactly_one(server):
     for seed in range(3):
         r = post(server, {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
                           "parallel_tool_calls": False, "temperature": 1.0, "seed": seed,
@@ -137,7 +117,7 @@ def test_required_without_parallel_calls_makes_exactly_one(server, constrained):
         assert len(choice["message"]["tool_calls"]) == 1
 
 
-def test_named_function_is_called(server, constrained):
+def test_named_function_is_called(server):
     named = {"type": "function", "function": {"name": "get_weather"}}
     body = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": named, "temperature": 0.9,
             "seed": 5, "max_tokens": 100}
@@ -153,7 +133,7 @@ def test_named_function_is_called(server, constrained):
     assert calls == [{"name": "get_weather", "arguments": call["function"]["arguments"]}]
 
 
-def test_openai_client_reads_forced_calls(client, server, constrained):
+def test_openai_client_reads_forced_calls(client, server):
     model = client.models.list().data[0].id
     r = client.chat.completions.create(
         model=model, messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=0.7,
@@ -174,7 +154,7 @@ def test_openai_client_reads_forced_calls(client, server, constrained):
         c.function.arguments for c in choice.message.tool_calls]
 
 
-def test_forced_call_cut_by_max_tokens_finishes_with_length(server, constrained):
+def test_forced_call_cut_by_max_tokens_finishes_with_length(server):
     r = post(server, {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
                       "temperature": 0, "max_tokens": 3})
     assert r.status_code == 200, r.text
@@ -183,7 +163,7 @@ def test_forced_call_cut_by_max_tokens_finishes_with_length(server, constrained)
     assert "tool_calls" not in choice["message"] and isinstance(choice["message"]["content"], str)
 
 
-def test_n_choices_each_get_their_calls(server, constrained):
+def test_n_choices_each_get_their_calls(server):
     r = post(server, {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "n": 2,
                       "temperature": 1.0, "seed": 11, "max_tokens": 500})
     assert r.status_code == 200, r.text
@@ -432,7 +412,7 @@ def test_malformed_tools_get_a_400(server, fields, param, words):
             assert words in error["message"], error
 
 
-def test_invalid_tool_schema_is_refused_before_compute(server, constrained):
+def test_invalid_tool_schema_is_refused_before_compute(server):
     bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
            "properties": {"x": {"type": "string", "pattern": "(unclosed"}}}}}
     r = post(server, {"messages": MESSAGES, "tools": [bad], "tool_choice": "required"})

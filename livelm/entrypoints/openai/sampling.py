@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from livelm.core.request_options import RequestOptions
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
@@ -17,6 +18,9 @@ from livelm.entrypoints.openai.protocol import (
 from livelm.entrypoints.openai.tools import NO_TOOLS, ToolPlan
 from livelm.sampling_params import SamplingParams
 from livelm.structured_output import StructuredOutput
+
+if TYPE_CHECKING:
+    from livelm.entrypoints.openai.streaming_protocol import SessionGenerateRequest
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _OPTION_FIELDS = {f.name: f.name for f in dataclasses.fields(RequestOptions)}
@@ -182,7 +186,7 @@ def chat_sampling_params(req: ChatCompletionRequest, room: int,
     return _build(kwargs, names, "messages")
 
 
-def stream_reply_sampling_params(req: SamplingRequest) -> SamplingParams:
+def stream_reply_sampling_params(req: SessionGenerateRequest) -> SamplingParams:
     """SamplingParams of a reply to streamed input (``/v1/stream`` generate events and
     ``/v1/sessions/{id}/generate``): completions' fields and defaults, without ``prompt``.
 
@@ -199,13 +203,14 @@ def stream_reply_sampling_params(req: SamplingRequest) -> SamplingParams:
     if getattr(req, "echo", False):
         raise _unsupported("echo", "echo in a reply to streamed input")
     extra = req.model_extra or {}
-    for param in ("response_format", "structured_outputs", *_LEGACY, "tools", "tool_choice"):
+    for param in ("tools", "tool_choice"):  # a reply has no chat template to offer tools in
         if extra.get(param) is not None:
             raise _unsupported(param, f"{param} in a reply to streamed input")
     kwargs = _common_kwargs(req)
     kwargs["max_tokens"] = 16 if req.max_tokens is None else req.max_tokens
     kwargs["logprobs"] = getattr(req, "logprobs", None)
-    names = {name: name for name in _SAMPLING_FIELDS}
+    kwargs["structured"], param = structured_output(req)
+    names = {name: name for name in _SAMPLING_FIELDS} | {"structured": param or "response_format"}
     return _build(kwargs, names, "suffix")
 
 

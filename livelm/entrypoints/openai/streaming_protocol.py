@@ -28,10 +28,11 @@ from livelm.entrypoints.openai.protocol import (
     Int,
     OpenAIModel,
     SamplingRequest,
+    StructuredFields,
     Text,
     random_id,
 )
-from livelm.entrypoints.openai.sampling import stream_reply_sampling_params
+from livelm.entrypoints.openai.sampling import constraint_param, stream_reply_sampling_params
 from livelm.entrypoints.openai.state import ServerState
 from livelm.sampling_params import SamplingParams
 
@@ -58,9 +59,10 @@ class SessionInputRequest(OpenAIModel):
     close: Bool = False
 
 
-class SessionGenerateRequest(SamplingRequest):
-    """A reply to the session's input as it is now: ``/v1/completions``' sampling fields,
-    plus ``suffix`` (text or token ids added after the input for this reply only)."""
+class SessionGenerateRequest(StructuredFields, SamplingRequest):
+    """A reply to the session's input as it is now: ``/v1/completions``' sampling and
+    output-constraint fields, plus ``suffix`` (text or token ids added after the input for
+    this reply only)."""
 
     suffix: Text | list[Int] | None = None
     logprobs: Int | None = Field(default=None, ge=0)
@@ -181,12 +183,15 @@ class PreparedReply:
     prompt_ids: list[int]  # the input as it is now, then the suffix
 
 
-def prepare_reply(state: ServerState, stream: InputStream, req: SessionGenerateRequest) -> PreparedReply:
+async def prepare_reply(state: ServerState, stream: InputStream,
+                        req: SessionGenerateRequest) -> PreparedReply:
     """Validate a generate request against the session as it is now (400 when the input is
-    empty or the reply would not fit the context)."""
+    empty, the reply would not fit the context or its output constraint does not
+    compile)."""
     state.check_model(req.model)
     params = stream_reply_sampling_params(req)
     state.check_params(params)
+    await state.check_structured(params, constraint_param(req))
     if stream.closed:
         raise _closed(stream)
     if isinstance(req.suffix, list):

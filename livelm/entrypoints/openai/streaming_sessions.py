@@ -73,7 +73,7 @@ def add_session_routes(app: FastAPI, state: ServerState) -> None:
                                      raw: Request) -> Response:
         """Reply to the input as it is now; the session keeps taking input meanwhile."""
         stream = find_session(state, session_id)
-        reply = prepare_reply(state, stream, req)
+        reply = await prepare_reply(state, stream, req)
         response_id = random_id("cmpl")
         ticket = state.admission.admit(reply.params.n)
         tracker = RequestTracker(state.metrics, response_id, "/v1/sessions/generate",

@@ -211,7 +211,7 @@ class StreamSocket:
         if reply_id in self.replies:
             raise OpenAIError(f"reply {reply_id!r} is still running", 409, param="id",
                               code="reply_exists")
-        prepared = prepare_reply(self.state, stream, req)
+        prepared = await prepare_reply(self.state, stream, req)
         ticket = self.state.admission.admit(1)
         reply = _Reply(reply_id, random_id("sgen"), prepared)
         self.replies[reply_id] = reply
