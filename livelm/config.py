@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from livelm.core.request_options import MAX_SESSION_TTL_S
@@ -59,7 +60,9 @@ class EngineConfig:
 
     ``model`` is a local Hugging Face directory, a ``.gguf`` file, a hub id, or None for
     the embedded default model. ``max_model_len=None`` takes the model's own context
-    length. KV memory is ``kv_cache_gib`` GiB on CPU, or ``gpu_memory_utilization`` of the
+    length. KV memory is ``kv_cache_gib`` GiB on CPU (None, the default: what
+    ``max_num_seqs`` full contexts could use, capped at 40% of the memory available at
+    start-up, and committed lazily as blocks fill), or ``gpu_memory_utilization`` of the
     free device memory on CUDA; the pool is never made larger than ``max_num_seqs`` full
     contexts need.
 
@@ -92,7 +95,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     block_size: int = 16
-    kv_cache_gib: float = 4.0
+    kv_cache_gib: float | None = None
     gpu_memory_utilization: float = 0.85
     num_kv_blocks: int | None = None
     seed: int = 0
@@ -120,8 +123,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.kv_cache_gib <= 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.kv_cache_gib is not None and not (math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
+            raise ValueError(f"kv_cache_gib must be a finite number > 0 (or None: sized to need), "
+                             f"got {self.kv_cache_gib}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -25,6 +25,35 @@ def llama_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["llama"]
 
 
+# Caches up to this size start poisoned (larger ones, the default model's, are left as
+# they come: filling gigabytes would cost seconds and commit the memory).
+_POISON_KV_UP_TO_BYTES = 256 * 2**20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nan_filled_kv_caches():
+    """Every engine built in the tests starts with NaN in every KV slot. The cache is not
+    zero-filled (runner/kv_cache.py), so a kernel that read a slot before its token's K/V
+    was written (a padded block, the tail of a partial block, a freed or forked block)
+    would turn outputs into NaN and fail whatever test it ran in, the correctness suite
+    against transformers first."""
+    from livelm.runner import model_runner
+
+    allocate = model_runner.allocate_kv_cache
+
+    def poisoned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        cache = allocate(*args, **kwargs)
+        if cache.nbytes <= _POISON_KV_UP_TO_BYTES:
+            for k, v in cache.layers:
+                k.fill_(float("nan"))
+                v.fill_(float("nan"))
+        return cache
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_runner, "allocate_kv_cache", poisoned)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_kv_blocks():
     """After every test, every live engine has all its KV blocks back and nothing running."""

@@ -100,7 +100,9 @@ class BlockPool:
                 if self._cached[b]:
                     self._cached_free[b] = None
                 else:
-                    self._free.append(b)
+                    # Front of the queue: the next allocation reuses memory already touched,
+                    # so a lazily committed cache grows only as far as the traffic needs.
+                    self._free.appendleft(b)
 
     def set_cached(self, block: int) -> None:
         """Mark a held block as holding a cached prefix (it goes to the LRU when freed)."""

@@ -36,6 +36,7 @@ from livelm.models.loader import load_model
 from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
 from livelm.outputs import RequestOutput
+from livelm.runner.kv_cache import default_cpu_kv_bytes
 from livelm.runner.model_runner import ModelRunner
 from livelm.runner.structured import GrammarBackend
 from livelm.sampling_params import SamplingParams, check_engine_limits
@@ -155,7 +156,7 @@ class Engine:
         self.runner = ModelRunner(
             model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend, self.structured
         )
-        logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
+        self._log_kv_cache(num_blocks)
         self.states: dict[str, RequestState] = {}  # requests in flight, by id
         self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)
         self.last_step_time = 0.0  # time.time() when the last step completed
@@ -165,18 +166,33 @@ class Engine:
         self._ids = itertools.count()
 
     def _num_kv_blocks(self) -> int:
+        """Blocks in the KV pool: ``num_kv_blocks`` when given; else what ``kv_cache_gib``
+        holds (CPU) or ``gpu_memory_utilization`` of the free memory (CUDA); by default on
+        CPU, what ``max_num_seqs`` full contexts could use, capped at a share of the memory
+        available now (runner/kv_cache.py). Never more than those full contexts need."""
         cfg = self.config
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        useful = cfg.max_num_seqs * blocks_needed(self.max_model_len, cfg.block_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * cfg.gpu_memory_utilization
-        else:
+        elif cfg.kv_cache_gib is not None:
             budget = cfg.kv_cache_gib * 2**30
-        # More blocks than max_num_seqs full contexts could never be used.
-        useful = cfg.max_num_seqs * blocks_needed(self.max_model_len, cfg.block_size)
+        else:
+            budget = default_cpu_kv_bytes(useful * per_block)
         return max(1, min(int(budget // per_block), useful))
+
+    def _log_kv_cache(self, num_blocks: int) -> None:
+        cfg = self.config
+        tokens = num_blocks * cfg.block_size
+        gib = num_blocks * ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype) / 2**30
+        contexts = tokens / self.max_model_len
+        lazily = ", reserved lazily (memory is used as blocks fill)" if self.device.type == "cpu" else ""
+        logger.info("KV cache: %d tokens (%d blocks of %d, %.2f GiB %s%s): %.1f full %d-token contexts",
+                    tokens, num_blocks, cfg.block_size, gib, str(self.dtype).removeprefix("torch."), lazily,
+                    contexts, self.max_model_len)
 
     # ----------------------------------------------------------------- prompts
 

@@ -13,7 +13,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-model-len", type=int, default=None)
     # An interactive session needs far less KV memory than a batch job's 4 GiB default.
-    p.add_argument("--kv-cache-gib", type=float, default=1.0)
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache size on CPU (default: sized to need, committed as used)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quantization", default="auto",
                    choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],

@@ -20,6 +20,7 @@ from livelm.layers.attention import (
 )
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
+from livelm.runner.kv_cache import allocate_kv_cache
 from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
 from livelm.runner.sampling.guard import NonFiniteLogits, RowFailure
 from livelm.runner.sampling.token_mask import TokenMask
@@ -50,14 +51,10 @@ class ModelRunner:
         param = model.norm.weight  # always a float parameter (embeddings may be quantized)
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
-        num_slots = num_blocks * block_size
-        self.kv_caches = [
-            (
-                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=self.dtype, device=self.device),
-                torch.zeros(cfg.num_kv_heads, num_slots, cfg.head_dim, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(cfg.num_layers)
-        ]
+        # Not zero-filled: no kernel reads a slot before writing it (see runner/kv_cache.py).
+        self.kv_cache = allocate_kv_cache(cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size,
+                                          cfg.head_dim, self.dtype, self.device)
+        self.kv_caches = self.kv_cache.layers
         self.attn_backend: AttentionBackend = select_attention_backend(
             attention_backend, self.device, self.dtype, cfg.head_dim
         )

@@ -51,9 +51,14 @@ def add_decode_gather(meta: AttentionMetadata, dtype: torch.dtype) -> None:
         return
     table, lens, bs = meta.decode_block_tables, meta.decode_lens, meta.block_size
     offsets = torch.arange(table.shape[1] * bs, device=table.device)
-    meta.decode_slots = table[:, offsets // bs] * bs + offsets % bs
+    slots = table[:, offsets // bs] * bs + offsets % bs
+    past_end = offsets[None, :] >= lens[:, None]
+    # Positions past a row's length are masked, but their slots hold whatever the cache
+    # held (it is not zero-filled; NaN * 0 is NaN): point them at the row's first slot,
+    # which is always written.
+    meta.decode_slots = torch.where(past_end, slots[:, :1], slots)
     bias = torch.zeros(meta.num_decodes, table.shape[1] * bs, dtype=dtype, device=table.device)
-    bias.masked_fill_(offsets[None, :] >= lens[:, None], float("-inf"))
+    bias.masked_fill_(past_end, float("-inf"))
     meta.decode_bias = bias[None, :, None, :]
 
 
