@@ -33,6 +33,11 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+    # RL rollouts (docs/rl.md), one entry per token of ``token_ids``: the weight version
+    # that produced it, and (with ``SamplingParams.sampling_logprobs``) its log-probability
+    # under the distribution it was drawn from.
+    weight_versions: list[int] = field(default_factory=list)
+    sampling_logprobs: list[float] | None = None
 
     @property
     def finished(self) -> bool:

@@ -98,6 +98,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # RL rollouts (docs/rl.md): each token's log-probability under the distribution it was
+    # drawn from (after penalties, temperature and filters; 0.0 for greedy rows).
+    sampling_logprobs: bool = False
     structured: StructuredOutput | Any = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -126,7 +129,7 @@ class SamplingParams:
         for name in ("n", "top_k", "min_tokens", "seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:  # numpy integers become ints
                 object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "sampling_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean (true or false), got {getattr(self, name)!r:.40}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",

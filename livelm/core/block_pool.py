@@ -124,3 +124,16 @@ class BlockPool:
     def ref_count(self, block: int) -> int:
         """How many holders ``block`` has."""
         return self._ref_counts[block]
+
+    def uncache_all(self) -> int:
+        """Take every block out of the prefix cache (cached free blocks become plain free
+        ones): what they hold was computed by weights that are gone. Returns how many."""
+        count = 0
+        for b in range(self.num_blocks):
+            if self._cached[b]:
+                self.uncache(b)
+                count += 1
+        for b in self._cached_free:
+            self._free.append(b)
+        self._cached_free.clear()
+        return count

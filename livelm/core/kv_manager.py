@@ -162,6 +162,13 @@ class KVCacheManager:
         del request.cache_chain[computed // bs :]
         request.num_computed_tokens = computed
 
+    def drop_reusable_kv(self) -> None:
+        """Forget every session pin and cached prefix (new weights: their KV is stale), so
+        no later request can reuse KV computed by other weights."""
+        while self.sessions.drop_soonest():
+            pass
+        self.pool.uncache_all()
+
     # --------------------------------------------------------------- allocation
 
     def make_room(self, request: Request, num_new_tokens: int) -> bool:

@@ -64,6 +64,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # every token computed, over the scheduler's life
         self.num_input_streams = 0  # input-only requests now (counted, so stats stay O(1))
+        # A weight update in "wait" mode (docs/rl.md): requests that have not started yet
+        # stay waiting until the update is applied.
+        self.hold_new_requests = False
 
     # ----------------------------------------------------------------- admission
 
@@ -159,6 +162,9 @@ class Scheduler:
             if num_seqs >= self.config.max_num_seqs and not self.waiting[0].input_only:
                 break
             req = self.waiting.popleft()
+            if self.hold_new_requests and _is_fresh(req):
+                skipped.append(req)  # a "wait" weight update holds it until applied
+                continue
             if req.fork_from is not None and not self._try_fork(req):
                 skipped.append(req)  # its prompt is still being computed by the first sequence
                 continue
@@ -264,7 +270,10 @@ class Scheduler:
             req.append_output(sampled.token_id)
             self._check_stop(req, sampled.token_id)
             lps = [sampled] if req.sampling_params.logprobs is not None else None
-            outputs.append(self._output(req, [sampled.token_id], lps, prompt_lp))
+            update = self._output(req, [sampled.token_id], lps, prompt_lp)
+            if sampled.sampling_logprob is not None:
+                update.sampling_logprobs = [sampled.sampling_logprob]
+            outputs.append(update)
             if req.is_finished:
                 self._release(req)
         return outputs
@@ -353,6 +362,26 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
         return req
 
+    # ------------------------------------------------------------ weight updates
+
+    def has_started_requests(self) -> bool:
+        """True while a generation request holds KV or has output (a "wait" update waits
+        for these to finish; input streams do not count)."""
+        return any(not r.input_only for r in self.running) or any(
+            not r.input_only and not _is_fresh(r) for r in self.waiting
+        )
+
+    def recompute_all(self) -> int:
+        """New weights: every request's KV is stale. Preempt every running request (it is
+        recomputed from its tokens by the next steps, as after any preemption) and forget
+        every cached prefix and session pin. Returns how many requests were preempted."""
+        victims = list(reversed(self.running))
+        self.running = []
+        for req in victims:  # appendleft in reverse: the oldest ends first in line again
+            self._preempt(req)
+        self.kv.drop_reusable_kv()
+        return len(victims)
+
     # ----------------------------------------------------------------- sessions
 
     def close_session(self, session_id: str) -> bool:
@@ -375,6 +404,11 @@ class Scheduler:
     def expire_sessions(self) -> int:
         """Drop the session pins whose TTL is over (also done at every schedule)."""
         return self.kv.sessions.expire(self.clock())
+
+
+def _is_fresh(req: Request) -> bool:
+    """A request that has neither KV nor output: it can wait for new weights."""
+    return req.num_preemptions == 0 and not req.output_token_ids and not req.block_ids and not req.input_only
 
 
 # An aborted turn leaves nothing worth keeping: the client never saw its output.

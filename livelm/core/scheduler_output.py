@@ -74,6 +74,7 @@ class SampledToken:
     rank: int | None = None
     top_ids: list[int] | None = None
     top_logprobs: list[float] | None = None
+    sampling_logprob: float | None = None  # under the sampled distribution (docs/rl.md)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class SequenceUpdate:
     prompt_logprobs: PromptLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    sampling_logprobs: list[float] | None = None  # see SamplingParams.sampling_logprobs
 
     @property
     def finished(self) -> bool:

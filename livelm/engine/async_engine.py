@@ -9,28 +9,34 @@ which AsyncEngine implements.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from livelm.core.request_options import RequestOptions
 from livelm.engine.engine import Engine, EngineStats, make_engine_config
 from livelm.engine.engine_commands import (
     Abort,
+    AbortAll,
     AddRequest,
     CloseSession,
     CloseStream,
     Command,
     CommandQueue,
     OpenStream,
+    SetPaused,
     Stop,
     UpdateStream,
+    UpdateWeights,
 )
 from livelm.engine.errors import EngineDeadError
 from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.kernels.cpu_memory import release_free_memory
+from livelm.models.weight_update import check_mode
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 from livelm.structured_output import StructuredOutput
@@ -125,6 +131,11 @@ class AsyncEngine:
         self._stopping = False
         self._idle_trim = _IdleTrim()  # engine thread only
         self._dead_reason: str | None = None  # set once the engine thread stopped
+        # RL serving (docs/rl.md). One update at a time (staging reads the live weights);
+        # engine thread only: paused generation, and a "wait" update held until drained.
+        self._update_lock = threading.Lock()
+        self._paused = False
+        self._pending_update: UpdateWeights | None = None
         self._thread = threading.Thread(target=self._run, name="livelm-engine", daemon=True)
         self._thread.start()
 
@@ -323,6 +334,82 @@ class AsyncEngine:
             self._commands.send(Stop())
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
+    # ------------------------------------------------------------- RL serving
+
+    @property
+    def weight_version(self) -> int:
+        """Version of the weights in use: 0 as loaded, one more per update."""
+        return self._engine.weight_version
+
+    @property
+    def paused(self) -> bool:
+        """True while generation is paused (:meth:`pause`)."""
+        return self._paused
+
+    async def update_weights(self, weights: str | Path | Mapping | Iterable, mode: str = "continue") -> int:
+        """Load new weights without a restart; returns the new weight version.
+
+        ``weights``: a path (model directory, ``.safetensors`` or ``.gguf`` file of the same
+        architecture) or a name -> tensor mapping (a subset is fine). They are read and
+        checked off the engine thread while it keeps serving; a malformed update raises
+        ValueError and changes nothing. ``mode`` (docs/rl.md): ``"continue"`` recomputes
+        the KV of the requests in flight with the new weights and goes on, ``"wait"`` lets
+        started requests finish on the old weights (new ones wait), ``"abort"`` ends them
+        (``finish_reason="abort"``, ``stop_reason="weight_update"``).
+        """
+        check_mode(mode)
+        self._check_alive()
+        return await asyncio.to_thread(self._update_blocking, lambda: self._engine.stage_weights(weights), mode)
+
+    async def join_update_group(self, host: str, port: int, rank: int = 1, world_size: int = 2,
+                                backend: str = "gloo", timeout_s: float = 600.0) -> None:
+        """Join a trainer's weight-update group (models/weight_transfer.py: the trainer is
+        rank 0, a ``WeightSender``); returns once every rank joined."""
+        self._check_alive()
+        await asyncio.to_thread(self._engine.join_update_group, host, port, rank, world_size, backend, timeout_s)
+
+    async def update_weights_from_group(self, mode: str = "continue") -> int:
+        """Receive one update the trainer broadcasts (``WeightSender.send``) and apply it
+        like :meth:`update_weights`. Received into staging buffers: a trainer that dies
+        mid-broadcast raises here and leaves the weights as they were."""
+        check_mode(mode)
+        self._check_alive()
+        return await asyncio.to_thread(self._update_blocking, self._engine.receive_weights, mode)
+
+    def _update_blocking(self, stage, mode: str) -> int:
+        with self._update_lock:
+            staged = stage()
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            self._commands.send(UpdateWeights(staged, mode, done))
+            if not self.is_alive:
+                self._resolve_lost(done)
+            return done.result()
+
+    def _resolve_lost(self, done: concurrent.futures.Future) -> None:
+        if not done.done():
+            done.set_exception(EngineDeadError(f"the engine stopped: {self.dead_reason}"))
+
+    async def pause(self) -> None:
+        """Pause generation: no engine step runs once this returns (requests stay, new ones
+        queue). Weight updates and aborts still apply."""
+        await self._ask(lambda done: SetPaused(True, done))
+
+    async def resume(self) -> None:
+        """Resume generation after :meth:`pause`."""
+        await self._ask(lambda done: SetPaused(False, done))
+
+    async def abort_all(self) -> int:
+        """Abort every request in flight (``finish_reason="abort"``); returns how many."""
+        return await self._ask(AbortAll)
+
+    async def _ask(self, make):
+        self._check_alive()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.send(make(done))
+        if not self.is_alive:
+            self._resolve_lost(done)
+        return await asyncio.wrap_future(done)
+
     # ------------------------------------------------------------- engine thread
 
     def _deliver(self, rid: str, item) -> None:
@@ -377,6 +464,21 @@ class AsyncEngine:
                     loop.call_soon_threadsafe(_resolve, done, closed)
                 except RuntimeError:  # the caller's loop is gone
                     pass
+            case UpdateWeights(_, mode, done):
+                if self._pending_update is not None:
+                    raise RuntimeError("a weight update is pending already")  # the lock prevents it
+                self._pending_update = cmd
+                if mode == "wait":
+                    engine.scheduler.hold_new_requests = True
+                self._apply_pending_update()
+            case SetPaused(paused, done):
+                self._paused = paused
+                done.set_result(None)
+            case AbortAll(done):
+                rids = list(engine.states)
+                for rid in rids:
+                    self._abort_in_engine(rid)
+                done.set_result(len(rids))
             case Stop():
                 for rid in list(engine.states):
                     self._abort_in_engine(rid)
@@ -384,6 +486,27 @@ class AsyncEngine:
                     self._close_stream_in_core(sid, "the engine shut down")
                 return False
         return True
+
+    def _apply_pending_update(self) -> None:
+        """Apply the pending weight update once its mode allows (engine thread): at once,
+        or for ``"wait"`` when no started request is left."""
+        cmd = self._pending_update
+        if cmd is None:
+            return
+        engine = self._engine
+        if cmd.mode == "wait" and engine.scheduler.has_started_requests():
+            return
+        self._pending_update = None
+        engine.scheduler.hold_new_requests = False
+        try:
+            moved = engine.apply_weights(cmd.staged, cmd.mode)
+        except BaseException as e:
+            cmd.done.set_exception(e)
+            raise
+        for state, out in moved:
+            self._deliver(state.request_id, out)
+        self._stats = engine.stats()
+        cmd.done.set_result(engine.weight_version)
 
     def _close_stream_in_core(self, sid: str, reason: str | None) -> None:
         """Free a stream's KV (engine thread); ``reason`` tells its owner why, if not asked."""
@@ -461,6 +584,12 @@ class AsyncEngine:
             if not self._apply_command_safely(cmd):
                 self._stats = engine.stats()
                 return False
+        if self._pending_update is not None:
+            self._apply_pending_update()
+        if self._paused:
+            self._stats = engine.stats()
+            commands.wait(_MAX_IDLE_WAIT_S)  # a command (resume) wakes it
+            return True
         if self._open_in_core:
             self._publish_stream_progress()
         stream_timeout = self._expire_idle_streams() if self._open_in_core else None
@@ -515,6 +644,12 @@ class AsyncEngine:
                         loop.call_soon_threadsafe(_resolve, done, False)
                     except RuntimeError:
                         pass
+                case UpdateWeights(_, _, done) | SetPaused(_, done) | AbortAll(done):
+                    if self._pending_update is cmd:
+                        self._pending_update = None
+                        self._engine.scheduler.hold_new_requests = False
+                    if not done.done():
+                        done.set_exception(e)
             return True
 
     def _fail_in_flight(self, error: Exception, stream_reason: str) -> None:
@@ -537,12 +672,16 @@ class AsyncEngine:
             self._stats = replace(self._stats, engine_alive=False)
         except BaseException:  # noqa: BLE001
             logger.exception("could not free the requests of the stopped engine")
+        if self._pending_update is not None:
+            self._resolve_lost(self._pending_update.done)
         for cmd in self._commands.drain():  # unanswered questions get an answer
             if isinstance(cmd, CloseSession):
                 try:
                     cmd.loop.call_soon_threadsafe(_resolve, cmd.done, False)
                 except RuntimeError:
                     pass
+            elif isinstance(cmd, UpdateWeights | SetPaused | AbortAll):
+                self._resolve_lost(cmd.done)
         for rid in list(self._streams):  # requests the engine never saw
             self._deliver(rid, _Failure(error))
         for stream in list(self._input_streams.values()):

@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -35,6 +36,16 @@ from livelm.kernels.cpu_memory import keep_large_buffers_in_heap
 from livelm.models.loader import load_model
 from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
+from livelm.models.weight_transfer import WeightReceiver
+from livelm.models.weight_update import (
+    StagedUpdate,
+    WeightLayout,
+    WeightSpec,
+    check_mode,
+    read_checkpoint,
+    stage_update,
+    tensor_items,
+)
 from livelm.outputs import RequestOutput
 from livelm.runner.kv_cache import default_cpu_kv_bytes
 from livelm.runner.model_runner import ModelRunner
@@ -164,6 +175,12 @@ class Engine:
         # their owner (AsyncEngine) to take and close.
         self.failed_streams: list[tuple[str, Exception]] = []
         self._ids = itertools.count()
+        # RL serving (docs/rl.md): the version of the weights in use (0: as loaded; each
+        # update adds one), the accepted tensor layout (built on first use) and the update
+        # group a trainer sends weights over (join_update_group).
+        self.weight_version = 0
+        self._weight_layout: WeightLayout | None = None
+        self.update_receiver: WeightReceiver | None = None
 
     def _num_kv_blocks(self) -> int:
         """Blocks in the KV pool: ``num_kv_blocks`` when given; else what ``kv_cache_gib``
@@ -326,7 +343,7 @@ class Engine:
             if state is None:
                 continue
             try:
-                result = state.process(out)
+                result = state.process(out, self.weight_version)
             except Exception as e:
                 logger.exception("request %s failed turning its output into text", out.parent_id)
                 deltas.pop(out.parent_id, None)
@@ -381,14 +398,102 @@ class Engine:
             self.scheduler.finish_request(seq_id, FinishReason.ABORT)
         return state, state.delta_output(state.fail(error))
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its KV; returns its final (aborted) delta, if it existed."""
+    def abort(self, request_id: str, stop_reason: str | None = None) -> RequestOutput | None:
+        """Stop a request and free its KV; returns its final (aborted) delta, if it existed.
+        ``stop_reason`` says why when the caller did not ask for it (``"weight_update"``)."""
         state = self.states.pop(request_id, None)
         if state is None:
             return None
         for seq_id in sequence_ids(request_id, state.params.n):
             self.scheduler.finish_request(seq_id, FinishReason.ABORT)
-        return state.delta_output(state.abort())
+        return state.delta_output(state.abort(stop_reason))
+
+    # ---------------------------------------------------------- weight updates
+
+    @property
+    def weight_layout(self) -> WeightLayout:
+        """The tensor names and shapes an update may carry."""
+        if self._weight_layout is None:
+            self._weight_layout = WeightLayout(self.runner.model)
+        return self._weight_layout
+
+    def stage_weights(self, weights: str | Path | Mapping | Iterable) -> StagedUpdate:
+        """Read and check new weights, built beside the live ones (nothing changes yet):
+        ``weights`` is a path (model directory, ``.safetensors`` or ``.gguf`` file of the
+        same architecture) or a name -> tensor mapping (any subset of the checkpoint's
+        tensors). ValueError, naming the tensor, for anything that does not fit. Safe to
+        call from another thread while the engine steps (it only reads the live model)."""
+        if isinstance(weights, str | Path):
+            items: Iterable = read_checkpoint(weights)
+        else:
+            items = tensor_items(weights)
+        return stage_update(self.runner.model, items, self.weight_layout)
+
+    def join_update_group(self, host: str, port: int, rank: int = 1, world_size: int = 2,
+                          backend: str = "gloo", timeout_s: float = 600.0) -> None:
+        """Join a trainer's update group (blocks until all its ranks joined; see
+        models/weight_transfer.py). Replaces a group joined before."""
+        if self.update_receiver is not None:
+            self.update_receiver.close()
+            self.update_receiver = None
+        self.update_receiver = WeightReceiver(host, port, rank, world_size, backend, timeout_s)
+
+    def receive_weights(self) -> StagedUpdate:
+        """Receive one update from the trainer of the update group and stage it; the header
+        is checked before any tensor is received (a refusal raises ValueError here and in
+        the trainer). Safe from another thread, like :meth:`stage_weights`."""
+        if self.update_receiver is None:
+            raise ValueError("no update group joined: call join_update_group first")
+        layout = self.weight_layout
+
+        def check(specs: list[WeightSpec]) -> None:
+            for spec in specs:
+                layout.check_spec(spec)
+
+        return stage_update(self.runner.model, self.update_receiver.receive(check), layout)
+
+    def apply_weights(self, staged: StagedUpdate, mode: str = "continue") -> list[tuple[RequestState, RequestOutput]]:
+        """Swap staged weights in (between steps) and bump :attr:`weight_version`.
+
+        ``mode`` says what happens to requests in flight: ``"abort"`` ends every started
+        one (``finish_reason="abort"``, ``stop_reason="weight_update"``); ``"continue"``
+        and ``"wait"`` (whose caller let them finish first) recompute the KV of every
+        request holding some with the new weights. Cached prefixes and session pins are
+        dropped either way: no KV of the old weights is ever reused. Returns the aborted
+        requests' final deltas.
+        """
+        check_mode(mode)
+        moved: list[tuple[RequestState, RequestOutput]] = []
+        if mode == "abort":
+            started = {r.parent_id or r.request_id for r in self.scheduler.requests.values()
+                       if not r.input_only and (r.block_ids or r.output_token_ids or r.num_preemptions)}
+            for rid in [rid for rid in self.states if rid in started]:
+                state = self.states[rid]
+                out = self.abort(rid, "weight_update")
+                if out is not None:
+                    moved.append((state, out))
+        self.runner.load_weights(staged)
+        self.weight_version += 1
+        self.scheduler.recompute_all()
+        logger.info("weights updated to version %d (%d tensors, mode %s)",
+                    self.weight_version, staged.num_tensors, mode)
+        return moved
+
+    def update_weights(self, weights: str | Path | Mapping | Iterable, mode: str = "continue") -> int:
+        """Stage and apply new weights at once (the synchronous API: ``LLM``, tests);
+        ``"wait"`` steps the requests in flight to their end first (their outputs are
+        dropped: use AsyncEngine to receive them). Returns the new weight version."""
+        check_mode(mode)
+        staged = self.stage_weights(weights)
+        if mode == "wait":
+            self.scheduler.hold_new_requests = True
+            try:
+                while self.scheduler.has_started_requests():
+                    self.step()
+            finally:
+                self.scheduler.hold_new_requests = False
+        self.apply_weights(staged, mode)
+        return self.weight_version
 
     # ------------------------------------------------------------ input streams
 

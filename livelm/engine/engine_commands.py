@@ -11,9 +11,11 @@ import asyncio
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from livelm.core.request_options import RequestOptions
+from livelm.models.weight_update import StagedUpdate
 from livelm.sampling_params import SamplingParams
 
 
@@ -73,6 +75,31 @@ class CloseSession:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateWeights:
+    """Swap staged weights in (docs/rl.md) with ``mode`` for the requests in flight; the new
+    weight version (or the error) resolves ``done``, a concurrent.futures.Future."""
+
+    staged: StagedUpdate
+    mode: str
+    done: Future
+
+
+@dataclass(frozen=True, slots=True)
+class SetPaused:
+    """Pause (no steps; commands still apply) or resume generation; resolves ``done``."""
+
+    paused: bool
+    done: Future
+
+
+@dataclass(frozen=True, slots=True)
+class AbortAll:
+    """Abort every request in flight; the count resolves ``done``."""
+
+    done: Future
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """Abort everything in flight and end the engine thread."""
 
@@ -84,7 +111,10 @@ class Batch:
     commands: tuple[Command, ...]
 
 
-Command = AddRequest | OpenStream | UpdateStream | CloseStream | Abort | CloseSession | Stop
+Command = (
+    AddRequest | OpenStream | UpdateStream | CloseStream | Abort | CloseSession
+    | UpdateWeights | SetPaused | AbortAll | Stop
+)
 
 
 class CommandQueue:

@@ -33,6 +33,8 @@ class SequenceState:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    weight_versions: list[int] = field(default_factory=list)
+    sampling_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -78,6 +80,7 @@ class RequestState:
                 ),
                 logprobs=[] if params.logprobs is not None else None,
                 cumulative_logprob=0.0 if params.logprobs is not None else None,
+                sampling_logprobs=[] if params.sampling_logprobs else None,
             )
             for i in range(params.n)
         ]
@@ -91,8 +94,9 @@ class RequestState:
         """True once every sequence has stopped."""
         return all(s.finish_reason is not None for s in self.seqs)
 
-    def process(self, out: SequenceUpdate) -> StepResult:
-        """Fold one sequence's step update into this request; returns the caller-visible delta."""
+    def process(self, out: SequenceUpdate, weight_version: int = 0) -> StepResult:
+        """Fold one sequence's step update into this request; returns the caller-visible delta.
+        ``weight_version`` is the version of the weights that computed it."""
         if out.prompt_logprobs is not None and self.prompt_logprobs is not None:
             self._add_prompt_logprobs(out.prompt_logprobs)
         seq = self.seqs[out.index]
@@ -120,6 +124,11 @@ class RequestState:
             seq.finish_reason = out.finish_reason.value
             seq.stop_reason = out.stop_reason
         seq.token_ids.extend(out.new_token_ids)
+        versions = [weight_version] * len(out.new_token_ids)
+        seq.weight_versions.extend(versions)
+        slps = out.sampling_logprobs if seq.sampling_logprobs is not None else None
+        if slps is not None:
+            seq.sampling_logprobs.extend(slps)
         seq.text += delta_text
         if new_lps is not None and seq.logprobs is not None:
             seq.logprobs.extend(new_lps)
@@ -133,16 +142,20 @@ class RequestState:
             logprobs=new_lps,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
+            weight_versions=versions,
+            sampling_logprobs=None if seq.sampling_logprobs is None else list(slps or []),
         )
         return StepResult(delta, stop_matched)
 
-    def abort(self) -> list[CompletionOutput]:
-        """Mark every unfinished sequence aborted; returns their (empty) final deltas."""
+    def abort(self, stop_reason: str | None = None) -> list[CompletionOutput]:
+        """Mark every unfinished sequence aborted; returns their (empty) final deltas.
+        ``stop_reason`` says why, when not the caller's own abort (``"weight_update"``)."""
         deltas = []
         for seq in self.seqs:
             if seq.finish_reason is None:
-                seq.finish_reason = "abort"
-                deltas.append(CompletionOutput(seq.index, "", [], seq.cumulative_logprob, None, "abort"))
+                seq.finish_reason, seq.stop_reason = "abort", stop_reason
+                deltas.append(CompletionOutput(seq.index, "", [], seq.cumulative_logprob, None, "abort",
+                                               stop_reason))
         return deltas
 
     def fail(self, error: Exception) -> list[CompletionOutput]:
@@ -189,6 +202,8 @@ class RequestState:
                 logprobs=s.logprobs,
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
+                weight_versions=list(s.weight_versions),
+                sampling_logprobs=None if s.sampling_logprobs is None else list(s.sampling_logprobs),
             )
             for s in self.seqs
         ]

@@ -20,6 +20,7 @@ from livelm.layers.attention import (
 )
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
+from livelm.models.weight_update import StagedUpdate
 from livelm.runner.kv_cache import allocate_kv_cache
 from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
 from livelm.runner.sampling.guard import NonFiniteLogits, RowFailure
@@ -299,11 +300,13 @@ class ModelRunner:
         ranks = out.ranks.tolist() if out.ranks is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        slps = out.sampling_logprobs.tolist() if out.sampling_logprobs is not None else None
         result: dict[str, SampledToken] = {}
         for i, c in enumerate(chunks):
             k = c.sampling_params.logprobs
+            slp = slps[i] if slps is not None and c.sampling_params.sampling_logprobs else None
             if k is None or lps is None:
-                result[c.request_id] = SampledToken(tokens[i])
+                result[c.request_id] = SampledToken(tokens[i], sampling_logprob=slp)
                 continue
             result[c.request_id] = SampledToken(
                 token_id=tokens[i],
@@ -311,8 +314,15 @@ class ModelRunner:
                 rank=ranks[i],
                 top_ids=top_ids[i][:k] if top_ids else [],
                 top_logprobs=top_lps[i][:k] if top_lps else [],
+                sampling_logprob=slp,
             )
         return result
+
+    def load_weights(self, staged: StagedUpdate) -> None:
+        """Swap staged new weights in (between steps; see models/weight_update.py)."""
+        staged.apply(self.model)
+        if staged.tied_head_changed:
+            self.tied_head = staged.tied_head
 
     def _prompt_logprobs(self, c: ScheduledChunk, hidden: torch.Tensor, rows: tuple[int, int]) -> PromptLogprobs:
         # Position p's logits score prompt token p + 1; stop before the last prompt token's

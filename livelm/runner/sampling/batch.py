@@ -45,3 +45,6 @@ class SamplerOutput:
     ranks: torch.Tensor | None = None  # [N] int64, 1-based rank of the token in raw logits
     top_ids: torch.Tensor | None = None  # [N, K] int64
     top_logprobs: torch.Tensor | None = None  # [N, K] float32
+    # [N] float32 when a row set ``sampling_logprobs``: log-probability of the token under the
+    # distribution it was drawn from (runner/sampling/sampling_logprobs.py); NaN elsewhere.
+    sampling_logprobs: torch.Tensor | None = None

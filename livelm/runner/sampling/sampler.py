@@ -44,6 +44,7 @@ from livelm.runner.sampling.guard import check_finite_rows
 from livelm.runner.sampling.logprobs import _attach_logprobs
 from livelm.runner.sampling.penalties import apply_penalties
 from livelm.runner.sampling.rows import _put_rows, _take_rows
+from livelm.runner.sampling.sampling_logprobs import compute_sampling_logprobs
 from livelm.runner.sampling.token_mask import apply_token_mask
 
 
@@ -77,7 +78,10 @@ class Sampler:
             check_finite_rows((top, None))
         else:
             token_ids = self._sample(logits, batch)
-        return _attach_logprobs(raw, token_ids, batch.params)
+        out = _attach_logprobs(raw, token_ids, batch.params)
+        if any(p.sampling_logprobs for p in batch.params):
+            out.sampling_logprobs = compute_sampling_logprobs(logits, token_ids, batch)
+        return out
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         n = logits.shape[0]
