@@ -41,12 +41,16 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, rope)
-        t = torch.arange(max_positions, dtype=torch.int64).float()
-        freqs = torch.outer(t, inv_freq)
-        # Only one half is stored: transformers' cos/sin tables repeat it twice.
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # Always computed on the CPU (then moved with the module): built under
+        # torch.device("meta"), as the loader builds the model, these few ops would load
+        # torch's meta kernels, 1.3 s of every start-up.
+        with torch.device("cpu"):
+            inv_freq = inverse_frequencies(head_dim, rope)
+            t = torch.arange(max_positions, dtype=torch.int64).float()
+            freqs = torch.outer(t, inv_freq)
+            # Only one half is stored: transformers' cos/sin tables repeat it twice.
+            self.register_buffer("cos", freqs.cos(), persistent=False)
+            self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, 1, D/2] for a batch's positions (computed once per step)."""
