@@ -136,6 +136,29 @@ class KVCacheManager:
         child.cache_chain = []
         return len(shared) * self.block_size
 
+    def fork_all(self, child: Request, parent: Request) -> tuple[int, int] | None:
+        """Let ``child`` share all of ``parent``'s computed KV (a running request forked into
+        branches, docs/rl.md): the full blocks are shared, the partial last block is copied
+        (copy-on-write: the parent writes it again once joined). Returns the (source,
+        destination) block the runner must copy now, if any; ValueError when no block is
+        free for that copy. Sets ``child.num_computed_tokens`` to the parent's."""
+        bs = self.block_size
+        computed = parent.num_computed_tokens
+        full, rest = divmod(computed, bs)
+        copy = None
+        if rest:
+            while self.pool.num_free_blocks < 1:
+                if not self.sessions.drop_soonest():
+                    raise ValueError("no free KV block to fork into: the KV cache is full")
+            [dst] = self.pool.allocate(1)
+            copy = (parent.block_ids[full], dst)
+        shared = parent.block_ids[:full]
+        self.pool.share(shared)
+        child.block_ids = list(shared) + ([copy[1]] if copy else [])
+        child.cache_chain = []
+        child.num_computed_tokens = computed
+        return copy
+
     def truncate(self, request: Request, num_tokens: int) -> None:
         """Forget the request's KV from token ``num_tokens`` on (update mode revised its input).
 

@@ -16,6 +16,7 @@ class RequestStatus(enum.Enum):
     RUNNING = "running"
     PREEMPTED = "preempted"
     WAITING_FOR_INPUT = "waiting_for_input"
+    SUSPENDED = "suspended"  # forked into branches, holding its KV until joined (docs/rl.md)
     FINISHED = "finished"
 
 
@@ -113,6 +114,11 @@ class Request:
         """Record a sampled token."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_context(self, token_ids: list[int]) -> None:
+        """Extend the tokens the model has seen after the output so far (a fork's join
+        appends its branches' outputs): they are context, not output of this request."""
+        self.all_token_ids.extend(token_ids)
 
     def append_input(self, token_ids: list[int]) -> None:
         """Extend the prompt of a request that has not produced output yet (streaming input)."""

@@ -67,6 +67,9 @@ class Scheduler:
         # A weight update in "wait" mode (docs/rl.md): requests that have not started yet
         # stay waiting until the update is applied.
         self.hold_new_requests = False
+        # Requests forked into branches (docs/rl.md): out of the running set, holding their
+        # KV until joined.
+        self.suspended: dict[str, Request] = {}
 
     # ----------------------------------------------------------------- admission
 
@@ -332,6 +335,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        else:
+            self.suspended.pop(req.request_id, None)
         ttl = req.session_ttl if req.session_ttl is not None else self.session_ttl
         if req.session_id is not None and ttl > 0 and req.finish_reason in _PINNED_FINISHES:
             self.kv.pin_session(req, self.clock() + ttl)
@@ -373,14 +378,66 @@ class Scheduler:
 
     def recompute_all(self) -> int:
         """New weights: every request's KV is stale. Preempt every running request (it is
-        recomputed from its tokens by the next steps, as after any preemption) and forget
-        every cached prefix and session pin. Returns how many requests were preempted."""
+        recomputed from its tokens by the next steps, as after any preemption), drop the KV
+        of suspended (forked) ones (recomputed once joined) and forget every cached prefix
+        and session pin. Returns how many requests were preempted."""
         victims = list(reversed(self.running))
         self.running = []
         for req in victims:  # appendleft in reverse: the oldest ends first in line again
             self._preempt(req)
+        for req in self.suspended.values():
+            self.kv.free(req)
+            req.num_computed_tokens = 0
         self.kv.drop_reusable_kv()
         return len(victims)
+
+    # -------------------------------------------------------------- fork / join
+
+    def fork(self, parent_id: str, children: list[Request]) -> list[tuple[int, int]]:
+        """Suspend ``parent_id`` and start ``children`` (branches whose prompts extend its
+        tokens) on all the KV it has computed: full blocks shared, the partial last block
+        copied. Returns the (source, destination) block copies the runner must make before
+        the next step. ValueError (nothing changed) for a parent that cannot fork."""
+        parent = self.requests.get(parent_id)
+        if parent is None or parent.is_finished:
+            raise ValueError(f"request {parent_id!r} is not running: only a running request can fork")
+        if parent.input_only or parent.status == RequestStatus.SUSPENDED:
+            raise ValueError(f"request {parent_id!r} cannot fork (an input stream, or forked already)")
+        for child in children:
+            if child.request_id in self.requests:
+                raise ValueError(f"request id {child.request_id!r} is already in use")
+            if child.all_token_ids[: parent.num_tokens] != parent.all_token_ids:
+                raise ValueError("a branch's prompt must start with the parent's tokens")
+        if parent.block_ids and parent.num_computed_tokens % self.block_size:
+            needed = len(children)
+            if needed > self.kv.num_free_blocks + self.kv.sessions.reclaimable_blocks():
+                raise ValueError(f"no room in the KV cache for {needed} forked partial blocks")
+        if parent in self.running:
+            self.running.remove(parent)
+        elif parent in self.waiting:
+            self.waiting.remove(parent)
+        parent.status = RequestStatus.SUSPENDED
+        self.suspended[parent_id] = parent
+        copies = []
+        for child in reversed(children):  # appendleft: the first branch first in line
+            if parent.num_computed_tokens:
+                copy = self.kv.fork_all(child, parent)
+                if copy is not None:
+                    copies.append(copy)
+            self.requests[child.request_id] = child
+            self.waiting.appendleft(child)
+        return copies
+
+    def join(self, parent_id: str, token_ids: list[int]) -> Request:
+        """Resume a suspended request with ``token_ids`` appended to its context (its KV of
+        everything before them is kept: only they are computed)."""
+        parent = self.suspended.pop(parent_id, None)
+        if parent is None:
+            raise ValueError(f"request {parent_id!r} has not forked: nothing to join")
+        parent.append_context(token_ids)
+        parent.status = RequestStatus.WAITING
+        self.waiting.appendleft(parent)
+        return parent
 
     # ----------------------------------------------------------------- sessions
 

@@ -27,6 +27,8 @@ from livelm.engine.engine_commands import (
     CloseStream,
     Command,
     CommandQueue,
+    Fork,
+    Join,
     OpenStream,
     SetPaused,
     Stop,
@@ -34,6 +36,7 @@ from livelm.engine.engine_commands import (
     UpdateWeights,
 )
 from livelm.engine.errors import EngineDeadError
+from livelm.engine.fork import Branch, ForkResult
 from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.kernels.cpu_memory import release_free_memory
 from livelm.models.weight_update import check_mode
@@ -402,6 +405,74 @@ class AsyncEngine:
         """Abort every request in flight (``finish_reason="abort"``); returns how many."""
         return await self._ask(AbortAll)
 
+    async def fork(
+        self, request_id: str, branches: list[Branch], branch_ids: list[str] | None = None
+    ) -> tuple[ForkResult, list[AsyncIterator[RequestOutput]]]:
+        """Fork a running request into branches at its current position (docs/rl.md).
+
+        Returns the fork (the parent's tokens at the fork point, the branch ids) and one
+        output iterator per branch (like :meth:`generate`'s: leaving one early aborts that
+        branch). The branches start on the parent's KV (nothing recomputed); the parent's
+        own iterator waits until :meth:`join`. ValueError for a request that is not running
+        (unknown, finished, forked already), a branch count out of range or a bad branch.
+        """
+        self._check_alive()
+        if branch_ids is None:
+            tag = self.new_request_id()
+            count = len(branches) if isinstance(branches, list | tuple) else 1
+            branch_ids = [f"{request_id}.{tag}.{i}" for i in range(count)]
+        loop = asyncio.get_running_loop()
+        queues = []
+        for bid in branch_ids:
+            if not isinstance(bid, str) or bid in self._streams:
+                raise ValueError(f"branch id {bid!r} is already in use")
+        for bid in branch_ids:
+            queue: asyncio.Queue = asyncio.Queue()
+            self._streams[bid] = (loop, queue)
+            queues.append(queue)
+        try:
+            result = await self._ask(lambda done: Fork(request_id, branches, list(branch_ids), done))
+        except BaseException:
+            for bid in branch_ids:
+                self._streams.pop(bid, None)
+            raise
+        return result, [self._outputs(bid, q) for bid, q in zip(branch_ids, queues, strict=True)]
+
+    async def join(
+        self,
+        request_id: str,
+        branch_ids: list[str] | None = None,
+        separator: str | list[int] = "",
+        prefix: str | list[int] = "",
+        suffix: str | list[int] = "",
+        include_branch_prompts: bool = True,
+    ) -> list[int]:
+        """Resume a forked request: ``prefix``, each branch's suffix prompt and output (in
+        ``branch_ids`` order, ``separator`` between two), then ``suffix`` are appended to its
+        context, and its :meth:`generate` iterator goes on. A branch still running is
+        aborted first. Only the appended tokens are computed. Returns their ids."""
+        options = dict(branch_ids=branch_ids, separator=separator, prefix=prefix, suffix=suffix,
+                       include_branch_prompts=include_branch_prompts)
+        return await self._ask(lambda done: Join(request_id, options, done))
+
+    async def _outputs(self, rid: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """The deltas of request ``rid`` from its queue (already registered in _streams)."""
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, _Failure):
+                    finished = True
+                    raise item.error
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
     async def _ask(self, make):
         self._check_alive()
         done: concurrent.futures.Future = concurrent.futures.Future()
@@ -471,6 +542,22 @@ class AsyncEngine:
                 if mode == "wait":
                     engine.scheduler.hold_new_requests = True
                 self._apply_pending_update()
+            case Fork(rid, branches, branch_ids, done):
+                try:
+                    result = engine.fork(rid, branches, branch_ids)
+                except ValueError as e:
+                    done.set_exception(e)
+                else:
+                    done.set_result(result)
+            case Join(rid, options, done):
+                try:
+                    appended, moved = engine.join(rid, **options)
+                except (ValueError, TypeError) as e:
+                    done.set_exception(ValueError(str(e)) if isinstance(e, TypeError) else e)
+                else:
+                    for state, out in moved:
+                        self._deliver(state.request_id, out)
+                    done.set_result(appended)
             case SetPaused(paused, done):
                 self._paused = paused
                 done.set_result(None)
@@ -644,7 +731,9 @@ class AsyncEngine:
                         loop.call_soon_threadsafe(_resolve, done, False)
                     except RuntimeError:
                         pass
-                case UpdateWeights(_, _, done) | SetPaused(_, done) | AbortAll(done):
+                case UpdateWeights(_, _, done) | SetPaused(_, done) | AbortAll(done) | Fork(_, _, _, done) | Join(
+                    _, _, done
+                ):
                     if self._pending_update is cmd:
                         self._pending_update = None
                         self._engine.scheduler.hold_new_requests = False
@@ -680,7 +769,7 @@ class AsyncEngine:
                     cmd.loop.call_soon_threadsafe(_resolve, cmd.done, False)
                 except RuntimeError:
                     pass
-            elif isinstance(cmd, UpdateWeights | SetPaused | AbortAll):
+            elif isinstance(cmd, UpdateWeights | SetPaused | AbortAll | Fork | Join):
                 self._resolve_lost(cmd.done)
         for rid in list(self._streams):  # requests the engine never saw
             self._deliver(rid, _Failure(error))

@@ -30,6 +30,7 @@ from livelm.core.request_options import NO_OPTIONS, RequestOptions
 from livelm.core.scheduler import Scheduler
 from livelm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from livelm.core.token_ids import check_vocab_range
+from livelm.engine.fork import MAX_FORK_BRANCHES, Branch, ForkResult, ForkState, check_branches
 from livelm.engine.request_state import RequestState
 from livelm.engine.tokenizer import chat_prompt_ids, encode_prompt, load_tokenizer
 from livelm.kernels.cpu_memory import keep_large_buffers_in_heap
@@ -181,6 +182,7 @@ class Engine:
         self.weight_version = 0
         self._weight_layout: WeightLayout | None = None
         self.update_receiver: WeightReceiver | None = None
+        self.forks: dict[str, ForkState] = {}  # open forks, by parent request id
 
     def _num_kv_blocks(self) -> int:
         """Blocks in the KV pool: ``num_kv_blocks`` when given; else what ``kv_cache_gib``
@@ -400,13 +402,127 @@ class Engine:
 
     def abort(self, request_id: str, stop_reason: str | None = None) -> RequestOutput | None:
         """Stop a request and free its KV; returns its final (aborted) delta, if it existed.
-        ``stop_reason`` says why when the caller did not ask for it (``"weight_update"``)."""
+        ``stop_reason`` says why when the caller did not ask for it (``"weight_update"``).
+        A forked parent's fork is dropped (its branches go on as requests of their own)."""
+        self.forks.pop(request_id, None)
         state = self.states.pop(request_id, None)
         if state is None:
             return None
         for seq_id in sequence_ids(request_id, state.params.n):
             self.scheduler.finish_request(seq_id, FinishReason.ABORT)
         return state.delta_output(state.abort(stop_reason))
+
+    # --------------------------------------------------------------- fork/join
+
+    def fork(self, request_id: str, branches: list[Branch], branch_ids: list[str] | None = None) -> ForkResult:
+        """Fork a running request into branches at its current position (docs/rl.md).
+
+        Every branch is a request of its own (ids ``branch_ids``, default
+        ``<id>.<fork>.<i>``) whose prompt is the parent's tokens so far plus its suffix; it
+        starts on the parent's KV (full blocks shared, the partial one copied: nothing is
+        recomputed) and decodes in the same batches as everything else. The parent is
+        suspended until :meth:`join`. ValueError (nothing changed) for a request that is
+        not running (unknown, finished, forked already), ``n > 1``, a branch count out of
+        range, or a branch the engine could not serve.
+        """
+        state = self.states.get(request_id)
+        req = self.scheduler.requests.get(request_id)
+        if state is None or req is None or req.is_finished:
+            raise ValueError(f"request {request_id!r} is not running: only a running request can fork")
+        if state.params.n != 1:
+            raise ValueError("only a request with n == 1 can fork")
+        if request_id in self.forks:
+            raise ValueError(f"request {request_id!r} has forked already: join it first")
+        branches = check_branches(branches, min(MAX_FORK_BRANCHES, self.config.max_num_seqs))
+        if branch_ids is None:
+            branch_ids = [f"{request_id}.{next(self._ids)}.{i}" for i in range(len(branches))]
+        if len(branch_ids) != len(branches) or len(set(branch_ids)) != len(branches) or not all(
+            isinstance(b, str) and b for b in branch_ids
+        ):
+            raise ValueError("branch_ids must be distinct non-empty strings, one per branch")
+        context = list(req.all_token_ids)
+        children, suffixes, states = [], {}, {}
+        for bid, branch in zip(branch_ids, branches, strict=True):
+            if bid in self.states or bid in self.scheduler.requests:
+                raise ValueError(f"request id {bid!r} is already in use")
+            suffix = self.prompt_ids(branch.suffix) if branch.suffix else []
+            ids = context + suffix
+            self.validate(ids, branch.params, NO_OPTIONS)
+            params = branch.params
+            if params.max_tokens is None:
+                params = replace(params, max_tokens=max(self.max_model_len - len(ids), max(1, params.min_tokens)))
+            children.append(Request(request_id=bid, prompt_token_ids=ids, sampling_params=params,
+                                    eos_token_ids=self.eos_token_ids, parent_id=bid, cache_salt=req.cache_salt))
+            suffixes[bid] = suffix
+            text = branch.suffix if isinstance(branch.suffix, str) else None
+            states[bid] = RequestState(bid, text, ids, branch.params, self.tokenizer)
+        copies = self.scheduler.fork(request_id, children)
+        if copies:
+            self.runner.copy_blocks(copies)
+        self.states.update(states)
+        self.forks[request_id] = ForkState(request_id, context, list(branch_ids), suffixes, states)
+        return ForkResult(context, list(branch_ids))
+
+    def join(
+        self,
+        request_id: str,
+        branch_ids: list[str] | None = None,
+        separator: str | list[int] = "",
+        prefix: str | list[int] = "",
+        suffix: str | list[int] = "",
+        include_branch_prompts: bool = True,
+    ) -> tuple[list[int], list[tuple[RequestState, RequestOutput]]]:
+        """Resume a forked request with its branches' tokens appended to its context:
+        ``prefix``, then for each branch in ``branch_ids`` order (default: all, in fork
+        order) its suffix prompt (unless ``include_branch_prompts`` is False) and its output
+        tokens, ``separator`` between two branches, then ``suffix``. A branch still running
+        is aborted first (its output so far counts). Only the appended tokens are computed.
+        Returns the appended token ids and the aborted branches' final deltas."""
+        fork = self.forks.get(request_id)
+        if fork is None:
+            raise ValueError(f"request {request_id!r} has not forked: nothing to join")
+        order = fork.branch_ids if branch_ids is None else branch_ids
+        if not isinstance(order, list | tuple) or len(set(order)) != len(order) or not all(
+            b in fork.states for b in order
+        ):
+            raise ValueError(f"branch_ids must be distinct branches of this fork: {fork.branch_ids}")
+        if not isinstance(include_branch_prompts, bool):
+            raise ValueError("include_branch_prompts must be a boolean")
+        pieces = [self._join_piece(p, name) for p, name in ((separator, "separator"), (prefix, "prefix"),
+                                                            (suffix, "suffix"))]
+        sep, head, tail = pieces
+        appended = list(head)
+        for i, bid in enumerate(order):
+            if i:
+                appended += sep
+            if include_branch_prompts:
+                appended += fork.suffixes[bid]
+            appended += fork.states[bid].seqs[0].token_ids
+        appended += tail
+        req = self.scheduler.suspended[request_id]
+        total = req.num_tokens + len(appended) + 1
+        limit = min(self.max_model_len, self.scheduler.kv_capacity_tokens)
+        if total > limit:
+            raise ValueError(f"the joined context ({total} tokens) exceeds the {limit} tokens the engine can hold")
+        check_vocab_range(appended, self.model_config.vocab_size, "join")
+        moved = []
+        for bid in order:
+            if bid in self.states:
+                state = self.states[bid]
+                out = self.abort(bid)
+                if out is not None:
+                    moved.append((state, out))
+        del self.forks[request_id]
+        self.scheduler.join(request_id, appended)
+        self.states[request_id].add_context(appended)
+        return appended, moved
+
+    def _join_piece(self, piece: object, name: str) -> list[int]:
+        if isinstance(piece, str):
+            return self.prompt_ids(piece) if piece else []
+        if isinstance(piece, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in piece):
+            return list(piece)
+        raise ValueError(f"{name} must be text or a list of token ids")
 
     # ---------------------------------------------------------- weight updates
 

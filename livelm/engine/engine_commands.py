@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from livelm.core.request_options import RequestOptions
+from livelm.engine.fork import Branch
 from livelm.models.weight_update import StagedUpdate
 from livelm.sampling_params import SamplingParams
 
@@ -100,6 +101,26 @@ class AbortAll:
 
 
 @dataclass(frozen=True, slots=True)
+class Fork:
+    """Fork a running request into branches (``Engine.fork``); the ForkResult resolves ``done``."""
+
+    request_id: str
+    branches: list[Branch]
+    branch_ids: list[str]
+    done: Future
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Resume a forked request (``Engine.join``, its keyword arguments in ``options``); the
+    appended token ids resolve ``done``."""
+
+    request_id: str
+    options: dict
+    done: Future
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """Abort everything in flight and end the engine thread."""
 
@@ -113,7 +134,7 @@ class Batch:
 
 Command = (
     AddRequest | OpenStream | UpdateStream | CloseStream | Abort | CloseSession
-    | UpdateWeights | SetPaused | AbortAll | Stop
+    | UpdateWeights | SetPaused | AbortAll | Fork | Join | Stop
 )
 
 

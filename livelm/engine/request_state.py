@@ -147,6 +147,11 @@ class RequestState:
         )
         return StepResult(delta, stop_matched)
 
+    def add_context(self, token_ids: list[int]) -> None:
+        """Tokens a join appended to the context (not output): the detokenizer reads them,
+        so the text of the tokens after them decodes as it would after a prompt holding them."""
+        self.seqs[0].detokenizer.add_tokens(token_ids)
+
     def abort(self, stop_reason: str | None = None) -> list[CompletionOutput]:
         """Mark every unfinished sequence aborted; returns their (empty) final deltas.
         ``stop_reason`` says why, when not the caller's own abort (``"weight_update"``)."""

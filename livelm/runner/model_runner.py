@@ -318,6 +318,16 @@ class ModelRunner:
             )
         return result
 
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks (source, destination) in every layer: a fork's copy-on-write
+        of its parent's partial last block (docs/rl.md)."""
+        bs = self.block_size
+        for src, dst in copies:
+            for k, v in self.kv_caches:
+                k[:, dst * bs : (dst + 1) * bs].copy_(k[:, src * bs : (src + 1) * bs])
+                v[:, dst * bs : (dst + 1) * bs].copy_(v[:, src * bs : (src + 1) * bs])
+
     def load_weights(self, staged: StagedUpdate) -> None:
         """Swap staged new weights in (between steps; see models/weight_update.py)."""
         staged.apply(self.model)
