@@ -42,6 +42,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="how tool calls are read from replies with tool_choice 'auto': auto "
                              "picks the format from the chat template (default), none leaves "
                              "them in the content (docs/serving.md#tool-calling)")
+    server.add_argument("--enable-rl-api", action="store_true",
+                        help="serve /v1/rl/* for RL trainers: weight updates, pause/resume, "
+                             "abort-all, rollouts with weight versions and sampling logprobs, "
+                             "fork/join (behind --api-key; docs/rl.md)")
     server.add_argument("--log-level", default="info", type=str.lower,
                         choices=["critical", "error", "warning", "info", "debug"])
     engine = parser.add_argument_group("engine")

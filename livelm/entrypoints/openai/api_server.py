@@ -35,6 +35,7 @@ from livelm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from livelm.entrypoints.openai.rl_routes import add_rl_routes
 from livelm.entrypoints.openai.serving_chat import chat_prompt_ids, create_chat_completion
 from livelm.entrypoints.openai.serving_completions import create_completion
 from livelm.entrypoints.openai.state import ServerState
@@ -101,6 +102,8 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     _add_routes(app, state)
     add_session_routes(app, state)  # streaming input over REST/SSE
     add_websocket_route(app, state)  # and over a WebSocket (/v1/stream)
+    if config.enable_rl_api:
+        add_rl_routes(app, state)  # /v1/rl/*: weight updates, pause, fork/join (docs/rl.md)
 
     # Added innermost first: CORS sees every request, then auth, then the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes, on_reject=reject)
@@ -207,6 +210,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         cors_origins=tuple(args.cors_origin or ()),
         drain_timeout_s=getattr(args, "drain_timeout_s", ServerConfig.drain_timeout_s),
         tool_call_parser=getattr(args, "tool_call_parser", ServerConfig.tool_call_parser),
+        enable_rl_api=getattr(args, "enable_rl_api", False),
     )
 
 

@@ -33,6 +33,8 @@ class ServerConfig:
     # How tool calls are read from a reply with tool_choice "auto": "auto" picks the
     # parser from the chat template's markers; "none" leaves calls in the content.
     tool_call_parser: str = "auto"
+    # The RL serving routes /v1/rl/* (docs/rl.md): weight updates, pause, abort-all, fork/join.
+    enable_rl_api: bool = False
 
     def __post_init__(self) -> None:
         if self.max_waiting is not None and self.max_waiting < 0:
