@@ -6,15 +6,32 @@ import re
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+from livelm.engine.tokenizer_class_cache import cached_class, remember_class
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
-    """The model's own tokenizer; never runs code shipped with the model."""
+    """The model's own tokenizer; never runs code shipped with the model.
+
+    The first load of a directory goes through AutoTokenizer, and the class it chose is
+    remembered (engine/tokenizer_class_cache.py); later loads call that class directly,
+    skipping the ~1.5-2 s AutoTokenizer spends importing every model family's config code.
+    """
+    import transformers
+
+    model_dir = Path(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        cls = cached_class(model_dir, transformers.__version__)
+        if cls is not None:
+            return cls.from_pretrained(str(model_dir), trust_remote_code=False)
+        from transformers import AutoTokenizer  # imports every model family's config code
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:  # transformers raises many types; the user needs one message
         raise ValueError(f"cannot load the tokenizer of {model_dir}: {e}") from e
+    remember_class(model_dir, transformers.__version__, tokenizer)
+    return tokenizer
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[int]) -> list[int]:
