@@ -21,7 +21,10 @@ the server's ``--stream-idle-timeout``), a WebSocket is closed mid-reply. The jo
 the same for every run with the same ``--seed``; which client gets which job varies.
 
 Two untimed warm-up requests go first (the first step loads, or builds, the C++ kernels).
-The server's RSS (``/proc/PID/status`` VmRSS) is sampled every ``--rss-every-s`` seconds.
+The server's RSS (``/proc/PID/status`` VmRSS) is sampled every ``--rss-every-s`` seconds,
+less the KV cache memory committed so far (``/metrics``: blocks ever written x bytes per
+block; the cache is reserved lazily, so it grows as traffic first reaches new blocks and
+the prefix cache fills, which is not a leak).
 The first ``--warmup-s`` of traffic are left out of the baseline; the stated baseline is
 the 5-minute mark, and growth is from there to the end of the traffic. After the traffic,
 an idle pause, then ``/metrics`` is polled until the session pins (``--session-ttl-s``)
@@ -497,19 +500,21 @@ def rss_mb(pid: int) -> float | None:
 
 
 class RssSampler(threading.Thread):
-    """Samples a process's RSS every ``every_s`` seconds: (t_s, phase, rss_mb, done).
+    """Samples a process's RSS less its committed KV cache every ``every_s`` seconds:
+    (t_s, phase, rss_less_kv_mb, done, kv_mb).
 
     Phases: ``start`` (the server idle, then the warm-up requests), ``warmup`` (the first
     ``--warmup-s`` of traffic), ``traffic``, ``idle`` (after it)."""
 
-    def __init__(self, pid: int, every_s: float) -> None:
+    def __init__(self, pid: int, every_s: float, base_url: str) -> None:
         super().__init__(daemon=True, name="rss-sampler")
         self.pid = pid
+        self.base_url = base_url
         self.every_s = every_s
         self.t0 = time.monotonic()
         self.phase = "start"
         self.done = 0  # jobs finished so far (set by the traffic)
-        self.samples: list[tuple[float, str, float, int]] = []
+        self.samples: list[tuple[float, str, float, int, float]] = []
         self._halt = threading.Event()
         self._lock = threading.Lock()
 
@@ -518,14 +523,24 @@ class RssSampler(threading.Thread):
         now = time.monotonic()
         with self._lock:
             shift = now - self.t0
-            self.samples = [(round(t - shift, 1), p, r, d) for t, p, r, d in self.samples]
+            self.samples = [(round(t - shift, 1), p, r, d, k) for t, p, r, d, k in self.samples]
             self.t0 = now
 
+    def kv_mb(self) -> float:
+        """The KV cache memory the server has committed (blocks ever written), in MiB."""
+        try:
+            m = read_metrics(self.base_url)
+        except (httpx.HTTPError, ValueError):
+            return 0.0
+        return m.get("livelm_kv_cache_touched_blocks", 0.0) * m.get("livelm_kv_cache_block_bytes", 0.0) / 2**20
+
     def sample(self) -> float | None:
+        kv = self.kv_mb()
         value = rss_mb(self.pid)
         if value is not None:
+            value -= kv
             with self._lock:
-                self.samples.append((round(time.monotonic() - self.t0, 1), self.phase, value, self.done))
+                self.samples.append((round(time.monotonic() - self.t0, 1), self.phase, value, self.done, kv))
         return value
 
     def run(self) -> None:
@@ -540,14 +555,17 @@ class RssSampler(threading.Thread):
         with self._lock:
             rows = list(self.samples)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lines = ["t_s,phase,rss_mb,jobs_done"] + [f"{t},{p},{r:.1f},{d}" for t, p, r, d in rows]
+        lines = ["t_s,phase,rss_less_kv_mb,jobs_done,kv_mb"] + [
+            f"{t},{p},{r:.1f},{d},{k:.1f}" for t, p, r, d, k in rows]
         path.write_text("\n".join(lines) + "\n")
 
 
-def rss_summary(samples: list[tuple[float, str, float, int]], warmup_s: float, traffic_s: float) -> dict:
-    """Baselines and growth of the RSS series (t measured from the start of traffic)."""
-    traffic = [(t, r) for t, p, r, _ in samples if p in ("warmup", "traffic")]
-    after = [(t, r) for t, p, r, _ in samples if p == "idle"]
+def rss_summary(samples: list[tuple[float, str, float, int, float]], warmup_s: float,
+                traffic_s: float) -> dict:
+    """Baselines and growth of the RSS series less committed KV (t measured from the start
+    of traffic)."""
+    traffic = [(t, r) for t, p, r, _, _ in samples if p in ("warmup", "traffic")]
+    after = [(t, r) for t, p, r, _, _ in samples if p == "idle"]
 
     def at(mark_s: float) -> float | None:
         if not traffic or traffic_s < mark_s:
@@ -563,11 +581,12 @@ def rss_summary(samples: list[tuple[float, str, float, int]], warmup_s: float, t
 
     return {
         "warmup_s": warmup_s,
-        "server_up_mb": next((r for _, p, r, _ in samples if p == "start"), None),
-        "before_traffic_mb": next((r for _, p, r, _ in reversed(samples) if p == "start"), None),
+        "server_up_mb": next((r for _, p, r, _, _ in samples if p == "start"), None),
+        "before_traffic_mb": next((r for _, p, r, _, _ in reversed(samples) if p == "start"), None),
         "start_mb": start, "at_5min_mb": at_5, "at_30min_mb": at(1800.0), "end_mb": end,
         "after_idle_mb": after[-1][1] if after else None,
-        "max_mb": max((r for _, _, r, _ in samples), default=None),
+        "max_mb": max((r for _, _, r, _, _ in samples), default=None),
+        "kv_end_mb": samples[-1][4] if samples else None,
         "growth_5min_to_end_pct": growth(at_5) if traffic_s > 300.0 else None,
         "growth_start_to_end_pct": growth(start),
         "samples": len(samples),
@@ -786,7 +805,7 @@ def print_summary(s: dict) -> None:
     print(f"KV blocks at the end: {kv['used_blocks']} in use of {kv['total_blocks']}, "
           f"{kv['pinned_blocks']} pinned, leaked {kv['leaked_blocks']} (after {s['settle_s']:.0f} s; "
           f"input streams {kv['input_streams']}, running {kv['running']}, waiting {kv['waiting']})")
-    print(f"RSS MiB: server up {f(rss['server_up_mb'])}, before traffic {f(rss['before_traffic_mb'])}, after warm-up {f(rss['start_mb'])}, "
+    print(f"RSS less committed KV, MiB (KV at the end {f(rss['kv_end_mb'])}): server up {f(rss['server_up_mb'])}, before traffic {f(rss['before_traffic_mb'])}, after warm-up {f(rss['start_mb'])}, "
           f"5 min {f(rss['at_5min_mb'])}, 30 min {f(rss['at_30min_mb'])}, end {f(rss['end_mb'])}, "
           f"after idle {f(rss['after_idle_mb'])}, max {f(rss['max_mb'])}; growth 5 min -> end "
           f"{f(rss['growth_5min_to_end_pct'], '%')}, warm-up -> end {f(rss['growth_start_to_end_pct'], '%')}")
@@ -836,7 +855,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[soak] livelm serve up at {server.url} (pid {server.proc.pid}); "
           f"{args.minutes:g} min of traffic", file=sys.stderr, flush=True)
     pid = server.proc.pid
-    sampler = RssSampler(pid, args.rss_every_s)
+    sampler = RssSampler(pid, args.rss_every_s, server.url)
     code, log_errors = None, []
     try:
         sampler.sample()  # the server idle, as it came up

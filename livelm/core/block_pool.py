@@ -30,6 +30,9 @@ class BlockPool:
         self._ref_counts = [0] * num_blocks
         self._cached = [False] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        # Blocks ever handed out: on CPU, the KV memory committed (runner/kv_cache.py).
+        self._ever_used = bytearray(num_blocks)
+        self.num_touched_blocks = 0
         # Insertion order is LRU order: the first key is evicted first.
         self._cached_free: OrderedDict[int, None] = OrderedDict()
 
@@ -66,6 +69,9 @@ class BlockPool:
                 if self.on_evict is not None:
                     self.on_evict(b)
             self._ref_counts[b] = 1
+            if not self._ever_used[b]:
+                self._ever_used[b] = 1
+                self.num_touched_blocks += 1
             blocks.append(b)
         return blocks
 

@@ -32,6 +32,7 @@ class KVCacheStats(NamedTuple):
     num_session_pins_expired: int
     num_session_pins_dropped: int
     num_session_pins_closed: int
+    num_touched_blocks: int
 
 
 class KVCacheManager:
@@ -83,6 +84,7 @@ class KVCacheManager:
             num_session_pins_expired=sessions.num_expired,
             num_session_pins_dropped=sessions.num_dropped,
             num_session_pins_closed=sessions.num_closed,
+            num_touched_blocks=pool.num_touched_blocks,
         )
 
     # -------------------------------------------------------------------- reuse

@@ -50,10 +50,9 @@ def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_slots: int, head_d
                          torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)])
     elem = torch.empty((), dtype=dtype).element_size()
     per_tensor = num_kv_heads * num_slots * head_dim * elem
+    # Deliberately no MADV_HUGEPAGE: khugepaged would collapse sparsely written 2 MiB
+    # ranges into whole huge pages, committing memory no block uses.
     buffer = mmap.mmap(-1, 2 * num_layers * per_tensor)
-    if hasattr(buffer, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        # Fewer TLB misses when attention walks the cache; the pages stay lazily committed.
-        buffer.madvise(mmap.MADV_HUGEPAGE)
     flat = torch.frombuffer(buffer, dtype=dtype)
     views = flat.view(num_layers, 2, *shape)
     return KVCache([(views[i, 0], views[i, 1]) for i in range(num_layers)], buffer)

@@ -150,5 +150,9 @@ def test_stats_report_pool_cache_and_pins():
         num_free_blocks=8, num_total_blocks=8, kv_usage=0.0, prefix_cache_queried_tokens=0,
         prefix_cache_hit_tokens=0, num_cached_blocks=2, num_cache_evictions=0, num_sessions=0,
         num_pinned_blocks=0, num_session_pins_expired=1, num_session_pins_dropped=0,
-        num_session_pins_closed=0,
+        num_session_pins_closed=0, num_touched_blocks=2,
     )
+    # Blocks ever handed out count once, however often they are reused.
+    for _ in range(3):
+        kv.free(_computed(kv, _req("u", range(4))))
+    assert kv.stats().num_touched_blocks == 3

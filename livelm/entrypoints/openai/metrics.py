@@ -46,6 +46,10 @@ class _LiveGauges(Collector):
             ("livelm_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", stats.kv_usage),
             ("livelm_kv_cache_free_blocks", "Free KV cache blocks.", stats.num_free_blocks),
             ("livelm_kv_cache_total_blocks", "KV cache blocks in the pool.", stats.num_total_blocks),
+            ("livelm_kv_cache_touched_blocks", "KV cache blocks ever written (on CPU, the cache "
+             "memory committed so far: it is reserved lazily).", stats.num_touched_blocks),
+            ("livelm_kv_cache_block_bytes", "Bytes one KV cache block takes across all layers.",
+             stats.kv_block_bytes),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
