@@ -90,6 +90,10 @@ class EngineStats:
     num_session_pins_closed: int = 0
     num_input_streams: int = 0
     num_computed_tokens: int = 0
+    # KV memory: blocks ever written (on CPU the cache is committed lazily, so these are
+    # what it holds in memory) and the bytes of one block.
+    num_touched_blocks: int = 0
+    kv_block_bytes: int = 0
     # Liveness: unix time of the last completed step (0 before the first), and whether the
     # step loop still runs (AsyncEngine sets False once its engine thread stopped).
     last_step_time: float = 0.0
@@ -168,6 +172,7 @@ class Engine:
         self.runner = ModelRunner(
             model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend, self.structured
         )
+        self.kv_block_bytes = ModelRunner.kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
         self._log_kv_cache(num_blocks)
         self.states: dict[str, RequestState] = {}  # requests in flight, by id
         self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)
@@ -206,7 +211,7 @@ class Engine:
     def _log_kv_cache(self, num_blocks: int) -> None:
         cfg = self.config
         tokens = num_blocks * cfg.block_size
-        gib = num_blocks * ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype) / 2**30
+        gib = num_blocks * self.kv_block_bytes / 2**30
         contexts = tokens / self.max_model_len
         lazily = ", reserved lazily (memory is used as blocks fill)" if self.device.type == "cpu" else ""
         logger.info("KV cache: %d tokens (%d blocks of %d, %.2f GiB %s%s): %.1f full %d-token contexts",
@@ -670,5 +675,7 @@ class Engine:
             num_session_pins_closed=kv.num_session_pins_closed,
             num_input_streams=s.num_input_streams,
             num_computed_tokens=s.num_computed_tokens,
+            num_touched_blocks=kv.num_touched_blocks,
+            kv_block_bytes=self.kv_block_bytes,
             last_step_time=self.last_step_time,
         )
