@@ -75,6 +75,12 @@ def test_64_concurrent_streaming_clients(server, engine, llama_dir):
         "livelm_time_to_first_token_seconds_count", 0) == 64
     assert after["livelm_generation_tokens_total"] - before.get("livelm_generation_tokens_total", 0) == sum(
         len(ref.outputs[0].token_ids) for ref in expected)
+    # The committed part of the KV cache: blocks ever written, at most the pool, and at
+    # least what 64 requests held at once; one block's bytes as the model's shape gives them.
+    touched = after["livelm_kv_cache_touched_blocks"]
+    assert 0 < touched <= after["livelm_kv_cache_total_blocks"]
+    cfg = engine._engine.model_config
+    assert after["livelm_kv_cache_block_bytes"] == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 16 * 4
 
 
 def _abort_count(url: str) -> float:
