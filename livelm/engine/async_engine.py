@@ -206,6 +206,11 @@ class AsyncEngine:
         self._check_alive()
         if options is None:
             options = RequestOptions.from_extra(params.extra)
+        if params.structured is not None and fork_from is None:
+            # Compiled here, in a worker thread (cached for the engine thread's own check),
+            # so a large new schema does not stall every other request's step. Not for a
+            # reply to streamed input: its prompt is the input as it is at this call.
+            await asyncio.to_thread(self.check_structured, params.structured)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, stream)

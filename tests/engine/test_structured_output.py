@@ -360,6 +360,35 @@ def test_async_check_structured_off_the_engine_thread(llama_dir):
     asyncio.run(main())
 
 
+def test_async_generate_compiles_a_new_schema_off_the_engine_thread(llama_dir, monkeypatch):
+    """A new schema given to AsyncEngine.generate compiles in a worker thread, not on the
+    engine thread (where it would stall every running request's step); a bad one raises
+    ValueError at the call, and the engine keeps serving."""
+    from livelm.runner.structured.backend import GrammarBackend
+
+    engine = AsyncEngine(str(llama_dir))
+    compiled_on: list[str] = []
+    compile_ = GrammarBackend._compile
+
+    def recording(self, structured):  # noqa: ANN001, ANN202
+        compiled_on.append(threading.current_thread().name)
+        return compile_(self, structured)
+
+    monkeypatch.setattr(GrammarBackend, "_compile", recording)
+
+    async def main():
+        text = await _text(engine.generate(PROMPTS[0], _sampled(StructuredOutput(regex="(ab|cd){2,4}x"), 24)))
+        assert re.fullmatch("(ab|cd){2,4}x", text)
+        with pytest.raises(ValueError, match="invalid regex"):
+            await _text(engine.generate(PROMPTS[0], _sampled(BAD["regex"], 4)))
+        assert await _text(engine.generate(PROMPTS[1], SamplingParams(max_tokens=3, ignore_eos=True)))
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert len(compiled_on) == 2  # each schema once (the engine thread's check hit the cache)
+    assert "livelm-engine" not in compiled_on, compiled_on
+
+
 def test_stream_replies_and_session_turns_follow_their_constraints(llama_dir):
     engine = AsyncEngine(str(llama_dir))
 
