@@ -398,6 +398,7 @@ class Engine:
     def fail(self, request_id: str, error: Exception) -> tuple[RequestState, RequestOutput] | None:
         """End a request with an error (``finish_reason="error"``, ``state.error``) and free
         its KV; returns its state and final delta, if it existed."""
+        self.forks.pop(request_id, None)
         state = self.states.pop(request_id, None)
         if state is None:
             return None
