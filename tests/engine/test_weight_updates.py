@@ -113,6 +113,15 @@ def test_malformed_update_changes_nothing(two_models):
     for weights, message in _bad_updates(b):
         with pytest.raises(ValueError, match=message):
             llm.engine.update_weights(weights)
+    for mode in ("sometimes", None, 1):
+        with pytest.raises(ValueError, match="mode"):
+            llm.engine.update_weights(str(b), mode=mode)
+    for kwargs, message in [({"port": 0}, "port"), ({"port": 70000}, "port"), ({"backend": "mpi"}, "backend"),
+                            ({"world_size": 1}, "world_size"), ({"rank": 0}, "rank")]:
+        with pytest.raises(ValueError, match=message):
+            llm.engine.join_update_group("127.0.0.1", **{"port": 29999, **kwargs})
+    with pytest.raises(ValueError, match="no update group"):
+        llm.engine.receive_weights()
     assert llm.engine.weight_version == 0
     assert _tokens(llm) == before
 
@@ -340,6 +349,11 @@ def test_update_from_gguf_file(two_models, tmp_path, monkeypatch):
     llm.engine.update_weights(gb)
     assert _tokens(llm) == fresh
     assert llm.engine.runner.model.layers[0].self_attn.o_proj.fmt == "q8_0"
+    # Quantized tensors into a float engine are dequantized, as the loader does.
+    plain_fresh = _tokens(LLM(str(gb), quantization="none", kv_cache_gib=0.02))
+    plain = LLM(str(a), quantization="none", kv_cache_gib=0.02)
+    plain.engine.update_weights(gb)
+    assert _tokens(plain) == plain_fresh
 
 
 def test_sampling_logprobs_equal_processed_log_softmax(llama_dir):
