@@ -290,41 +290,64 @@ def _trainer(port: int, weights_path: str, bad: bool, die: bool) -> None:
     sender.send(tensors)
 
 
-@pytest.mark.parametrize("fmt", ["none", "q4_1"])
+async def _group_update(engine: AsyncEngine, ctx, weights_path: str, case: str):
+    """One trainer process running ``case``; returns the engine's result or exception."""
+    port = _free_port()
+    proc = ctx.Process(target=_trainer, args=(port, weights_path, case == "bad", case == "die"))
+    proc.start()
+    await engine.join_update_group("127.0.0.1", port, timeout_s=60)
+    try:
+        result = await engine.update_weights_from_group()
+    except Exception as e:  # noqa: BLE001 - the caller checks what the case expects
+        result = e
+    await asyncio.to_thread(proc.join, 60)
+    assert proc.exitcode == 0, case
+    return result
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_update_over_gloo_group(two_models, fmt):
+    """A trainer process broadcasts the new weights as float32 over gloo; the engine
+    receives them into its own layout (packed or requantized): a fresh engine's outputs."""
     a, b = two_models
     fresh = _tokens(LLM(str(b), quantization=fmt, kv_cache_gib=0.02))
-    ctx = mp.get_context("spawn")
 
     async def main():
         engine = AsyncEngine(str(a), quantization=fmt, kv_cache_gib=0.02)
         try:
-            old = [await _collect(engine, p, GREEDY) for p in PROMPTS]
-            results = {}
-            for case in ("bad", "die", "good"):
-                port = _free_port()
-                proc = ctx.Process(target=_trainer, args=(port, str(b / "model.safetensors"), case == "bad",
-                                                          case == "die"))
-                proc.start()
-                await engine.join_update_group("127.0.0.1", port, timeout_s=60)
-                try:
-                    results[case] = await engine.update_weights_from_group()
-                except Exception as e:  # noqa: BLE001 - what the case expects is checked below
-                    results[case] = e
-                await asyncio.to_thread(proc.join, 60)
-                assert proc.exitcode == 0, case
-                if case != "good":  # still serving, on the old weights
-                    assert [await _collect(engine, p, GREEDY) for p in PROMPTS] == old
-            new = [(await _collect(engine, p, GREEDY))[0] for p in PROMPTS]
-            return results, new
+            version = await _group_update(engine, mp.get_context("spawn"), str(b / "model.safetensors"), "good")
+            return version, [(await _collect(engine, p, GREEDY))[0] for p in PROMPTS]
         finally:
             await engine.shutdown()
 
-    results, new = asyncio.run(main())
+    version, new = asyncio.run(main())
+    assert version == 1
+    assert new == fresh
+
+
+def test_refused_and_broken_group_updates_keep_the_old_weights(two_models):
+    """A header the engine refuses (a wrong shape) makes the trainer's send raise and sends
+    nothing; a trainer that dies mid-broadcast fails the receive. Both leave the engine
+    serving on its old weights."""
+    a, b = two_models
+
+    async def main():
+        engine = AsyncEngine(str(a), quantization="q4_0", kv_cache_gib=0.02)
+        try:
+            old = [await _collect(engine, p, GREEDY) for p in PROMPTS]
+            results = {}
+            for case in ("bad", "die"):
+                results[case] = await _group_update(engine, mp.get_context("spawn"), str(b / "model.safetensors"),
+                                                    case)
+                assert [await _collect(engine, p, GREEDY) for p in PROMPTS] == old
+            return results, engine.weight_version
+        finally:
+            await engine.shutdown()
+
+    results, version = asyncio.run(main())
     assert isinstance(results["bad"], ValueError) and "shape" in str(results["bad"])
     assert isinstance(results["die"], Exception) and not isinstance(results["die"], ValueError)
-    assert results["good"] == 1
-    assert new == fresh
+    assert version == 0
 
 
 def test_update_from_gguf_file(two_models, tmp_path, monkeypatch):

@@ -165,6 +165,7 @@ def add_rl_routes(app: FastAPI, state: ServerState) -> None:
         rid = req.request_id or random_id("rollout")
         if rid in active:
             raise OpenAIError(f"request_id {rid!r} is already in use", 400, param="request_id")
+        ticket = state.admission.admit(1)  # the server's bound on queued work (503 when full)
         active.add(rid)
         try:
             record = await _collect(engine.generate(req.prompt, params, request_id=rid))
@@ -172,6 +173,7 @@ def add_rl_routes(app: FastAPI, state: ServerState) -> None:
             raise _bad(e, "prompt") from None
         finally:
             active.discard(rid)
+            ticket.release()
         return {"request_id": rid, **record}
 
     @app.post("/v1/rl/fork")
@@ -180,11 +182,15 @@ def add_rl_routes(app: FastAPI, state: ServerState) -> None:
         context is recomputed); answers once every branch finished, with their outputs.
         The parent waits for ``/v1/rl/join``."""
         branches = [Branch(b.suffix, _params(b, f"branches.{i}")) for i, b in enumerate(req.branches)]
+        ticket = state.admission.admit(len(branches))
         try:
-            result, streams = await engine.fork(req.request_id, branches)
-        except ValueError as e:
-            raise _bad(e, "request_id") from None
-        records = await asyncio.gather(*(_collect(s) for s in streams))
+            try:
+                result, streams = await engine.fork(req.request_id, branches)
+            except ValueError as e:
+                raise _bad(e, "request_id") from None
+            records = await asyncio.gather(*(_collect(s) for s in streams))
+        finally:
+            ticket.release()
         return {
             "request_id": req.request_id,
             "token_ids": result.token_ids,
