@@ -211,6 +211,10 @@ class AsyncEngine:
             # so a large new schema does not stall every other request's step. Not for a
             # reply to streamed input: its prompt is the input as it is at this call.
             await asyncio.to_thread(self.check_structured, params.structured)
+        if rid in self._streams:
+            # Checked here, not only by the engine thread: the output queue is keyed by the
+            # id, and a second request under it would take the first one's outputs.
+            raise ValueError(f"request id {rid!r} is already in use")
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (loop, stream)

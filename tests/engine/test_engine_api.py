@@ -247,6 +247,18 @@ def test_async_engine_streams_deltas_and_aborts(llama_dir, llm):
         with pytest.raises(ValueError, match="empty"):
             async for _ in engine.generate([], greedy):
                 pass
+
+        # A second request under a running request's id is refused; the first one keeps
+        # its outputs (the queues are keyed by id) and finishes as it would alone.
+        first = engine.generate(prompts[2], greedy, request_id="dup")
+        first_out = await first.__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            async for _ in engine.generate(prompts[3], greedy, request_id="dup"):
+                pass
+        tokens = list(first_out.outputs[0].token_ids)
+        async for out in first:
+            tokens += out.outputs[0].token_ids
+        assert tokens == expected[2].token_ids
         await engine.shutdown()
 
     asyncio.run(main())
