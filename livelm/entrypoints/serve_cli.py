@@ -42,6 +42,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="how tool calls are read from replies with tool_choice 'auto': auto "
                              "picks the format from the chat template (default), none leaves "
                              "them in the content (docs/serving.md#tool-calling)")
+    server.add_argument("--no-web-ui", action="store_true",
+                        help="do not serve the chat page at / (the API is unchanged)")
     server.add_argument("--enable-rl-api", action="store_true",
                         help="serve /v1/rl/* for RL trainers: weight updates, pause/resume, "
                              "abort-all, rollouts with weight versions and sampling logprobs, "

@@ -41,6 +41,7 @@ from livelm.entrypoints.openai.serving_completions import create_completion
 from livelm.entrypoints.openai.state import ServerState
 from livelm.entrypoints.openai.streaming_sessions import add_session_routes
 from livelm.entrypoints.openai.tool_parsers import resolve_tool_parser
+from livelm.entrypoints.openai.web import add_template_route, add_web_ui_routes
 from livelm.entrypoints.openai.websocket_stream import add_websocket_route
 
 logger = logging.getLogger("livelm.server")
@@ -104,6 +105,9 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     add_websocket_route(app, state)  # and over a WebSocket (/v1/stream)
     if config.enable_rl_api:
         add_rl_routes(app, state)  # /v1/rl/*: weight updates, pause, fork/join (docs/rl.md)
+    add_template_route(app, state)  # POST /v1/chat/template: the chat page streams text
+    if config.web_ui:
+        add_web_ui_routes(app)  # the chat page at / (open: it holds no data; the API needs the key)
 
     # Added innermost first: CORS sees every request, then auth, then the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_body_bytes, on_reject=reject)
@@ -211,6 +215,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout_s=getattr(args, "drain_timeout_s", ServerConfig.drain_timeout_s),
         tool_call_parser=getattr(args, "tool_call_parser", ServerConfig.tool_call_parser),
         enable_rl_api=getattr(args, "enable_rl_api", False),
+        web_ui=not getattr(args, "no_web_ui", False),
     )
 
 
@@ -257,6 +262,8 @@ def run_server(args: argparse.Namespace) -> None:
         ws_max_size=2 * args.max_body_bytes,
     )
     logger.info("serving %s on http://%s:%d/v1", app.state.livelm.model_name, args.host, args.port)
+    if not getattr(args, "no_web_ui", False):
+        logger.info("chat page: http://%s:%d/", args.host, args.port)
     # SIGINT/SIGTERM start the drain (new requests get 503, in-flight ones get
     # --drain-timeout seconds, then the engine stops and ends the rest with an error).
     # uvicorn restores the handlers it found when it stops: no-ops, so that a signal

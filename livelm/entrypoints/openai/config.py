@@ -35,6 +35,8 @@ class ServerConfig:
     tool_call_parser: str = "auto"
     # The RL serving routes /v1/rl/* (docs/rl.md): weight updates, pause, abort-all, fork/join.
     enable_rl_api: bool = False
+    # The chat page at / (entrypoints/openai/web/); `livelm serve --no-web-ui` turns it off.
+    web_ui: bool = True
 
     def __post_init__(self) -> None:
         if self.max_waiting is not None and self.max_waiting < 0:
