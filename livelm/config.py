@@ -9,6 +9,8 @@ from livelm.core.request_options import MAX_SESSION_TTL_S
 
 # Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
 QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8")
+# Values of EngineConfig.kv_cache_dtype: auto is the model's dtype (float32 on CPU).
+KV_CACHE_DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 # Values of EngineConfig.attention_backend (the backends of livelm.layers.attention, and auto).
 ATTENTION_BACKEND_CHOICES: tuple[str, ...] = ("auto", "cpu", "torch")
 
@@ -84,6 +86,11 @@ class EngineConfig:
     ``attention_backend``: ``cpu`` (livelm's C++ kernels, fp32 on CPU), ``torch`` (torch
     ops, any device), or ``auto`` (``cpu`` for fp32 on CPU, else ``torch``).
 
+    ``kv_cache_dtype``: what the KV cache stores, ``auto`` (the model's dtype), ``float32``,
+    ``bfloat16`` (half the memory and bytes read per decode step; the C++ kernels read it
+    in place) or ``float16`` (torch path). Keys and values are rounded when written;
+    attention arithmetic stays in the model's dtype.
+
     ``max_n`` is the most sequences one request may ask for (``n``; it must also be at most
     ``max_num_seqs``): a larger ``n`` is refused when the request is added.
     """
@@ -109,6 +116,7 @@ class EngineConfig:
     quantization: str = "auto"
     attention_backend: str = "auto"
     max_n: int = 16
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_CHOICES:
@@ -119,6 +127,9 @@ class EngineConfig:
             raise ValueError(
                 f"unknown attention_backend {self.attention_backend!r}; valid: {', '.join(ATTENTION_BACKEND_CHOICES)}"
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPE_CHOICES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -19,7 +19,8 @@ from livelm.bench.sweep import parse_rates, run_matrix
 from livelm.bench.workload import Workload, chat_prompt_ids
 from livelm.bench.workload_args import build_workload
 
-_ENGINE_FLAGS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_gib")
+_ENGINE_FLAGS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_gib",
+                 "kv_cache_dtype")
 
 
 def model_dir(args: argparse.Namespace) -> Path:

@@ -144,6 +144,7 @@ class Engine:
         torch.manual_seed(config.seed)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else getattr(torch, config.kv_cache_dtype)
         if self.device.type == "cpu":
             keep_large_buffers_in_heap()
         self.model_config = mc = ModelConfig.from_dir(self.model_dir)
@@ -170,9 +171,10 @@ class Engine:
         # Constrained decoding (docs/structured_output.md); its costly parts start on first use.
         self.structured = GrammarBackend(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend, self.structured
+            model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend, self.structured,
+            self.kv_dtype,
         )
-        self.kv_block_bytes = ModelRunner.kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
+        self.kv_block_bytes = ModelRunner.kv_bytes_per_block(self.model_config, config.block_size, self.kv_dtype)
         self._log_kv_cache(num_blocks)
         self.states: dict[str, RequestState] = {}  # requests in flight, by id
         self.last_step_was_empty = False  # nothing could be scheduled (waiting for KV, a fork)
@@ -197,7 +199,7 @@ class Engine:
         cfg = self.config
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
-        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.kv_dtype)
         useful = cfg.max_num_seqs * blocks_needed(self.max_model_len, cfg.block_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -215,7 +217,7 @@ class Engine:
         contexts = tokens / self.max_model_len
         lazily = ", reserved lazily (memory is used as blocks fill)" if self.device.type == "cpu" else ""
         logger.info("KV cache: %d tokens (%d blocks of %d, %.2f GiB %s%s): %.1f full %d-token contexts",
-                    tokens, num_blocks, cfg.block_size, gib, str(self.dtype).removeprefix("torch."), lazily,
+                    tokens, num_blocks, cfg.block_size, gib, str(self.kv_dtype).removeprefix("torch."), lazily,
                     contexts, self.max_model_len)
 
     # ----------------------------------------------------------------- prompts

@@ -23,6 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser, threads: bool) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--kv-cache-gib", type=float, default=None)
+    g.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
     if threads:
         g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 

@@ -15,6 +15,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     # An interactive session needs far less KV memory than a batch job's 4 GiB default.
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache size on CPU (default: sized to need, committed as used)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels) or float16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quantization", default="auto",
                    choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],
@@ -36,7 +38,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads,
-          "quantization": args.quantization, "attention_backend": args.attention_backend}
+          "quantization": args.quantization, "attention_backend": args.attention_backend,
+          "kv_cache_dtype": args.kv_cache_dtype}
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
     if args.kv_cache_gib is not None:

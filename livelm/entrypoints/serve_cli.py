@@ -61,6 +61,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one engine step")
     engine.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU")
+    engine.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels) or float16")
     engine.add_argument("--seed", type=int, default=None, help="engine seed")
     engine.add_argument("--quantization", default=None,
                         choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],

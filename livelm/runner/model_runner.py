@@ -46,18 +46,20 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
         attention_backend: str = "auto",
         structured: GrammarBackend | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         cfg = model.config
         param = model.norm.weight  # always a float parameter (embeddings may be quantized)
         self.device, self.dtype = param.device, param.dtype
+        self.kv_dtype = self.dtype if kv_dtype is None else kv_dtype  # EngineConfig.kv_cache_dtype
         self.block_size = block_size
         # Not zero-filled: no kernel reads a slot before writing it (see runner/kv_cache.py).
         self.kv_cache = allocate_kv_cache(cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size,
-                                          cfg.head_dim, self.dtype, self.device)
+                                          cfg.head_dim, self.kv_dtype, self.device)
         self.kv_caches = self.kv_cache.layers
         self.attn_backend: AttentionBackend = select_attention_backend(
-            attention_backend, self.device, self.dtype, cfg.head_dim
+            attention_backend, self.device, self.dtype, cfg.head_dim, self.kv_dtype
         )
         self.tied_head: nn.Module | None = prepare_model(model)
         self.sampler = Sampler()

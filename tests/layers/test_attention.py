@@ -45,9 +45,17 @@ def _slots(table, positions, block):
     return torch.tensor([table[p // block] * block + p % block for p in positions])
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend_name", ["cpu", "torch"])
-def test_mixed_batch_decodes_and_chunked_prefills(backend_name):
-    backend = select_attention_backend(backend_name, torch.device("cpu"), torch.float32, 16)
+def test_mixed_batch_decodes_and_chunked_prefills(backend_name, kv_dtype):
+    """Both backends over a cache of each KV dtype: attention equals plain attention over
+    what the cache holds (K/V rounded to its dtype), and the cache holds the new K/V
+    exactly as ``tensor.to(kv_dtype)`` rounds them."""
+    if backend_name == "cpu" and kv_dtype == torch.float16:
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            select_attention_backend("cpu", torch.device("cpu"), torch.float32, 16, kv_dtype)
+        return
+    backend = select_attention_backend(backend_name, torch.device("cpu"), torch.float32, 16, kv_dtype)
     if backend.name != backend_name:
         pytest.skip("no C++ compiler here: the torch path is tested below")
     heads, kv_heads, dim, block = 6, 2, 16, 4
@@ -55,6 +63,7 @@ def test_mixed_batch_decodes_and_chunked_prefills(backend_name):
     prefill = [(0, 7), (9, 6), (30, 1)]  # (tokens already cached, chunk length)
     lens = decode_lens + [c + n for c, n in prefill]
     k_cache, v_cache, tables, g = _setup(0, lens, heads, kv_heads, dim, block)
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     # Context K/V that is already in the cache stays; the new tokens' K/V come in k/v.
     num_new = len(decode_lens) + sum(n for _, n in prefill)
     q = torch.randn(num_new, heads, dim, generator=g)
@@ -85,9 +94,9 @@ def test_mixed_batch_decodes_and_chunked_prefills(backend_name):
     out = backend.forward(q, k, v, kc, vc, meta, 0.25)
 
     # Reference: write the new K/V, then plain attention over each request's contiguous context.
-    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
-    kc_ref[:, meta.slot_mapping] = k.transpose(0, 1)
-    vc_ref[:, meta.slot_mapping] = v.transpose(0, 1)
+    kc_ref, vc_ref = k_cache.float(), v_cache.float()
+    kc_ref[:, meta.slot_mapping] = k.transpose(0, 1).to(kv_dtype).float()
+    vc_ref[:, meta.slot_mapping] = v.transpose(0, 1).to(kv_dtype).float()
     row = 0
     for i, n in enumerate(decode_lens):
         s = _slots(tables[i], range(n), block)
@@ -101,13 +110,15 @@ def test_mixed_batch_decodes_and_chunked_prefills(backend_name):
                          torch.arange(ctx, ctx + n))
         torch.testing.assert_close(out[row : row + n], ref, atol=1e-5, rtol=1e-5)
         row += n
-    # The cache now holds the new K/V exactly where the slot mapping says.
-    torch.testing.assert_close(kc, kc_ref)
+    # The cache now holds the new K/V exactly where the slot mapping says, rounded as torch
+    # rounds to its dtype (the C++ write's round-to-nearest-even equals torch's).
+    assert kc.dtype == kv_dtype and torch.equal(kc.float(), kc_ref) and torch.equal(vc.float(), vc_ref)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [16, 48, 64, 128])
 @pytest.mark.parametrize("group", [1, 3, 5])
-def test_decode_kernel_matches_reference(dim, group):
+def test_decode_kernel_matches_reference(dim, group, kv_dtype):
     """The C++ decode kernel (the AVX-512 path for head dims 16..256 in steps of 16 it was
     compiled for, the generic one for 48) against plain attention: contexts of 1..70 keys
     (ragged tails of 4- and 16-key steps), scattered blocks, one and several requests, q and
@@ -119,6 +130,7 @@ def test_decode_kernel_matches_reference(dim, group):
     heads = kv_heads * group
     for lens in ([1], [70], [5, 16, 17, 33, 64]):
         k_cache, v_cache, tables, g = _setup(dim + group, lens, heads, kv_heads, dim, block, num_blocks=64)
+        k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
         maxb = max(len(t) for t in tables)
         table_t = torch.tensor([t + [0] * (maxb - len(t)) for t in tables])
         wide = torch.randn(len(lens), heads * dim + 8, generator=g)
@@ -128,15 +140,16 @@ def test_decode_kernel_matches_reference(dim, group):
         kernel.paged_decode_attention_out(q, k_cache, v_cache, table_t, torch.tensor(lens), block, 0.3, out)
         for i, n in enumerate(lens):
             s = _slots(tables[i], range(n), block)
-            ref = _reference(q[i : i + 1], k_cache[:, s].transpose(0, 1), v_cache[:, s].transpose(0, 1), 0.3,
-                             torch.tensor([n - 1]))
+            ref = _reference(q[i : i + 1], k_cache[:, s].float().transpose(0, 1),
+                             v_cache[:, s].float().transpose(0, 1), 0.3, torch.tensor([n - 1]))
             torch.testing.assert_close(out[i].reshape(1, -1), ref, atol=1e-5, rtol=1e-5)
         assert torch.all(out_wide[:, heads * dim :] == 0)  # nothing written past each row's heads
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 2, 3])
 @pytest.mark.parametrize("dim", [16, 64])
-def test_prefill_kernel_matches_sdpa(group, dim):
+def test_prefill_kernel_matches_sdpa(group, dim, kv_dtype):
     """The C++ prefill kernel against the torch path (SDPA over gathered K/V) on chunks of
     1..300 queries, at position 0 or after contexts that end mid-block, two per batch, with
     queries read from a strided fused-QKV view as the model passes them."""
@@ -150,6 +163,7 @@ def test_prefill_kernel_matches_sdpa(group, dim):
     for (ctx0, n0), (ctx1, n1) in zip(cases, cases[1:] + cases[:1], strict=True):
         lens = [ctx0 + n0, ctx1 + n1]
         k_cache, v_cache, tables, _ = _setup(len(lens) + ctx0 + ctx1, lens, heads, kv_heads, dim, block, num_blocks=200)
+        k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
         num_new = n0 + n1
         qkv = torch.randn(num_new, (heads + 2 * kv_heads) * dim, generator=g)
         q = qkv[:, : heads * dim].view(num_new, heads, dim)  # strided rows, like the model's
@@ -184,6 +198,9 @@ def test_backends_are_chosen_by_configuration():
     assert select_attention_backend("auto", cpu, torch.bfloat16, 64).name == "torch"
     assert select_attention_backend("auto", torch.device("cuda"), fp32, 64).name == "torch"
     assert select_attention_backend("torch", cpu, fp32, 64).name == "torch"
+    # The kernels read a bfloat16 cache in place; a float16 one takes the torch path.
+    assert select_attention_backend("auto", cpu, fp32, 64, torch.bfloat16).name == want
+    assert select_attention_backend("auto", cpu, fp32, 64, torch.float16).name == "torch"
     with pytest.raises(ValueError, match="fp32 on CPU"):
         select_attention_backend("cpu", cpu, torch.bfloat16, 64)
     with pytest.raises(ValueError, match="valid: auto, cpu, torch"):

@@ -1,4 +1,6 @@
-// Decode attention over the paged KV cache for fp32 on CPU.
+// Decode attention over the paged KV cache on CPU: fp32 queries and outputs, the cache in
+// fp32 or bf16 (kv_types.h: widened to fp32 on load, so a bf16 cache halves the bytes
+// read).
 //
 // The pure-torch path must gather every request's context into a fresh tensor each layer
 // and step (a copy as large as the KV itself). This kernel reads K/V in place through the
@@ -19,19 +21,31 @@
 #include <immintrin.h>
 #endif
 #include "avx512_math.h"
+#include "kv_types.h"
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #define LIVELM_ATTN_AVX512 1
 #endif
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+using livelm::bf16;
+using livelm::to_float;
+#if defined(__AVX512F__)
+using livelm::load16;
+#endif
+#if defined(__AVX2__)
+using livelm::load8;
+#endif
+
+// a (fp32) . b (a cache row of KV type)
+template <typename KV>
+inline float dot(const float* a, const KV* b, int64_t n) {
 #if defined(__AVX512F__)
   if (n % 32 == 0) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 32) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16), acc1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   }
@@ -41,8 +55,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
     // Two accumulators hide the FMA latency; one horizontal sum at the end.
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
     }
     __m256 acc = _mm256_add_ps(acc0, acc1);
     __m128 lo = _mm256_castps256_ps128(acc), hi = _mm256_extractf128_ps(acc, 1);
@@ -54,16 +68,18 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #endif
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+// y (fp32) += alpha * x (a cache row of KV type)
+template <typename KV>
+inline void axpy(float alpha, const KV* x, float* y, int64_t n) {
 #if defined(__AVX512F__)
   if (n % 16 == 0) {
     const __m512 va = _mm512_set1_ps(alpha);
     for (int64_t i = 0; i < n; i += 16)
-      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16(x + i), _mm512_loadu_ps(y + i)));
     return;
   }
 #endif
@@ -71,20 +87,21 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
   if (n % 8 == 0) {
     const __m256 va = _mm256_set1_ps(alpha);
     for (int64_t i = 0; i < n; i += 8)
-      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
     return;
   }
 #endif
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * to_float(x[i]);
 }
 
 // Ask for the next block's rows while this one is computed: a request's blocks are
 // scattered over the pool, which the hardware prefetcher does not follow.
-inline void prefetch_rows(const float* p, int64_t floats) {
+template <typename KV>
+inline void prefetch_rows(const KV* p, int64_t elems) {
 #if defined(__SSE__)
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < floats * 4; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+  for (int64_t off = 0; off < elems * static_cast<int64_t>(sizeof(KV)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
 #endif
 }
 
@@ -94,13 +111,13 @@ inline void prefetch_rows(const float* p, int64_t floats) {
 // Scores: per key row, loaded once for all ng heads, one dot product per head (q held in
 // registers when it fits). Values: ng heads' outputs accumulate in registers across all
 // keys (a memory accumulator would make every key wait on the previous key's store).
-template <int HD16>
-void attend_heads512(const float* q, int64_t ng, const float* kh, const float* vh, const int64_t* table,
+template <int HD16, typename KV>
+void attend_heads512(const float* q, int64_t ng, const KV* kh, const KV* vh, const int64_t* table,
                      int64_t len, int64_t block_size, float scale, float* out, float* scores) {
   constexpr int64_t hd = 16 * HD16;
   // Pass 1: scores[g * len + t].
   for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-    const float* kblock = kh + table[t0 / block_size] * block_size * hd;
+    const KV* kblock = kh + table[t0 / block_size] * block_size * hd;
     const int64_t n = std::min(block_size, len - t0);
     if (t0 + block_size < len)
       prefetch_rows(kh + table[t0 / block_size + 1] * block_size * hd, std::min(block_size, len - t0 - block_size) * hd);
@@ -109,22 +126,22 @@ void attend_heads512(const float* q, int64_t ng, const float* kh, const float* v
     // Four keys at a time: their four dot products are summed across lanes together.
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-      const float* k = kblock + i * hd;
+      const KV* k = kblock + i * hd;
       for (int64_t g = 0; g < ng; ++g) {
         __m512 acc[4];
-        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd), _mm512_loadu_ps(k + j * hd));
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[j] = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd), load16(k + j * hd));
         _Pragma("GCC unroll 16") for (int c = 1; c < HD16; ++c) {
           const __m512 qc = _mm512_loadu_ps(q + g * hd + 16 * c);
-          _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(k + j * hd + 16 * c), acc[j]);
+          _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qc, load16(k + j * hd + 16 * c), acc[j]);
         }
         _mm_storeu_ps(scores + g * len + t0 + i, _mm_mul_ps(reduce4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
       }
     }
     for (; i < n; ++i) {
       for (int64_t g = 0; g < ng; ++g) {
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd), _mm512_loadu_ps(kblock + i * hd));
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * hd), load16(kblock + i * hd));
         _Pragma("GCC unroll 16") for (int c = 1; c < HD16; ++c)
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + 16 * c), _mm512_loadu_ps(kblock + i * hd + 16 * c), acc);
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * hd + 16 * c), load16(kblock + i * hd + 16 * c), acc);
         scores[g * len + t0 + i] = _mm512_reduce_add_ps(acc) * scale;
       }
     }
@@ -156,13 +173,13 @@ void attend_heads512(const float* q, int64_t ng, const float* kh, const float* v
     __m512 acc[GC * HD16];
     _Pragma("GCC unroll 16") for (int i = 0; i < GC * HD16; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-      const float* vblock = vh + table[t0 / block_size] * block_size * hd;
+      const KV* vblock = vh + table[t0 / block_size] * block_size * hd;
       const int64_t n = std::min(block_size, len - t0);
       if (t0 + block_size < len)
         prefetch_rows(vh + table[t0 / block_size + 1] * block_size * hd, std::min(block_size, len - t0 - block_size) * hd);
       for (int64_t i = 0; i < n; ++i) {
         __m512 v[HD16];
-        _Pragma("GCC unroll 16") for (int c = 0; c < HD16; ++c) v[c] = _mm512_loadu_ps(vblock + i * hd + 16 * c);
+        _Pragma("GCC unroll 16") for (int c = 0; c < HD16; ++c) v[c] = load16(vblock + i * hd + 16 * c);
         _Pragma("GCC unroll 16") for (int g = 0; g < GC; ++g) {
           if (g < nc) {
             const __m512 p = _mm512_set1_ps(scores[(gc + g) * len + t0 + i]);
@@ -182,7 +199,8 @@ void attend_heads512(const float* q, int64_t ng, const float* kh, const float* v
 }
 
 // attend_heads512 for this head_dim, or false when none is compiled for it.
-bool attend_heads_avx512(int64_t head_dim, const float* q, int64_t ng, const float* kh, const float* vh,
+template <typename KV>
+bool attend_heads_avx512(int64_t head_dim, const float* q, int64_t ng, const KV* kh, const KV* vh,
                          const int64_t* table, int64_t len, int64_t block_size, float scale, float* out, float* scores) {
   if (ng > 64) return false;
   switch (head_dim) {
@@ -199,33 +217,13 @@ bool attend_heads_avx512(int64_t head_dim, const float* q, int64_t ng, const flo
 #endif
 }  // namespace
 
-// q, out: [D, Hq, hd], each row's heads packed (any row stride); k_cache, v_cache:
-// [Hkv, S, hd]; block_tables: [D, max_blocks] int64; context_lens: [D] int64.
-void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                torch::Tensor block_tables, torch::Tensor context_lens,
-                                int64_t block_size, double scale, torch::Tensor out) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32,
-              "fp32 only");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: [D, Hq, hd], heads packed");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1 && out.stride(1) == out.size(2),
-              "out: q's shape, heads packed");
-  auto bt = block_tables.contiguous();
-  auto lens = context_lens.contiguous();
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_blocks = bt.size(1);
-  const int64_t q_row = q.stride(0), out_row = out.stride(0);
+namespace {
 
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* btp = bt.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-
+// The kernel for one cache element type (see paged_decode_attention_out).
+template <typename KV>
+void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp, const int64_t* lp, float* op,
+                 int64_t num_seqs, int64_t num_kv_heads, int64_t num_slots, int64_t group, int64_t head_dim,
+                 int64_t max_blocks, int64_t q_row, int64_t out_row, int64_t block_size, float fscale) {
   // One task per (request, KV head): the group's query heads share every K/V row load
   // (splitting a group over threads measured slower, even one request on two threads).
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -233,8 +231,8 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t len = lp[s];
-      const float* kh = kp + h * num_slots * head_dim;
-      const float* vh = vp + h * num_slots * head_dim;
+      const KV* kh = kp + h * num_slots * head_dim;
+      const KV* vh = vp + h * num_slots * head_dim;
       const int64_t* table = btp + s * max_blocks;
 #if defined(LIVELM_ATTN_AVX512)
       scores.resize(static_cast<size_t>(group * len));
@@ -247,7 +245,7 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
       // Pass 1: scores of every key for the group's query heads, block by block (the
       // rows of one block are contiguous; no division per token).
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const float* kblock = kh + table[t0 / block_size] * block_size * head_dim;
+        const KV* kblock = kh + table[t0 / block_size] * block_size * head_dim;
         const int64_t n = std::min(block_size, len - t0);
         if (t0 + block_size < len)
           prefetch_rows(kh + table[t0 / block_size + 1] * block_size * head_dim,
@@ -255,7 +253,7 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
         else
           prefetch_rows(vh + table[0] * block_size * head_dim, std::min(block_size, len) * head_dim);
         for (int64_t i = 0; i < n; ++i) {
-          const float* krow = kblock + i * head_dim;
+          const KV* krow = kblock + i * head_dim;
           for (int64_t g = 0; g < group; ++g)
             scores[g * len + t0 + i] = dot(qh + g * head_dim, krow, head_dim) * fscale;
         }
@@ -281,13 +279,13 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
       float* oh = op + s * out_row + h * group * head_dim;
       std::fill(oh, oh + group * head_dim, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const float* vblock = vh + table[t0 / block_size] * block_size * head_dim;
+        const KV* vblock = vh + table[t0 / block_size] * block_size * head_dim;
         const int64_t n = std::min(block_size, len - t0);
         if (t0 + block_size < len)
           prefetch_rows(vh + table[t0 / block_size + 1] * block_size * head_dim,
                         std::min(block_size, len - t0 - block_size) * head_dim);
         for (int64_t i = 0; i < n; ++i) {
-          const float* vrow = vblock + i * head_dim;
+          const KV* vrow = vblock + i * head_dim;
           for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t0 + i], vrow, oh + g * head_dim, head_dim);
         }
       }
@@ -297,6 +295,39 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
       }
     }
   });
+}
+
+}  // namespace
+
+// q, out: [D, Hq, hd] fp32, each row's heads packed (any row stride); k_cache, v_cache:
+// [Hkv, S, hd], both fp32 or both bf16; block_tables: [D, max_blocks] int64; context_lens: [D] int64.
+void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                torch::Tensor block_tables, torch::Tensor context_lens,
+                                int64_t block_size, double scale, torch::Tensor out) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
+  TORCH_CHECK(k_cache.dtype() == v_cache.dtype() &&
+                  (k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16),
+              "the K/V caches must both be float32 or both bfloat16");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: [D, Hq, hd], heads packed");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1 && out.stride(1) == out.size(2),
+              "out: q's shape, heads packed");
+  auto bt = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
+  const int64_t group = num_heads / num_kv_heads;
+  const float fscale = static_cast<float>(scale);
+  if (k_cache.dtype() == torch::kBFloat16) {
+    decode_impl(q.data_ptr<float>(), reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
+                reinterpret_cast<const bf16*>(v_cache.data_ptr<at::BFloat16>()), bt.data_ptr<int64_t>(),
+                lens.data_ptr<int64_t>(), out.data_ptr<float>(), num_seqs, num_kv_heads, num_slots, group, head_dim,
+                bt.size(1), q.stride(0), out.stride(0), block_size, fscale);
+  } else {
+    decode_impl(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt.data_ptr<int64_t>(),
+                lens.data_ptr<int64_t>(), out.data_ptr<float>(), num_seqs, num_kv_heads, num_slots, group, head_dim,
+                bt.size(1), q.stride(0), out.stride(0), block_size, fscale);
+  }
 }
 
 // As above, into a fresh [D, Hq, hd] tensor.
@@ -309,7 +340,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (fp32, CPU)");
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU; fp32 or bf16 cache)");
   m.def("paged_decode_attention_out", &paged_decode_attention_out,
-        "paged decode attention (fp32, CPU) written into out; q and out may have padded rows");
+        "paged decode attention (CPU; fp32 or bf16 cache) written into out; q and out may have padded rows");
 }

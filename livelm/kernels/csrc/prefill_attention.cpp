@@ -1,4 +1,5 @@
-// Prefill attention over the paged KV cache for fp32 on CPU (flash-attention style).
+// Prefill attention over the paged KV cache on CPU (flash-attention style): fp32 queries,
+// the cache in fp32 or bf16 (kv_types.h; widened to fp32 as rows are read).
 //
 // torch's SDPA needs the context gathered into a fresh tensor, a materialized mask, and
 // runs its GEMMs through MKL's AVX2 path here. This kernel reads K/V rows in place through
@@ -23,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include "avx512_math.h"
+#include "kv_types.h"
 
 #include <algorithm>
 #include <atomic>
@@ -51,11 +53,25 @@ inline vec load(const float* p) { return *reinterpret_cast<const vec_u*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec_u*>(p) = v; }
 inline vec splat(float x) { return vec{} + x; }
 
+using livelm::bf16;
+using livelm::to_float;
+
+// VW cache elements as floats.
+inline vec loadv(const float* p) { return load(p); }
+typedef uint16_t hvec_u __attribute__((vector_size(VW * 2), aligned(2)));
+typedef uint32_t uvec __attribute__((vector_size(VW * 4)));
+inline vec loadv(const bf16* p) {
+  const uvec wide = __builtin_convertvector(*reinterpret_cast<const hvec_u*>(p), uvec) << 16;
+  vec r;
+  std::memcpy(&r, &wide, sizeof r);
+  return r;
+}
+
 constexpr int KEY_BLOCK = 96;  // keys per online-softmax step (a multiple of every QK row count)
 
 // S[r][0:NV*VW] = sum_d K[r][d] * Qt[d][0:NV*VW] for R key rows (row pointers from the cache).
-template <int R, int NV>
-inline void qk_tile(const float* const* krows, const float* qt, int64_t ldq, int64_t hd, float* s, int64_t lds) {
+template <int R, int NV, typename KV>
+inline void qk_tile(const KV* const* krows, const float* qt, int64_t ldq, int64_t hd, float* s, int64_t lds) {
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
@@ -63,7 +79,7 @@ inline void qk_tile(const float* const* krows, const float* qt, int64_t ldq, int
     vec qv[NV];
     for (int v = 0; v < NV; ++v) qv[v] = load(qt + d * ldq + v * VW);
     for (int r = 0; r < R; ++r) {
-      const vec kb = splat(krows[r][d]);
+      const vec kb = splat(to_float(krows[r][d]));
       for (int v = 0; v < NV; ++v) acc[r][v] += kb * qv[v];
     }
   }
@@ -72,18 +88,19 @@ inline void qk_tile(const float* const* krows, const float* qt, int64_t ldq, int
 }
 
 // S[0:nk][0:M] for a key block; rows past nk are computed from a repeated row and ignored.
-template <int NV>
-void qk_panel(const float* const* krows, int64_t nk, const float* qt, int64_t ldq, int64_t hd, float* s,
+template <int NV, typename KV>
+void qk_panel(const KV* const* krows, int64_t nk, const float* qt, int64_t ldq, int64_t hd, float* s,
               int64_t lds) {
   constexpr int R = ACC / NV;
-  const float* rows[R];
+  const KV* rows[R];
   for (int64_t r0 = 0; r0 < nk; r0 += R) {
     for (int r = 0; r < R; ++r) rows[r] = krows[std::min<int64_t>(r0 + r, nk - 1)];
-    qk_tile<R, NV>(rows, qt, ldq, hd, s + r0 * lds, lds);
+    qk_tile<R, NV, KV>(rows, qt, ldq, hd, s + r0 * lds, lds);
   }
 }
 
-void qk_block(const float* const* krows, int64_t nk, const float* qt, int64_t m, int64_t hd, float* s) {
+template <typename KV>
+void qk_block(const KV* const* krows, int64_t nk, const float* qt, int64_t m, int64_t hd, float* s) {
   // Column panels of up to 4 vectors.
   for (int64_t c = 0; c < m; c += 4 * VW) {
     const int64_t nv = std::min<int64_t>(4, (m - c) / VW);
@@ -97,14 +114,14 @@ void qk_block(const float* const* krows, int64_t nk, const float* qt, int64_t m,
 }
 
 // O[r][0:NV*VW] += sum_k P[k][r] * V[k][0:NV*VW] for R output rows (P is S after softmax).
-template <int R, int NV>
-inline void pv_tile(const float* p, int64_t ldp, const float* const* vrows, int64_t nk, float* o, int64_t ldo) {
+template <int R, int NV, typename KV>
+inline void pv_tile(const float* p, int64_t ldp, const KV* const* vrows, int64_t nk, float* o, int64_t ldo) {
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = load(o + r * ldo + v * VW);
   for (int64_t k = 0; k < nk; ++k) {
     vec vv[NV];
-    for (int v = 0; v < NV; ++v) vv[v] = load(vrows[k] + v * VW);
+    for (int v = 0; v < NV; ++v) vv[v] = loadv(vrows[k] + v * VW);
     const float* pk = p + k * ldp;
     for (int r = 0; r < R; ++r) {
       const vec pb = splat(pk[r]);
@@ -115,20 +132,21 @@ inline void pv_tile(const float* p, int64_t ldp, const float* const* vrows, int6
     for (int v = 0; v < NV; ++v) store(o + r * ldo + v * VW, acc[r][v]);
 }
 
-template <int NV>
-void pv_panel(const float* p, int64_t m, const float* const* vrows, int64_t nk, float* o, int64_t hd) {
+template <int NV, typename KV>
+void pv_panel(const float* p, int64_t m, const KV* const* vrows, int64_t nk, float* o, int64_t hd) {
   constexpr int R = ACC / NV;
   int64_t r0 = 0;
-  for (; r0 + R <= m; r0 += R) pv_tile<R, NV>(p + r0, m, vrows, nk, o + r0 * hd, hd);
-  for (; r0 < m; ++r0) pv_tile<1, NV>(p + r0, m, vrows, nk, o + r0 * hd, hd);
+  for (; r0 + R <= m; r0 += R) pv_tile<R, NV, KV>(p + r0, m, vrows, nk, o + r0 * hd, hd);
+  for (; r0 < m; ++r0) pv_tile<1, NV, KV>(p + r0, m, vrows, nk, o + r0 * hd, hd);
 }
 
-void pv_block(const float* p, int64_t m, const float* const* vrows, int64_t nk, float* o, int64_t hd) {
+template <typename KV>
+void pv_block(const float* p, int64_t m, const KV* const* vrows, int64_t nk, float* o, int64_t hd) {
   // Head-dim chunks of up to 4 vectors; vrows are advanced by the chunk offset.
-  std::vector<const float*> shifted;
+  std::vector<const KV*> shifted;
   for (int64_t c = 0; c < hd; c += 4 * VW) {
     const int64_t nv = std::min<int64_t>(4, (hd - c) / VW);
-    const float* const* rows = vrows;
+    const KV* const* rows = vrows;
     if (c) {
       shifted.resize(nk);
       for (int64_t k = 0; k < nk; ++k) shifted[k] = vrows[k] + c;
@@ -201,36 +219,15 @@ void online_softmax(float* s, int64_t nk, int64_t m, float* row_max, float* row_
 
 }  // namespace
 
-// q: [n, Hq, hd] (the chunk's queries, rows may be strided); k_cache, v_cache: [Hkv, S, hd]; slots: [ctx] int64,
-// the slots of all keys (earlier context then the chunk itself, whose K/V are already
-// written); out: [n, Hq * hd], written in place. Query i sits at position ctx - n + i and
-// sees keys 0..ctx - n + i.
-void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-                       torch::Tensor out, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32 &&
-                  v_cache.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32,
-              "fp32 only");
-  // q may be a row slice of the fused QKV projection: any row stride, heads packed.
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q rows must hold packed heads");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(), "contiguous cache and out");
-  TORCH_CHECK(slots.dtype() == torch::kInt64, "int64 slots");
-  auto sl = slots.contiguous();
-  const int64_t n = q.size(0), num_heads = q.size(1), hd = q.size(2);
-  const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
-  const int64_t ctx = sl.size(0), q_stride = q.stride(0);
-  TORCH_CHECK(hd % VW == 0, "head_dim must be a multiple of ", VW);
-  TORCH_CHECK(num_heads % num_kv_heads == 0 && ctx >= n && n > 0, "bad shapes");
-  TORCH_CHECK(out.numel() == n * num_heads * hd, "bad output shape");
-  const int64_t group = num_heads / num_kv_heads;
-  // Queries per head in a tile: about 64 columns per tile, in whole vectors.
-  const int64_t mq = VW * std::max<int64_t>(1, 4 / group);
-  const int64_t m = group * mq;
-  const int64_t num_tiles = (n + mq - 1) / mq;
-  const int64_t first_pos = ctx - n;
+namespace {
 
+// The kernel for one cache element type (see prefill_attention).
+template <typename KV>
+void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torch::Tensor& sl, torch::Tensor& out,
+                  int64_t n, int64_t num_heads, int64_t hd, int64_t num_kv_heads, int64_t num_slots, int64_t ctx,
+                  int64_t q_stride, int64_t group, int64_t mq, int64_t m, int64_t num_tiles, int64_t first_pos,
+                  double scale) {
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   const int64_t* sp = sl.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
@@ -243,14 +240,14 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qt(hd * m), s(KEY_BLOCK * m), o(m * hd), row_max(m), row_sum(m), alpha(m);
-    std::vector<const float*> krows(KEY_BLOCK), vrows(KEY_BLOCK);
+    std::vector<const KV*> krows(KEY_BLOCK), vrows(KEY_BLOCK);
     for (;;) {
       const int64_t task = next.fetch_add(1);
       if (task >= num_tasks) break;
       const int64_t h = task / num_tiles, tile = num_tiles - 1 - task % num_tiles;
       const int64_t q0 = tile * mq, nq = std::min(mq, n - q0);
-      const float* kh = kp + h * num_slots * hd;
-      const float* vh = vp + h * num_slots * hd;
+      const KV* kh = kp + h * num_slots * hd;
+      const KV* vh = vp + h * num_slots * hd;
       // Pack Qt; padded columns repeat the tile's last query (computed, never written).
       for (int64_t g = 0; g < group; ++g)
         for (int64_t i = 0; i < mq; ++i) {
@@ -304,14 +301,57 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   });
 }
 
-// Stores new K/V [T, Hkv, hd] (rows may be strided: views of the fused QKV projection) into
-// their slots of the caches [Hkv, S, hd]. torch's index_copy_ over the transposed view took
-// 2-15 ms for a 4,096-token chunk (by load); this is a plain row copy.
+}  // namespace
+
+// q: [n, Hq, hd] fp32 (the chunk's queries, rows may be strided); k_cache, v_cache: [Hkv, S, hd], fp32 or
+// bf16; slots: [ctx] int64,
+// the slots of all keys (earlier context then the chunk itself, whose K/V are already
+// written); out: [n, Hq * hd], written in place. Query i sits at position ctx - n + i and
+// sees keys 0..ctx - n + i.
+void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+                       torch::Tensor out, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
+  TORCH_CHECK(k_cache.dtype() == v_cache.dtype() &&
+                  (k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16),
+              "the K/V caches must both be float32 or both bfloat16");
+  // q may be a row slice of the fused QKV projection: any row stride, heads packed.
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q rows must hold packed heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(), "contiguous cache and out");
+  TORCH_CHECK(slots.dtype() == torch::kInt64, "int64 slots");
+  auto sl = slots.contiguous();
+  const int64_t n = q.size(0), num_heads = q.size(1), hd = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
+  const int64_t ctx = sl.size(0), q_stride = q.stride(0);
+  TORCH_CHECK(hd % VW == 0, "head_dim must be a multiple of ", VW);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && ctx >= n && n > 0, "bad shapes");
+  TORCH_CHECK(out.numel() == n * num_heads * hd, "bad output shape");
+  const int64_t group = num_heads / num_kv_heads;
+  // Queries per head in a tile: about 64 columns per tile, in whole vectors.
+  const int64_t mq = VW * std::max<int64_t>(1, 4 / group);
+  const int64_t m = group * mq;
+  const int64_t num_tiles = (n + mq - 1) / mq;
+  const int64_t first_pos = ctx - n;
+
+  if (k_cache.dtype() == torch::kBFloat16) {
+    prefill_impl(q, reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
+                 reinterpret_cast<const bf16*>(v_cache.data_ptr<at::BFloat16>()), sl, out, n, num_heads, hd,
+                 num_kv_heads, num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
+  } else {
+    prefill_impl(q, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl, out, n, num_heads, hd, num_kv_heads,
+                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
+  }
+}
+
+// Stores new fp32 K/V [T, Hkv, hd] (rows may be strided: views of the fused QKV projection)
+// into their slots of the caches [Hkv, S, hd], fp32 (a row copy) or bf16 (rounded to
+// nearest even, as torch rounds). torch's index_copy_ over the transposed view took 2-15 ms
+// for a 4,096-token chunk (by load); this is a plain row copy.
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slots) {
-  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && v_cache.dtype() == torch::kFloat32 &&
-                  k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
-              "fp32 only");
+  TORCH_CHECK(k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32, "fp32 keys and values");
+  TORCH_CHECK(k_cache.dtype() == v_cache.dtype() &&
+                  (k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16),
+              "the K/V caches must both be float32 or both bfloat16");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
   TORCH_CHECK(k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2) && v.dim() == 3 && v.stride(2) == 1 &&
                   v.stride(1) == v.size(2) && v.sizes() == k.sizes(),
@@ -323,22 +363,39 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
   const int64_t ks = k.stride(0), vs = v.stride(0);
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   const int64_t* sp = sl.data_ptr<int64_t>();
-  const size_t row_bytes = static_cast<size_t>(hd) * sizeof(float);
-  // One thread: a 4,096-token chunk copies in ~0.2 ms, less than waking a second one costs.
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t slot = sp[t];
-    TORCH_CHECK(slot >= 0 && slot < num_slots, "slot out of range");
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      std::memcpy(kc + (h * num_slots + slot) * hd, kp + t * ks + h * hd, row_bytes);
-      std::memcpy(vc + (h * num_slots + slot) * hd, vp + t * vs + h * hd, row_bytes);
-    }
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "slot out of range");
   }
+  // One thread: a 4,096-token chunk copies in ~0.2 ms, less than waking a second one costs.
+  if (k_cache.dtype() == torch::kFloat32) {
+    float* kc = k_cache.data_ptr<float>();
+    float* vc = v_cache.data_ptr<float>();
+    const size_t row_bytes = static_cast<size_t>(hd) * sizeof(float);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        std::memcpy(kc + (h * num_slots + sp[t]) * hd, kp + t * ks + h * hd, row_bytes);
+        std::memcpy(vc + (h * num_slots + sp[t]) * hd, vp + t * vs + h * hd, row_bytes);
+      }
+    return;
+  }
+  bf16* kc = reinterpret_cast<bf16*>(k_cache.data_ptr<at::BFloat16>());
+  bf16* vc = reinterpret_cast<bf16*>(v_cache.data_ptr<at::BFloat16>());
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      bf16* kd = kc + (h * num_slots + sp[t]) * hd;
+      bf16* vd = vc + (h * num_slots + sp[t]) * hd;
+      const float* kr = kp + t * ks + h * hd;
+      const float* vr = vp + t * vs + h * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        kd[d] = livelm::to_bf16(kr[d]);
+        vd[d] = livelm::to_bf16(vr[d]);
+      }
+    }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("prefill_attention", &prefill_attention, "paged prefill attention (fp32, CPU), writes out in place");
-  m.def("write_kv", &write_kv, "store new K/V rows into their cache slots (fp32, CPU)");
+  m.def("prefill_attention", &prefill_attention,
+        "paged prefill attention (CPU; fp32 or bf16 cache), writes out in place");
+  m.def("write_kv", &write_kv, "store new fp32 K/V rows into their cache slots (fp32 or bf16 cache, CPU)");
 }

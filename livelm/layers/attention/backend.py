@@ -49,9 +49,16 @@ class AttentionBackend(Protocol):
         ...
 
 
-def _cpu_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionBackend:
+# KV cache dtypes the C++ kernels read in place.
+CPU_KERNEL_KV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cpu_backend(device: torch.device, dtype: torch.dtype, head_dim: int, kv_dtype: torch.dtype) -> AttentionBackend:
     if device.type != "cpu" or dtype != torch.float32:
         raise ValueError(f"attention_backend 'cpu' runs fp32 on CPU only, not {dtype} on {device}")
+    if kv_dtype not in CPU_KERNEL_KV_DTYPES:
+        raise ValueError(f"attention_backend 'cpu' reads a float32 or bfloat16 KV cache, not {kv_dtype}: "
+                         "use attention_backend 'torch' (or 'auto') for it")
     decode = decode_attention_kernels()
     prefill = prefill_attention_kernels() if head_dim % 16 == 0 else None
     if decode is None and prefill is None:  # no compiler, or disabled: said in the log
@@ -59,23 +66,27 @@ def _cpu_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> Att
     return CpuKernelAttention(decode, prefill)
 
 
-def _torch_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionBackend:
+def _torch_backend(device: torch.device, dtype: torch.dtype, head_dim: int, kv_dtype: torch.dtype) -> AttentionBackend:
     return TorchAttention()
 
 
-# Name -> factory(device, dtype, head_dim), ValueError where that backend cannot run.
-ATTENTION_BACKENDS: dict[str, Callable[[torch.device, torch.dtype, int], AttentionBackend]] = {
+# Name -> factory(device, dtype, head_dim, kv_dtype), ValueError where that backend cannot run.
+ATTENTION_BACKENDS: dict[str, Callable[[torch.device, torch.dtype, int, torch.dtype], AttentionBackend]] = {
     "cpu": _cpu_backend,
     "torch": _torch_backend,
 }
 
 
-def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionBackend:
+def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                             kv_dtype: torch.dtype | None = None) -> AttentionBackend:
     """The backend ``name`` (EngineConfig.attention_backend) for a model on ``device`` in
-    ``dtype``. ``auto``: the C++ kernels for fp32 on CPU, torch ops otherwise (CUDA too)."""
+    ``dtype`` with a KV cache in ``kv_dtype`` (default: ``dtype``). ``auto``: the C++
+    kernels for fp32 on CPU with a float32 or bfloat16 cache, torch ops otherwise (CUDA too)."""
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
     if name == "auto":
-        name = "cpu" if device.type == "cpu" and dtype == torch.float32 else "torch"
+        cpu_ok = device.type == "cpu" and dtype == torch.float32 and kv_dtype in CPU_KERNEL_KV_DTYPES
+        name = "cpu" if cpu_ok else "torch"
     factory = ATTENTION_BACKENDS.get(name)
     if factory is None:
         raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(ATTENTION_BACKENDS)}")
-    return factory(device, dtype, head_dim)
+    return factory(device, dtype, head_dim, kv_dtype)

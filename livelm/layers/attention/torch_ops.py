@@ -76,9 +76,9 @@ def _causal_mask(ctx: int, n: int, device: torch.device) -> torch.Tensor:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V [T, Hkv, D] into their slots."""
-    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+    """Store new K/V [T, Hkv, D] into their slots (rounded to the cache's dtype)."""
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -92,8 +92,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_kv_heads = k_cache.shape[0]
     slots = meta.decode_slots
     qd = q[:d].view(d, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
-    kd = gather_slots(k_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim)
-    vd = gather_slots(v_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim)
+    kd = gather_slots(k_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim).to(q.dtype)
+    vd = gather_slots(v_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim).to(q.dtype)
     scores = torch.matmul(qd, kd.transpose(-1, -2))
     scores.mul_(scale).add_(meta.decode_bias)
     probs = torch.softmax(scores, dim=-1)
@@ -111,10 +111,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     qs = q[s : s + n].transpose(0, 1)[None]  # [1, Hq, n, hd]
     if seg.context_slots is None:
         ks, vs = k[s : s + n].transpose(0, 1)[None], v[s : s + n].transpose(0, 1)[None]
+        if k_cache.dtype != q.dtype:  # attend to what the cache holds, as later chunks will
+            ks, vs = ks.to(k_cache.dtype).to(q.dtype), vs.to(v_cache.dtype).to(q.dtype)
         os = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
     else:
-        ks = gather_slots(k_cache, seg.context_slots)[None]
-        vs = gather_slots(v_cache, seg.context_slots)[None]
+        ks = gather_slots(k_cache, seg.context_slots)[None].to(q.dtype)
+        vs = gather_slots(v_cache, seg.context_slots)[None].to(q.dtype)
         mask = seg.causal_mask
         if mask is None:
             mask = _causal_mask(seg.context_slots.shape[0], n, q.device)
