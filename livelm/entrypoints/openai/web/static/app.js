@@ -15,7 +15,7 @@ const STORE = { convs: "livelm.conversations", current: "livelm.current",
                 settings: "livelm.settings", key: "livelm.apiKey" };
 const DEFAULTS = { system: "", temperature: 0.7, top_p: 1, max_tokens: 512, seed: "", live: true };
 const DEBOUNCE_MS = 120;          // a draft update at most this often while typing
-const FILE_PIECE_CHARS = 2000;    // a dropped file goes in as pieces of this many characters
+const FILE_PIECE_CHARS = 1000;    // a dropped file goes in as pieces of this many characters
 const FILE_MAX_PENDING = 4096;    // wait while this many input tokens wait for prefill
 const FILE_MAX_BYTES = 4 * 1024 * 1024;
 const SENTINEL = "\u2063livelm-draft-7f3a\u2063"; // stands for the draft in the template
@@ -404,16 +404,24 @@ function draftContent() {
   return [file, typed].filter(Boolean).join("\n\n");
 }
 
-let debounceTimer = null;
+// At most one draft update per DEBOUNCE_MS while typing (the first keystroke goes at
+// once), and never two at the same time: a change made during one is sent after it.
+let syncTimer = null;
+let lastSync = 0;
+let syncing = false;
+let syncAgain = false;
 function scheduleDraftSync() {
-  clearTimeout(debounceTimer);
-  debounceTimer = setTimeout(syncDraft, DEBOUNCE_MS);
+  if (syncTimer) return;
+  const wait = Math.max(0, lastSync + DEBOUNCE_MS - performance.now());
+  syncTimer = setTimeout(() => { syncTimer = null; lastSync = performance.now(); syncDraft(); }, wait);
 }
 
 async function syncDraft() {
-  if (S.busy || S.filing || !liveWanted()) return;
-  const conv = current();
+  if (syncing) { syncAgain = true; return; }
+  syncing = true;
   try {
+    if (S.busy || S.filing || !liveWanted()) return;
+    const conv = current();
     const live = await ensureLive(conv);
     if (!live || S.busy || S.filing || live.convId !== S.currentId) return;
     const frame = await draftFrame(conv);
@@ -421,6 +429,9 @@ async function syncDraft() {
     live.setText(frame.prefix + draftContent());
   } catch (err) {
     if (err.status === 401) askKey(); // otherwise the send will say what is wrong
+  } finally {
+    syncing = false;
+    if (syncAgain) { syncAgain = false; syncDraft(); }
   }
 }
 
