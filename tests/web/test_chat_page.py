@@ -403,6 +403,9 @@ def test_screenshots_and_phone_width(web, server):
         page.click("#composer")
         page.keyboard.type("A draft being prefilled", delay=20)
         page.wait_for_function("() => Number(document.getElementById('prefill-now').dataset.prefilled) > 0")
+        # What is hidden stays hidden (no drop overlay, no empty file bar).
+        assert not page.locator("#drop-hint").is_visible()
+        assert not page.locator("#attachment").is_visible()
         # Nothing sticks out sideways, and the composer and Send stay on screen.
         assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
         for sel in ("#composer", "#send"):
