@@ -191,11 +191,14 @@ def test_regenerate_edit_and_conversations(web, server):
     type_and_send(page, "First question")
     wait_reply(page)
     reply = current_messages(page)[1]["content"]
+    page.fill("#composer", "a draft in progress")
     page.get_by_role("button", name="Regenerate the last reply").click()
     page.wait_for_function("() => document.querySelectorAll('article[data-role=assistant]').length === 1")
     wait_reply(page)
     messages = current_messages(page)
     assert len(messages) == 2 and messages[1]["content"] == reply  # greedy: the same again
+    assert page.input_value("#composer") == "a draft in progress"  # Regenerate keeps it
+    page.fill("#composer", "")
     page.get_by_role("button", name="Edit and resend message 1").click()
     assert page.input_value("#composer") == "First question"
     assert current_messages(page) == []

@@ -456,6 +456,7 @@ function samplingFields() {
 async function send(content) {
   const t0 = performance.now();
   if (S.busy || S.filing) return;
+  const fromComposer = content === undefined; // Regenerate resends; it keeps the draft
   content = (content ?? draftContent()).trim();
   if (!content) return;
   if (!S.model && !(await loadModel())) return;
@@ -477,8 +478,7 @@ async function send(content) {
   const reply = { role: "assistant", content: "", state: "streaming" };
   conv.messages.push(user, reply);
   saveConvs();
-  $("composer").value = "";
-  clearAttachment();
+  if (fromComposer) { $("composer").value = ""; clearAttachment(); }
   renderConversations();
   if (live && frame) await liveReply(conv, live, frame, content, reply, t0);
   else await plainReply(conv, reply, t0);
