@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -224,21 +225,11 @@ class AsyncEngine:
         # A reply rides in the same batch as the stream updates made just before it.
         self._commands.send(AddRequest(rid, prompt, params, options, fork_from, prompt_text),
                             batch=fork_from is not None)
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, _Failure):
-                    finished = True
-                    raise item.error
-                finished = item.finished
+        # aclosing: leaving this iterator early closes the inner one at once (its finally
+        # aborts the request and frees its KV), not whenever it is garbage-collected.
+        async with contextlib.aclosing(self._outputs(rid, stream)) as outputs:
+            async for item in outputs:
                 yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(rid, None)
-            if not finished:
-                self.abort(rid)
 
     async def close_session(self, session_id: str) -> bool:
         """Release a session's pinned KV now; False when the session is unknown."""
