@@ -1,8 +1,9 @@
-"""KV cache dtypes: what a bfloat16 or float16 cache gains over float32, and what it costs
-in accuracy, on the default model (SmolLM2-135M-Instruct, its Q4_1 weights) in one run.
+"""KV cache dtypes: what a bfloat16, q8_0, float16 or fp8 cache gains over float32, and
+what it costs in accuracy, on the default model (SmolLM2-135M-Instruct, its Q4_1 weights)
+in one run.
 
-For each ``kv_cache_dtype`` (float32, bfloat16, float16), one engine each, arms taking
-turns for ``--rounds`` rounds (best round counts):
+For each ``kv_cache_dtype`` (float32, bfloat16, q8_0, float16, fp8; ``--dtypes`` picks),
+one engine each, arms taking turns for ``--rounds`` rounds (best round counts):
 
 - batch: 64 random prompts x 256 tokens, 128 greedy output tokens each (``ignore_eos``),
   one ``LLM.generate`` call: output tokens per second, end to end (prefill included);
@@ -13,8 +14,8 @@ turns for ``--rounds`` rounds (best round counts):
   prefilled in 2,048-token chunks, so every chunk after the first reads the earlier
   chunks' K/V from the cache in that dtype.
 
-Printed: the attention path of each arm (the C++ kernels read float32 and bfloat16 in
-place, float16 takes the torch path), the ratios to float32, the CPU, threads, the memory
+Printed: the attention path of each arm (the C++ kernels read float32, bfloat16 and q8_0
+in place; float16 and fp8 take the torch path), the KV bytes per token, the ratios to float32, the CPU, threads, the memory
 bandwidth and the load average at start and end. One JSON line goes to
 ``benchmarks/results/kv_cache_dtype.jsonl``.
 
@@ -45,7 +46,7 @@ from livelm import LLM, SamplingParams  # noqa: E402
 from livelm.bench.machine import git_commit, machine_info  # noqa: E402
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "kv_cache_dtype.jsonl"
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "q8_0", "float16", "fp8")
 
 
 def perplexity_text() -> str:
@@ -68,7 +69,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="8 x 64 x 16 batch, 32-token stream, 1 round")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated arms (float32 always runs)")
     args = ap.parse_args()
+    dtypes = ("float32", *(d for d in args.dtypes.split(",") if d and d != "float32"))
     n_req, prompt_len, out_len, stream_out = (8, 64, 16, 32) if args.quick else (64, 256, 128, 128)
     rounds = 1 if args.quick else args.rounds
     torch.set_num_threads(args.threads)
@@ -81,7 +84,7 @@ def main() -> int:
     print(f"memory bandwidth: read {bw['read_gb_s']:.1f} GB/s, copy {bw['copy_gb_s']:.1f} GB/s\n")
 
     engines = {d: LLM(None, kv_cache_dtype=d, num_threads=args.threads, max_model_len=8192,
-                      max_num_seqs=max(64, n_req), kv_cache_gib=4.0) for d in DTYPES}
+                      max_num_seqs=max(64, n_req), kv_cache_gib=4.0) for d in dtypes}
     vocab = engines["float32"].engine.model_config.vocab_size
     rng = random.Random(0)
     prompts = [random_prompt(rng, prompt_len, vocab) for _ in range(n_req)]
@@ -93,28 +96,29 @@ def main() -> int:
     for llm in engines.values():  # warm-up: kernels loaded, first-step costs paid
         livelm_batch(llm, prompts[:2], 4)
 
-    batch = {d: [] for d in DTYPES}
-    single = {d: [] for d in DTYPES}
+    batch = {d: [] for d in dtypes}
+    single = {d: [] for d in dtypes}
     tokens: dict[str, list[int]] = {}
     for r in range(rounds):
-        for d in DTYPES if r % 2 == 0 else reversed(DTYPES):
+        for d in dtypes if r % 2 == 0 else reversed(dtypes):
             seconds = livelm_batch(engines[d], prompts, out_len)
             batch[d].append(n_req * out_len / seconds)
             _, decode, toks = livelm_single(engines[d], stream_prompt, stream_out)
             single[d].append(decode)
             tokens[d] = toks
             print(f"  round {r + 1} {d}: batch {batch[d][-1]:.1f} out tok/s, single {decode:.1f} tok/s", flush=True)
-    ppl = {d: perplexity(engines[d], text_ids) for d in DTYPES}
+    ppl = {d: perplexity(engines[d], text_ids) for d in dtypes}
 
     print(f"\n{n_req} x {prompt_len} x {out_len} batch and a {prompt_len}-token single stream, best of {rounds}; "
           f"perplexity over {len(text_ids)} tokens:")
     base_b, base_s = max(batch["float32"]), max(single["float32"])
     record_arms = {}
-    for d in DTYPES:
+    for d in dtypes:
         path = engines[d].engine.runner.attn_backend.name
         b, s = max(batch[d]), max(single[d])
         same = sum(a == c for a, c in zip(tokens[d], tokens["float32"], strict=True))
-        print(f"  {d:9s} ({path} attention): batch {b:7.1f} out tok/s ({b / base_b:.2f}x), single {s:6.1f} tok/s "
+        per_token = engines[d].engine.kv_block_bytes / engines[d].engine.cache_config.block_size
+        print(f"  {d:9s} ({path} attention, {per_token / 1024:.1f} KiB KV per token): batch {b:7.1f} out tok/s ({b / base_b:.2f}x), single {s:6.1f} tok/s "
               f"({s / base_s:.2f}x), perplexity {ppl[d]:.4f} ({100 * (ppl[d] / ppl['float32'] - 1):+.3f}%), "
               f"stream tokens equal to float32's: {same}/{len(tokens[d])}")
         record_arms[d] = {"attention": path, "batch_out_tok_s": batch[d], "single_tok_s": single[d],

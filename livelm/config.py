@@ -10,7 +10,7 @@ from livelm.core.request_options import MAX_SESSION_TTL_S
 # Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
 QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8")
 # Values of EngineConfig.kv_cache_dtype: auto is the model's dtype (float32 on CPU).
-KV_CACHE_DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16", "q8_0", "fp8")
 # Values of EngineConfig.attention_backend (the backends of livelm.layers.attention, and auto).
 ATTENTION_BACKEND_CHOICES: tuple[str, ...] = ("auto", "cpu", "torch")
 
@@ -88,8 +88,10 @@ class EngineConfig:
 
     ``kv_cache_dtype``: what the KV cache stores, ``auto`` (the model's dtype), ``float32``,
     ``bfloat16`` (half the memory and bytes read per decode step; the C++ kernels read it
-    in place) or ``float16`` (torch path). Keys and values are rounded when written;
-    attention arithmetic stays in the model's dtype.
+    in place), ``float16`` (torch path), ``q8_0`` (llama.cpp's block-quantized int8, 27% of
+    float32's bytes; the C++ kernels read it in place; head_dim divisible by 32) or ``fp8``
+    (float8 e4m3, for CUDA; torch path). Keys and values are rounded when written;
+    attention arithmetic stays in the model's dtype (layers/attention/kv_format.py).
 
     ``max_n`` is the most sequences one request may ask for (``n``; it must also be at most
     ``max_num_seqs``): a larger ``n`` is refused when the request is added.

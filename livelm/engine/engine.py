@@ -34,6 +34,7 @@ from livelm.engine.fork import MAX_FORK_BRANCHES, Branch, ForkResult, ForkState,
 from livelm.engine.request_state import RequestState
 from livelm.engine.tokenizer import chat_prompt_ids, encode_prompt, load_tokenizer
 from livelm.kernels.cpu_memory import keep_large_buffers_in_heap
+from livelm.layers.attention.kv_format import check_kv_format, kv_format_name, kv_storage_dtype
 from livelm.models.loader import load_model
 from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
@@ -144,10 +145,11 @@ class Engine:
         torch.manual_seed(config.seed)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
-        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else getattr(torch, config.kv_cache_dtype)
+        self.kv_dtype = kv_storage_dtype(config.kv_cache_dtype, self.dtype)  # the cache tensors' type
         if self.device.type == "cpu":
             keep_large_buffers_in_heap()
         self.model_config = mc = ModelConfig.from_dir(self.model_dir)
+        check_kv_format(self.kv_dtype, mc.head_dim)  # before the weights load
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings and mc.rope.rope_type == "default":
             logger.warning(
@@ -217,7 +219,7 @@ class Engine:
         contexts = tokens / self.max_model_len
         lazily = ", reserved lazily (memory is used as blocks fill)" if self.device.type == "cpu" else ""
         logger.info("KV cache: %d tokens (%d blocks of %d, %.2f GiB %s%s): %.1f full %d-token contexts",
-                    tokens, num_blocks, cfg.block_size, gib, str(self.kv_dtype).removeprefix("torch."), lazily,
+                    tokens, num_blocks, cfg.block_size, gib, kv_format_name(self.kv_dtype), lazily,
                     contexts, self.max_model_len)
 
     # ----------------------------------------------------------------- prompts

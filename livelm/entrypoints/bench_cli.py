@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from livelm.bench.workload_args import add_workload_args
+from livelm.config import KV_CACHE_DTYPE_CHOICES
 
 
 def _add_model_args(p: argparse.ArgumentParser, threads: bool) -> None:
@@ -23,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser, threads: bool) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--kv-cache-gib", type=float, default=None)
-    g.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPE_CHOICES)
     if threads:
         g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 

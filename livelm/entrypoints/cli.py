@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from livelm.config import KV_CACHE_DTYPE_CHOICES
+
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -15,8 +17,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     # An interactive session needs far less KV memory than a batch job's 4 GiB default.
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache size on CPU (default: sized to need, committed as used)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels) or float16")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                   help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels), float16, q8_0 (block-quantized int8, 27%% of float32's memory; read in place by the C++ kernels) or fp8 (e4m3, for CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quantization", default="auto",
                    choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],

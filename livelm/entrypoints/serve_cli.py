@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from livelm.config import KV_CACHE_DTYPE_CHOICES
+
 
 def _non_negative_seconds(value: str) -> float:
     seconds = float(value)
@@ -61,8 +63,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of one engine step")
     engine.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size on CPU")
-    engine.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                        help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels) or float16")
+    engine.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPE_CHOICES,
+                        help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels), float16, q8_0 (block-quantized int8, 27%% of float32's memory; read in place by the C++ kernels) or fp8 (e4m3, for CUDA)")
     engine.add_argument("--seed", type=int, default=None, help="engine seed")
     engine.add_argument("--quantization", default=None,
                         choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],

@@ -1,5 +1,6 @@
 """The KV cache tensors: one ``(key, value)`` pair per layer, each ``[num_kv_heads,
-num_slots, head_dim]``, and how much memory the pool takes by default.
+num_slots, row]`` (a row is one token's head in the cache's format:
+``layers/attention/kv_format.py``), and how much memory the pool takes by default.
 
 On CPU the whole cache is one anonymous memory map. The kernel gives its pages zeroed and
 on first touch, so creating the cache costs nothing (no zero-fill pass: that took ~3.5 s
@@ -40,16 +41,18 @@ class KVCache:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
 
-def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_slots: int, head_dim: int,
+def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_slots: int, row_width: int,
                       dtype: torch.dtype, device: torch.device) -> KVCache:
-    """Uninitialized K/V tensors for ``num_slots`` token slots in every layer: lazily
-    committed zero pages on CPU, ``torch.empty`` on other devices."""
-    shape = (num_kv_heads, num_slots, head_dim)
+    """Uninitialized K/V tensors ``[num_kv_heads, num_slots, row_width]`` of ``dtype`` in
+    every layer (a row: one token's head, ``head_dim`` elements, or a quantized row of
+    ``kv_format.kv_row_width``): lazily committed zero pages on CPU, ``torch.empty`` on
+    other devices."""
+    shape = (num_kv_heads, num_slots, row_width)
     if device.type != "cpu":
         return KVCache([(torch.empty(shape, dtype=dtype, device=device),
                          torch.empty(shape, dtype=dtype, device=device)) for _ in range(num_layers)])
     elem = torch.empty((), dtype=dtype).element_size()
-    per_tensor = num_kv_heads * num_slots * head_dim * elem
+    per_tensor = num_kv_heads * num_slots * row_width * elem
     # Deliberately no MADV_HUGEPAGE: khugepaged would collapse sparsely written 2 MiB
     # ranges into whole huge pages, committing memory no block uses.
     buffer = mmap.mmap(-1, 2 * num_layers * per_tensor)

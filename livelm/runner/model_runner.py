@@ -18,6 +18,7 @@ from livelm.layers.attention import (
     PrefillSegment,
     select_attention_backend,
 )
+from livelm.layers.attention.kv_format import kv_row_bytes, kv_row_width
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
 from livelm.models.weight_update import StagedUpdate
@@ -52,15 +53,16 @@ class ModelRunner:
         cfg = model.config
         param = model.norm.weight  # always a float parameter (embeddings may be quantized)
         self.device, self.dtype = param.device, param.dtype
-        self.kv_dtype = self.dtype if kv_dtype is None else kv_dtype  # EngineConfig.kv_cache_dtype
+        # The cache's storage type (EngineConfig.kv_cache_dtype, layers/attention/kv_format.py).
+        self.kv_dtype = self.dtype if kv_dtype is None else kv_dtype
         self.block_size = block_size
-        # Not zero-filled: no kernel reads a slot before writing it (see runner/kv_cache.py).
-        self.kv_cache = allocate_kv_cache(cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size,
-                                          cfg.head_dim, self.kv_dtype, self.device)
-        self.kv_caches = self.kv_cache.layers
         self.attn_backend: AttentionBackend = select_attention_backend(
             attention_backend, self.device, self.dtype, cfg.head_dim, self.kv_dtype
         )
+        # Not zero-filled: no kernel reads a slot before writing it (see runner/kv_cache.py).
+        self.kv_cache = allocate_kv_cache(cfg.num_layers, cfg.num_kv_heads, num_blocks * block_size,
+                                          kv_row_width(self.kv_dtype, cfg.head_dim), self.kv_dtype, self.device)
+        self.kv_caches = self.kv_cache.layers
         self.tied_head: nn.Module | None = prepare_model(model)
         self.sampler = Sampler()
         self.eos_token_ids = set(eos_token_ids)
@@ -69,9 +71,9 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one KV block takes across all layers."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * block_size * elem
+        """Bytes one KV block takes across all layers, in the cache's storage type ``dtype``."""
+        row = kv_row_bytes(dtype, model_config.head_dim)
+        return 2 * model_config.num_layers * model_config.num_kv_heads * row * block_size
 
     # ------------------------------------------------------------------ execute
 

@@ -1,6 +1,6 @@
 // Decode attention over the paged KV cache on CPU: fp32 queries and outputs, the cache in
-// fp32 or bf16 (kv_types.h: widened to fp32 on load, so a bf16 cache halves the bytes
-// read).
+// fp32, bf16 or q8_0 rows (kv_types.h: widened to fp32 on load, so a bf16 cache halves the
+// bytes read and a q8_0 one takes 27% of them).
 //
 // The pure-torch path must gather every request's context into a fresh tensor each layer
 // and step (a copy as large as the KV itself). This kernel reads K/V in place through the
@@ -93,6 +93,54 @@ inline void axpy(float alpha, const KV* x, float* y, int64_t n) {
 #endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * to_float(x[i]);
+}
+
+// a (fp32) . a q8_0 row of n values: per 32-value block, the fp32 products are summed in
+// lanes and scaled once by the block's scale.
+inline float dot(const float* a, const uint8_t* row, int64_t n) {
+  const int8_t* q = reinterpret_cast<const int8_t*>(row);
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n / livelm::Q8_BLOCK; ++b) {
+    const float* ab = a + b * livelm::Q8_BLOCK;
+    const int8_t* qb = q + b * livelm::Q8_BLOCK;
+    __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(ab), livelm::load8_i8(qb));
+    __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(ab + 8), livelm::load8_i8(qb + 8));
+    p0 = _mm256_fmadd_ps(_mm256_loadu_ps(ab + 16), livelm::load8_i8(qb + 16), p0);
+    p1 = _mm256_fmadd_ps(_mm256_loadu_ps(ab + 24), livelm::load8_i8(qb + 24), p1);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(livelm::q8_scale(row, n, b)), _mm256_add_ps(p0, p1), acc);
+  }
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0x1)));
+#else
+  float s = 0.f;
+  for (int64_t b = 0; b < n / livelm::Q8_BLOCK; ++b) {
+    float sb = 0.f;
+#pragma omp simd reduction(+ : sb)
+    for (int64_t i = 0; i < livelm::Q8_BLOCK; ++i) sb += a[b * livelm::Q8_BLOCK + i] * q[b * livelm::Q8_BLOCK + i];
+    s += sb * livelm::q8_scale(row, n, b);
+  }
+  return s;
+#endif
+}
+
+// y (fp32) += alpha * a q8_0 row of n values.
+inline void axpy(float alpha, const uint8_t* row, float* y, int64_t n) {
+  const int8_t* q = reinterpret_cast<const int8_t*>(row);
+  for (int64_t b = 0; b < n / livelm::Q8_BLOCK; ++b) {
+    const float ab = alpha * livelm::q8_scale(row, n, b);
+    float* yb = y + b * livelm::Q8_BLOCK;
+    const int8_t* qb = q + b * livelm::Q8_BLOCK;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 va = _mm256_set1_ps(ab);
+    for (int64_t i = 0; i < livelm::Q8_BLOCK; i += 8)
+      _mm256_storeu_ps(yb + i, _mm256_fmadd_ps(va, livelm::load8_i8(qb + i), _mm256_loadu_ps(yb + i)));
+#else
+#pragma omp simd
+    for (int64_t i = 0; i < livelm::Q8_BLOCK; ++i) yb[i] += ab * qb[i];
+#endif
+  }
 }
 
 // Ask for the next block's rows while this one is computed: a request's blocks are
@@ -214,16 +262,22 @@ bool attend_heads_avx512(int64_t head_dim, const float* q, int64_t ng, const KV*
     default: return false;
   }
 }
+// q8_0 rows take the generic loops (their dot/axpy above).
+bool attend_heads_avx512(int64_t, const float*, int64_t, const uint8_t*, const uint8_t*, const int64_t*, int64_t,
+                         int64_t, float, float*, float*) {
+  return false;
+}
 #endif
 }  // namespace
 
 namespace {
 
-// The kernel for one cache element type (see paged_decode_attention_out).
+// The kernel for one cache element type (see paged_decode_attention_out); a cache row
+// (one KV head, one token) takes `row` elements of KV (head_dim, or a q8_0 row's bytes).
 template <typename KV>
 void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp, const int64_t* lp, float* op,
                  int64_t num_seqs, int64_t num_kv_heads, int64_t num_slots, int64_t group, int64_t head_dim,
-                 int64_t max_blocks, int64_t q_row, int64_t out_row, int64_t block_size, float fscale) {
+                 int64_t row, int64_t max_blocks, int64_t q_row, int64_t out_row, int64_t block_size, float fscale) {
   // One task per (request, KV head): the group's query heads share every K/V row load
   // (splitting a group over threads measured slower, even one request on two threads).
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -231,8 +285,8 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
       const int64_t len = lp[s];
-      const KV* kh = kp + h * num_slots * head_dim;
-      const KV* vh = vp + h * num_slots * head_dim;
+      const KV* kh = kp + h * num_slots * row;
+      const KV* vh = vp + h * num_slots * row;
       const int64_t* table = btp + s * max_blocks;
 #if defined(LIVELM_ATTN_AVX512)
       scores.resize(static_cast<size_t>(group * len));
@@ -245,15 +299,15 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
       // Pass 1: scores of every key for the group's query heads, block by block (the
       // rows of one block are contiguous; no division per token).
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const KV* kblock = kh + table[t0 / block_size] * block_size * head_dim;
+        const KV* kblock = kh + table[t0 / block_size] * block_size * row;
         const int64_t n = std::min(block_size, len - t0);
         if (t0 + block_size < len)
-          prefetch_rows(kh + table[t0 / block_size + 1] * block_size * head_dim,
-                        std::min(block_size, len - t0 - block_size) * head_dim);
+          prefetch_rows(kh + table[t0 / block_size + 1] * block_size * row,
+                        std::min(block_size, len - t0 - block_size) * row);
         else
-          prefetch_rows(vh + table[0] * block_size * head_dim, std::min(block_size, len) * head_dim);
+          prefetch_rows(vh + table[0] * block_size * row, std::min(block_size, len) * row);
         for (int64_t i = 0; i < n; ++i) {
-          const KV* krow = kblock + i * head_dim;
+          const KV* krow = kblock + i * row;
           for (int64_t g = 0; g < group; ++g)
             scores[g * len + t0 + i] = dot(qh + g * head_dim, krow, head_dim) * fscale;
         }
@@ -279,13 +333,13 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
       float* oh = op + s * out_row + h * group * head_dim;
       std::fill(oh, oh + group * head_dim, 0.f);
       for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const KV* vblock = vh + table[t0 / block_size] * block_size * head_dim;
+        const KV* vblock = vh + table[t0 / block_size] * block_size * row;
         const int64_t n = std::min(block_size, len - t0);
         if (t0 + block_size < len)
-          prefetch_rows(vh + table[t0 / block_size + 1] * block_size * head_dim,
-                        std::min(block_size, len - t0 - block_size) * head_dim);
+          prefetch_rows(vh + table[t0 / block_size + 1] * block_size * row,
+                        std::min(block_size, len - t0 - block_size) * row);
         for (int64_t i = 0; i < n; ++i) {
-          const KV* vrow = vblock + i * head_dim;
+          const KV* vrow = vblock + i * row;
           for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + t0 + i], vrow, oh + g * head_dim, head_dim);
         }
       }
@@ -300,14 +354,15 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
 }  // namespace
 
 // q, out: [D, Hq, hd] fp32, each row's heads packed (any row stride); k_cache, v_cache:
-// [Hkv, S, hd], both fp32 or both bf16; block_tables: [D, max_blocks] int64; context_lens: [D] int64.
+// [Hkv, S, hd] both fp32 or both bf16, or [Hkv, S, q8_row_bytes(hd)] both uint8 (q8_0 rows);
+// block_tables: [D, max_blocks] int64; context_lens: [D] int64.
 void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                 torch::Tensor block_tables, torch::Tensor context_lens,
                                 int64_t block_size, double scale, torch::Tensor out) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
-  TORCH_CHECK(k_cache.dtype() == v_cache.dtype() &&
-                  (k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16),
-              "the K/V caches must both be float32 or both bfloat16");
+  const auto kv = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == kv && (kv == torch::kFloat32 || kv == torch::kBFloat16 || kv == torch::kUInt8),
+              "the K/V caches must both be float32, both bfloat16 or both uint8 (q8_0)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: [D, Hq, hd], heads packed");
   TORCH_CHECK(out.sizes() == q.sizes() && out.stride(2) == 1 && out.stride(1) == out.size(2),
@@ -318,15 +373,22 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
   const int64_t num_kv_heads = k_cache.size(0), num_slots = k_cache.size(1);
   const int64_t group = num_heads / num_kv_heads;
   const float fscale = static_cast<float>(scale);
-  if (k_cache.dtype() == torch::kBFloat16) {
-    decode_impl(q.data_ptr<float>(), reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
-                reinterpret_cast<const bf16*>(v_cache.data_ptr<at::BFloat16>()), bt.data_ptr<int64_t>(),
-                lens.data_ptr<int64_t>(), out.data_ptr<float>(), num_seqs, num_kv_heads, num_slots, group, head_dim,
-                bt.size(1), q.stride(0), out.stride(0), block_size, fscale);
+  const int64_t row = kv == torch::kUInt8 ? livelm::q8_row_bytes(head_dim) : head_dim;
+  TORCH_CHECK(kv != torch::kUInt8 || head_dim % livelm::Q8_BLOCK == 0, "q8_0 rows need head_dim % 32 == 0");
+  TORCH_CHECK(k_cache.size(2) == row && v_cache.sizes() == k_cache.sizes(), "cache rows do not match head_dim");
+  const int64_t* btp = bt.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  auto run = [&](auto* kp, auto* vp) {
+    decode_impl(q.data_ptr<float>(), kp, vp, btp, lp, out.data_ptr<float>(), num_seqs, num_kv_heads, num_slots,
+                group, head_dim, row, bt.size(1), q.stride(0), out.stride(0), block_size, fscale);
+  };
+  if (kv == torch::kBFloat16) {
+    run(reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const bf16*>(v_cache.data_ptr<at::BFloat16>()));
+  } else if (kv == torch::kUInt8) {
+    run(static_cast<const uint8_t*>(k_cache.data_ptr<uint8_t>()), static_cast<const uint8_t*>(v_cache.data_ptr<uint8_t>()));
   } else {
-    decode_impl(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt.data_ptr<int64_t>(),
-                lens.data_ptr<int64_t>(), out.data_ptr<float>(), num_seqs, num_kv_heads, num_slots, group, head_dim,
-                bt.size(1), q.stride(0), out.stride(0), block_size, fscale);
+    run(static_cast<const float*>(k_cache.data_ptr<float>()), static_cast<const float*>(v_cache.data_ptr<float>()));
   }
 }
 
@@ -340,7 +402,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU; fp32 or bf16 cache)");
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU; fp32, bf16 or q8_0 cache)");
   m.def("paged_decode_attention_out", &paged_decode_attention_out,
-        "paged decode attention (CPU; fp32 or bf16 cache) written into out; q and out may have padded rows");
+        "paged decode attention (CPU; fp32, bf16 or q8_0 cache) written into out; q and out may have padded rows");
 }

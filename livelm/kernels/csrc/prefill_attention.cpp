@@ -1,5 +1,6 @@
 // Prefill attention over the paged KV cache on CPU (flash-attention style): fp32 queries,
-// the cache in fp32 or bf16 (kv_types.h; widened to fp32 as rows are read).
+// the cache in fp32 or bf16 (kv_types.h; widened to fp32 as rows are read) or q8_0 rows
+// (each key block's rows widened into a small fp32 scratch, reused by the whole tile).
 //
 // torch's SDPA needs the context gathered into a fresh tensor, a materialized mask, and
 // runs its GEMMs through MKL's AVX2 path here. This kernel reads K/V rows in place through
@@ -31,6 +32,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -221,7 +223,7 @@ void online_softmax(float* s, int64_t nk, int64_t m, float* row_max, float* row_
 
 namespace {
 
-// The kernel for one cache element type (see prefill_attention).
+// The kernel for one cache element type (see prefill_attention). KV = uint8_t: q8_0 rows.
 template <typename KV>
 void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torch::Tensor& sl, torch::Tensor& out,
                   int64_t n, int64_t num_heads, int64_t hd, int64_t num_kv_heads, int64_t num_slots, int64_t ctx,
@@ -232,6 +234,9 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  constexpr bool kQ8 = std::is_same_v<KV, uint8_t>;
+  using Elem = std::conditional_t<kQ8, float, KV>;  // what the micro-kernels read
+  const int64_t row = kQ8 ? livelm::q8_row_bytes(hd) : hd;
 
   // Tasks handed out dynamically, one KV head after another (its K/V stay in L2), each
   // head's tiles in decreasing cost (later query tiles see more keys).
@@ -240,14 +245,15 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> qt(hd * m), s(KEY_BLOCK * m), o(m * hd), row_max(m), row_sum(m), alpha(m);
-    std::vector<const KV*> krows(KEY_BLOCK), vrows(KEY_BLOCK);
+    std::vector<const Elem*> krows(KEY_BLOCK), vrows(KEY_BLOCK);
+    std::vector<float> kbuf(kQ8 ? KEY_BLOCK * hd : 0), vbuf(kQ8 ? KEY_BLOCK * hd : 0);
     for (;;) {
       const int64_t task = next.fetch_add(1);
       if (task >= num_tasks) break;
       const int64_t h = task / num_tiles, tile = num_tiles - 1 - task % num_tiles;
       const int64_t q0 = tile * mq, nq = std::min(mq, n - q0);
-      const KV* kh = kp + h * num_slots * hd;
-      const KV* vh = vp + h * num_slots * hd;
+      const KV* kh = kp + h * num_slots * row;
+      const KV* vh = vp + h * num_slots * row;
       // Pack Qt; padded columns repeat the tile's last query (computed, never written).
       for (int64_t g = 0; g < group; ++g)
         for (int64_t i = 0; i < mq; ++i) {
@@ -262,8 +268,15 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
       for (int64_t j0 = 0; j0 < num_keys; j0 += KEY_BLOCK) {
         const int64_t nk = std::min<int64_t>(KEY_BLOCK, num_keys - j0);
         for (int64_t k = 0; k < nk; ++k) {
-          krows[k] = kh + sp[j0 + k] * hd;
-          vrows[k] = vh + sp[j0 + k] * hd;
+          if constexpr (kQ8) {
+            livelm::dequantize_q8_row(kh + sp[j0 + k] * row, hd, kbuf.data() + k * hd);
+            livelm::dequantize_q8_row(vh + sp[j0 + k] * row, hd, vbuf.data() + k * hd);
+            krows[k] = kbuf.data() + k * hd;
+            vrows[k] = vbuf.data() + k * hd;
+          } else {
+            krows[k] = kh + sp[j0 + k] * hd;
+            vrows[k] = vh + sp[j0 + k] * hd;
+          }
         }
         qk_block(krows.data(), nk, qt.data(), m, hd, s.data());
         if (j0 + nk - 1 > lo_pos) {
@@ -304,16 +317,16 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
 }  // namespace
 
 // q: [n, Hq, hd] fp32 (the chunk's queries, rows may be strided); k_cache, v_cache: [Hkv, S, hd], fp32 or
-// bf16; slots: [ctx] int64,
+// bf16, or [Hkv, S, q8_row_bytes(hd)] uint8 (q8_0); slots: [ctx] int64,
 // the slots of all keys (earlier context then the chunk itself, whose K/V are already
 // written); out: [n, Hq * hd], written in place. Query i sits at position ctx - n + i and
 // sees keys 0..ctx - n + i.
 void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
                        torch::Tensor out, double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
-  TORCH_CHECK(k_cache.dtype() == v_cache.dtype() &&
-                  (k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16),
-              "the K/V caches must both be float32 or both bfloat16");
+  const auto kv = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == kv && (kv == torch::kFloat32 || kv == torch::kBFloat16 || kv == torch::kUInt8),
+              "the K/V caches must both be float32, both bfloat16 or both uint8 (q8_0)");
   // q may be a row slice of the fused QKV projection: any row stride, heads packed.
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q rows must hold packed heads");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && out.is_contiguous(), "contiguous cache and out");
@@ -332,10 +345,18 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   const int64_t num_tiles = (n + mq - 1) / mq;
   const int64_t first_pos = ctx - n;
 
-  if (k_cache.dtype() == torch::kBFloat16) {
+  TORCH_CHECK(kv != torch::kUInt8 || hd % livelm::Q8_BLOCK == 0, "q8_0 rows need head_dim % 32 == 0");
+  TORCH_CHECK(k_cache.size(2) == (kv == torch::kUInt8 ? livelm::q8_row_bytes(hd) : hd) &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "cache rows do not match head_dim");
+  if (kv == torch::kBFloat16) {
     prefill_impl(q, reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
                  reinterpret_cast<const bf16*>(v_cache.data_ptr<at::BFloat16>()), sl, out, n, num_heads, hd,
                  num_kv_heads, num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
+  } else if (kv == torch::kUInt8) {
+    prefill_impl(q, static_cast<const uint8_t*>(k_cache.data_ptr<uint8_t>()),
+                 static_cast<const uint8_t*>(v_cache.data_ptr<uint8_t>()), sl, out, n, num_heads, hd, num_kv_heads,
+                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
   } else {
     prefill_impl(q, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl, out, n, num_heads, hd, num_kv_heads,
                  num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
@@ -344,14 +365,15 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
 
 // Stores new fp32 K/V [T, Hkv, hd] (rows may be strided: views of the fused QKV projection)
 // into their slots of the caches [Hkv, S, hd], fp32 (a row copy) or bf16 (rounded to
-// nearest even, as torch rounds). torch's index_copy_ over the transposed view took 2-15 ms
+// nearest even, as torch rounds), or q8_0 rows (quantized as layers/attention/kv_format.py
+// does). torch's index_copy_ over the transposed view took 2-15 ms
 // for a 4,096-token chunk (by load); this is a plain row copy.
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slots) {
   TORCH_CHECK(k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32, "fp32 keys and values");
-  TORCH_CHECK(k_cache.dtype() == v_cache.dtype() &&
-                  (k_cache.dtype() == torch::kFloat32 || k_cache.dtype() == torch::kBFloat16),
-              "the K/V caches must both be float32 or both bfloat16");
+  const auto kv = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == kv && (kv == torch::kFloat32 || kv == torch::kBFloat16 || kv == torch::kUInt8),
+              "the K/V caches must both be float32, both bfloat16 or both uint8 (q8_0)");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
   TORCH_CHECK(k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2) && v.dim() == 3 && v.stride(2) == 1 &&
                   v.stride(1) == v.size(2) && v.sizes() == k.sizes(),
@@ -359,7 +381,10 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
   TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.numel() == k.size(0), "one int64 slot per token");
   auto sl = slots.contiguous();
   const int64_t n = k.size(0), num_kv_heads = k.size(1), hd = k.size(2), num_slots = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(0) == num_kv_heads && k_cache.size(2) == hd, "cache shape");
+  const int64_t row = kv == torch::kUInt8 ? livelm::q8_row_bytes(hd) : hd;
+  TORCH_CHECK(kv != torch::kUInt8 || hd % livelm::Q8_BLOCK == 0, "q8_0 rows need head_dim % 32 == 0");
+  TORCH_CHECK(k_cache.size(0) == num_kv_heads && k_cache.size(2) == row && v_cache.sizes() == k_cache.sizes(),
+              "cache shape");
   const int64_t ks = k.stride(0), vs = v.stride(0);
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -376,6 +401,16 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         std::memcpy(kc + (h * num_slots + sp[t]) * hd, kp + t * ks + h * hd, row_bytes);
         std::memcpy(vc + (h * num_slots + sp[t]) * hd, vp + t * vs + h * hd, row_bytes);
+      }
+    return;
+  }
+  if (kv == torch::kUInt8) {
+    uint8_t* kc = k_cache.data_ptr<uint8_t>();
+    uint8_t* vc = v_cache.data_ptr<uint8_t>();
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        livelm::quantize_q8_row(kp + t * ks + h * hd, hd, kc + (h * num_slots + sp[t]) * row);
+        livelm::quantize_q8_row(vp + t * vs + h * hd, hd, vc + (h * num_slots + sp[t]) * row);
       }
     return;
   }
@@ -396,6 +431,6 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention,
-        "paged prefill attention (CPU; fp32 or bf16 cache), writes out in place");
-  m.def("write_kv", &write_kv, "store new fp32 K/V rows into their cache slots (fp32 or bf16 cache, CPU)");
+        "paged prefill attention (CPU; fp32, bf16 or q8_0 cache), writes out in place");
+  m.def("write_kv", &write_kv, "store new fp32 K/V rows into their cache slots (fp32, bf16 or q8_0 cache, CPU)");
 }

@@ -16,6 +16,7 @@ import torch
 
 from livelm.kernels.extensions import decode_attention_kernels, prefill_attention_kernels
 from livelm.layers.attention.cpu import CpuKernelAttention
+from livelm.layers.attention.kv_format import check_kv_format, kv_format_name
 from livelm.layers.attention.metadata import AttentionMetadata
 from livelm.layers.attention.torch_ops import TorchAttention
 
@@ -49,16 +50,16 @@ class AttentionBackend(Protocol):
         ...
 
 
-# KV cache dtypes the C++ kernels read in place.
-CPU_KERNEL_KV_DTYPES = (torch.float32, torch.bfloat16)
+# KV cache storage types the C++ kernels read in place (uint8: q8_0 rows, kv_format.py).
+CPU_KERNEL_KV_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
 def _cpu_backend(device: torch.device, dtype: torch.dtype, head_dim: int, kv_dtype: torch.dtype) -> AttentionBackend:
     if device.type != "cpu" or dtype != torch.float32:
         raise ValueError(f"attention_backend 'cpu' runs fp32 on CPU only, not {dtype} on {device}")
     if kv_dtype not in CPU_KERNEL_KV_DTYPES:
-        raise ValueError(f"attention_backend 'cpu' reads a float32 or bfloat16 KV cache, not {kv_dtype}: "
-                         "use attention_backend 'torch' (or 'auto') for it")
+        raise ValueError(f"attention_backend 'cpu' reads a float32, bfloat16 or q8_0 KV cache, not "
+                         f"{kv_format_name(kv_dtype)}: use attention_backend 'torch' (or 'auto') for it")
     decode = decode_attention_kernels()
     prefill = prefill_attention_kernels() if head_dim % 16 == 0 else None
     if decode is None and prefill is None:  # no compiler, or disabled: said in the log
@@ -81,8 +82,9 @@ def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype
                              kv_dtype: torch.dtype | None = None) -> AttentionBackend:
     """The backend ``name`` (EngineConfig.attention_backend) for a model on ``device`` in
     ``dtype`` with a KV cache in ``kv_dtype`` (default: ``dtype``). ``auto``: the C++
-    kernels for fp32 on CPU with a float32 or bfloat16 cache, torch ops otherwise (CUDA too)."""
+    kernels for fp32 on CPU with a float32, bfloat16 or q8_0 cache, torch ops otherwise (CUDA too)."""
     kv_dtype = dtype if kv_dtype is None else kv_dtype
+    check_kv_format(kv_dtype, head_dim)
     if name == "auto":
         cpu_ok = device.type == "cpu" and dtype == torch.float32 and kv_dtype in CPU_KERNEL_KV_DTYPES
         name = "cpu" if cpu_ok else "torch"

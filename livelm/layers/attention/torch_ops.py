@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from livelm.layers.attention.kv_format import decode_kv, encode_kv, indexable
 from livelm.layers.attention.metadata import AttentionMetadata, PrefillSegment
 
 
@@ -76,9 +77,9 @@ def _causal_mask(ctx: int, n: int, device: torch.device) -> torch.Tensor:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V [T, Hkv, D] into their slots (rounded to the cache's dtype)."""
-    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+    """Store new K/V [T, Hkv, D] into their slots, in the cache's format (layers/attention/kv_format.py)."""
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        indexable(cache).index_copy_(1, slot_mapping, indexable(encode_kv(new.transpose(0, 1), cache.dtype)))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -92,8 +93,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_kv_heads = k_cache.shape[0]
     slots = meta.decode_slots
     qd = q[:d].view(d, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
-    kd = gather_slots(k_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim).to(q.dtype)
-    vd = gather_slots(v_cache, slots.view(-1)).view(num_kv_heads, d, -1, head_dim).to(q.dtype)
+    kd = gather_slots(k_cache, slots.view(-1), q.dtype).view(num_kv_heads, d, -1, head_dim)
+    vd = gather_slots(v_cache, slots.view(-1), q.dtype).view(num_kv_heads, d, -1, head_dim)
     scores = torch.matmul(qd, kd.transpose(-1, -2))
     scores.mul_(scale).add_(meta.decode_bias)
     probs = torch.softmax(scores, dim=-1)
@@ -112,11 +113,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     if seg.context_slots is None:
         ks, vs = k[s : s + n].transpose(0, 1)[None], v[s : s + n].transpose(0, 1)[None]
         if k_cache.dtype != q.dtype:  # attend to what the cache holds, as later chunks will
-            ks, vs = ks.to(k_cache.dtype).to(q.dtype), vs.to(v_cache.dtype).to(q.dtype)
+            ks = decode_kv(encode_kv(ks, k_cache.dtype), q.dtype)
+            vs = decode_kv(encode_kv(vs, v_cache.dtype), q.dtype)
         os = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
     else:
-        ks = gather_slots(k_cache, seg.context_slots)[None].to(q.dtype)
-        vs = gather_slots(v_cache, seg.context_slots)[None].to(q.dtype)
+        ks = gather_slots(k_cache, seg.context_slots, q.dtype)[None]
+        vs = gather_slots(v_cache, seg.context_slots, q.dtype)[None]
         mask = seg.causal_mask
         if mask is None:
             mask = _causal_mask(seg.context_slots.shape[0], n, q.device)
@@ -124,6 +126,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     out[s : s + n] = os[0].transpose(0, 1).reshape(n, num_heads * head_dim)
 
 
-def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache[:, slots] via index_select (advanced indexing is ~10x slower on CPU)."""
-    return cache.index_select(1, slots)
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[:, slots] widened to ``dtype`` [Hkv, len(slots), D], via index_select
+    (advanced indexing is ~10x slower on CPU)."""
+    rows = indexable(cache).index_select(1, slots)
+    return decode_kv(rows.view(cache.dtype) if rows.dtype != cache.dtype else rows, dtype)
