@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from livelm.config import KV_CACHE_DTYPE_CHOICES
@@ -165,5 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The ``livelm`` console script: :func:`main`, and for ``generate`` a prompt exit.
+
+    Once ``generate`` has printed its answers nothing is left to do, yet the interpreter's
+    normal teardown of torch's modules and the model takes ~0.5 s of a ~3 s run; the
+    long-running commands (serve, chat, bench) exit normally, running their atexit work.
+    """
+    code = main()
+    if sys.argv[1:2] == ["generate"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
