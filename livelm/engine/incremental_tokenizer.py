@@ -14,10 +14,12 @@ from __future__ import annotations
 import codecs
 import functools
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from livelm.core.token_ids import common_prefix_len
+
+if TYPE_CHECKING:  # a type only: importing transformers costs ~0.7 s of start-up
+    from transformers import PreTrainedTokenizerBase
 
 # Without a whitespace boundary (long CJK runs, minified code), commit tokens that end at
 # least this many characters before the end, so the pending tail stays bounded; the

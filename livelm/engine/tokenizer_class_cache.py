@@ -10,6 +10,10 @@ the class (its module and name, transformers classes only) in
 and the size and modification time of the files the choice reads; later runs import just
 that module and call the same class. Anything that does not match exactly, or cannot be
 read, falls back to AutoTokenizer.
+
+Each entry also says whether livelm's own :class:`~livelm.engine.fast_tokenizer.FastTokenizer`
+agreed with that tokenizer on every probe (``engine/fast_tokenizer.py``); where it did,
+later runs use it and never import transformers.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def _cache_path() -> Path:
     return cache_root() / CACHE_FILE
 
 
-def _read() -> dict[str, str]:
+def _read() -> dict[str, Any]:
     try:
         data = json.loads(_cache_path().read_text())
     except (OSError, ValueError):
@@ -55,9 +59,23 @@ def _read() -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
+def _entry(model_dir: Path, transformers_version: str) -> dict:
+    entry = _read().get(_key(model_dir, transformers_version))
+    if isinstance(entry, str):  # written before entries said whether FastTokenizer agreed
+        entry = {"class": entry}
+    return entry if isinstance(entry, dict) else {}
+
+
+def fast_tokenizer_agrees(model_dir: Path, transformers_version: str) -> bool | None:
+    """Whether FastTokenizer agreed with the tokenizer transformers built for
+    ``model_dir`` (None: not checked yet)."""
+    fast = _entry(model_dir, transformers_version).get("fast")
+    return fast if isinstance(fast, bool) else None
+
+
 def cached_class(model_dir: Path, transformers_version: str) -> type | None:
     """The tokenizer class AutoTokenizer chose for ``model_dir`` before, or None."""
-    entry = _read().get(_key(model_dir, transformers_version))
+    entry = _entry(model_dir, transformers_version).get("class")
     if not isinstance(entry, str) or ":" not in entry:
         return None
     module_name, _, class_name = entry.partition(":")
@@ -70,9 +88,10 @@ def cached_class(model_dir: Path, transformers_version: str) -> type | None:
     return cls if isinstance(cls, type) and hasattr(cls, "from_pretrained") else None
 
 
-def remember_class(model_dir: Path, transformers_version: str, tokenizer: Any) -> None:
-    """Record the class of ``tokenizer`` (built by AutoTokenizer) for ``model_dir``;
-    a cache that cannot be written is skipped (the next run asks AutoTokenizer again)."""
+def remember_class(model_dir: Path, transformers_version: str, tokenizer: Any, fast_agrees: bool | None = None) -> None:
+    """Record the class of ``tokenizer`` (built by AutoTokenizer) for ``model_dir``, and
+    whether FastTokenizer agreed with it; a cache that cannot be written is skipped (the
+    next run asks AutoTokenizer again)."""
     cls = type(tokenizer)
     if not cls.__module__.startswith("transformers."):
         return
@@ -80,7 +99,7 @@ def remember_class(model_dir: Path, transformers_version: str, tokenizer: Any) -
     data = _read()
     key = _key(model_dir, transformers_version)
     data.pop(key, None)  # re-inserted last: the newest
-    data[key] = f"{cls.__module__}:{cls.__qualname__}"
+    data[key] = {"class": f"{cls.__module__}:{cls.__qualname__}", "fast": fast_agrees}
     data = dict(list(data.items())[-MAX_ENTRIES:])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

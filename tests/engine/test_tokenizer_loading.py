@@ -1,8 +1,10 @@
 """Loading a model's tokenizer (issue 21): the first load of a directory goes through
-AutoTokenizer and remembers the class it chose; later loads call that class directly,
-skipping AutoTokenizer's imports. The result must be the tokenizer AutoTokenizer builds,
-on the default model and on the tiny test models, in everything the engine and server
-use; anything the cache cannot vouch for goes through AutoTokenizer again."""
+AutoTokenizer and remembers the class it chose, and whether livelm's FastTokenizer
+(``tokenizers`` + jinja2, no transformers import) agreed with it on every probe; later
+loads use the FastTokenizer where it agreed, else call the remembered class directly.
+Either way the result must behave as the tokenizer AutoTokenizer builds, on the default
+model and on the tiny test models, in everything the engine and server use; anything the
+cache cannot vouch for goes through AutoTokenizer again."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import transformers
 from transformers import AutoTokenizer
 
 from livelm.engine import tokenizer_class_cache
-from livelm.engine.tokenizer import load_tokenizer
+from livelm.engine.fast_tokenizer import FastTokenizer, first_difference
+from livelm.engine.tokenizer import installed_transformers_version, load_tokenizer
 from livelm.models.resolve import resolve_model_path
 
 TEXTS = ["", "Hello  world\n\n  tabs\tand spaces ", "<|im_start|>user\nhi<|im_end|>", "é 日本語 🙂 ÿ",
@@ -58,7 +61,13 @@ def test_the_remembered_class_builds_the_tokenizer_autotokenizer_builds(tiny_mod
     assert len(calls) == 1  # ...later ones do not
     assert tokenizer_class_cache.cached_class(d, transformers.__version__) is type(first)
     ref = AutoTokenizer.from_pretrained(str(d))
-    assert type(ours) is type(ref)
+    assert type(first) is type(ref)
+    # transformers 5 builds Qwen2's pre-tokenizer itself instead of reading tokenizer.json's
+    # (digits split one by one), which FastTokenizer does not copy: that one stays on
+    # transformers, found by the probes rather than by a list of classes.
+    agrees = name != "qwen2"
+    assert tokenizer_class_cache.fast_tokenizer_agrees(d, transformers.__version__) is agrees
+    assert isinstance(ours, FastTokenizer) is agrees
     for text in TEXTS:
         for special in (True, False):
             a = ours(text, add_special_tokens=special, return_offsets_mapping=True)
@@ -119,3 +128,43 @@ def test_the_cache_keeps_a_bounded_number_of_directories(tiny_model_dirs, class_
     for i in range(5):
         tokenizer_class_cache.remember_class(tmp_path / f"m{i}", transformers.__version__, tok)
     assert len(json.loads(tokenizer_class_cache._cache_path().read_text())) == 3
+
+
+def test_the_fast_tokenizer_start_never_imports_transformers(tiny_model_dirs, class_cache, tmp_path) -> None:
+    """Once a directory is known to agree, building an engine on it and answering a chat
+    message loads no transformers module at all (~0.7 s of every start)."""
+    import subprocess
+    import sys
+
+    d = tiny_model_dirs["llama"]
+    load_tokenizer(d)  # the first load checks and records the agreement
+    code = f"""
+import sys
+from livelm import LLM, SamplingParams
+llm = LLM({str(d)!r}, max_model_len=128, num_kv_blocks=16)
+out = llm.chat([{{"role": "user", "content": "hi"}}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+assert len(out[0].outputs[0].token_ids) == 4
+print("TRANSFORMERS", sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert "TRANSFORMERS []" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_probes_find_a_template_or_encoding_that_differs(tiny_model_dirs) -> None:
+    """first_difference names what differs: an edited chat template, a changed pre-tokenizer."""
+    d = tiny_model_dirs["llama"]
+    ref = AutoTokenizer.from_pretrained(str(d))
+    fast = FastTokenizer.from_dir(d)
+    assert first_difference(fast, ref) is None
+    fast.chat_template = ref.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert "chat_template" in first_difference(fast, ref)
+    other = FastTokenizer.from_dir(d)
+    from tokenizers import pre_tokenizers
+
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), other.backend_tokenizer.pre_tokenizer])
+    assert first_difference(other, ref).startswith("encode")
+
+
+def test_the_version_is_read_without_importing_transformers() -> None:
+    assert installed_transformers_version() == transformers.__version__

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,36 @@ def test_without_a_compiler_the_torch_path_serves_and_says_so_once(tmp_path, lla
     said = [line for line in out.splitlines() if line.startswith("LOG ") and "cannot be built" in line]
     assert len(said) == 1 and "no C++ compiler" in said[0] and "torch path" in said[0], out
     assert not list(tmp_path.glob("*/*.so"))  # nothing was compiled
+
+
+# Builds (or loads) the tiny extension from the sources in argv[2]; with argv[1] ==
+# "no-builder", torch's extension builder is unusable, so only a stamped build can load.
+LOAD_STAMPED = """
+    import sys
+    from pathlib import Path
+    import torch.utils.cpp_extension as cpp
+    from livelm.kernels import build
+    if sys.argv[1] == "no-builder":
+        cpp.load = None
+    module = build.compile_extension("livelm_tiny", "tiny_module.cpp", sources_dir=Path(sys.argv[2]))
+    print("LOADED", module.__name__, flush=True)
+"""
+
+
+def test_a_stamped_build_loads_directly_until_a_source_or_header_changes(tmp_path) -> None:
+    sources = tmp_path / "src"
+    shutil.copytree(DATA, sources)
+    ext = tmp_path / "ext"
+    assert "LOADED livelm_tiny" in finish(run_python(LOAD_STAMPED, ext, "builder", str(sources)))
+    assert (ext / "livelm_tiny" / ".livelm-build.json").exists()
+    # Unchanged: imported straight from the stamp, torch's builder never called.
+    assert "LOADED livelm_tiny" in finish(run_python(LOAD_STAMPED, ext, "no-builder", str(sources)))
+    # A header beside the source changed: the stamp no longer matches, the builder runs.
+    (sources / "tiny_extra.h").write_text("// changed\n")
+    proc = run_python(LOAD_STAMPED, ext, "no-builder", str(sources))
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode != 0 and "'NoneType' object is not callable" in out, out
+    assert "LOADED livelm_tiny" in finish(run_python(LOAD_STAMPED, ext, "builder", str(sources)))
 
 
 def test_a_slow_load_says_it_is_compiling(monkeypatch, caplog) -> None:
