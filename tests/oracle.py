@@ -33,3 +33,37 @@ def hf_logprobs(model, token_ids: list[int]) -> torch.Tensor:
     """log-softmax over the vocabulary at every position of ``token_ids`` (teacher forced)."""
     logits = model(torch.tensor([token_ids])).logits[0].float()
     return torch.log_softmax(logits, dim=-1)
+
+
+# The scheduler settings every architecture's greedy output is checked under (the same as
+# tests/engine/test_correctness.py's): chunked prefill, a tiny token budget, preemption by
+# a small KV pool, and the pure-torch attention path.
+SCHEDULER_SETTINGS: dict[str, dict] = {
+    "default": {},
+    "chunked_prefill": {"max_num_batched_tokens": 64},
+    "tiny_budget": {"max_num_batched_tokens": 7, "max_num_seqs": 5},
+    "preemption": {"num_kv_blocks": 30, "max_num_batched_tokens": 256},
+    "torch_attention": {"max_num_batched_tokens": 64, "attention_backend": "torch"},
+}
+
+
+def assert_greedy_matches(model_dir: Path, prompts: list[list[int]], expected: list[list[int]],
+                          setting: str, **engine_kwargs) -> None:
+    """livelm's greedy continuations of ``prompts`` under ``setting`` equal ``expected``
+    (transformers'); under "default" the batch runs twice, the second time from the prefix
+    cache; under "preemption" the pool must really have preempted."""
+    from livelm import SamplingParams
+    from livelm.engine.llm import LLM
+
+    new_tokens = len(expected[0])
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm = LLM(str(model_dir), **{**SCHEDULER_SETTINGS[setting], **engine_kwargs})
+    rounds = 2 if setting == "default" else 1
+    for _ in range(rounds):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        for prompt, out, want in zip(prompts, outputs, expected, strict=True):
+            assert out.outputs[0].token_ids == want, f"prompt of {len(prompt)} tokens diverged"
+    if setting == "default":
+        assert llm.engine.stats().prefix_cache_hit_tokens > 0, "the second round should hit the prefix cache"
+    if setting == "preemption":
+        assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool should force preemption"

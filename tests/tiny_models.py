@@ -1,4 +1,5 @@
-"""Tiny random-weight models (Llama, Qwen2, Qwen3) and a byte-level BPE tokenizer, built at
+"""Tiny random-weight models (Llama, Qwen2, Qwen3, Phi-3, and the mixture-of-experts
+Qwen2-MoE, Qwen3-MoE and Mixtral) and a byte-level BPE tokenizer, built at
 test time in a temporary directory so that no test downloads anything."""
 
 from __future__ import annotations
@@ -71,16 +72,55 @@ def _common_config(vocab_size: int) -> dict:
     )
 
 
+# Mixture-of-experts shapes: 8 experts, 2 per token, so that a batch reaches every expert.
+MOE_CONFIG = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48)
+
+
+def _hf_classes(arch: str, cfg: dict):
+    """(config, model class) of ``arch``, with the family's own defaults filled into cfg."""
+    import transformers as t
+
+    if arch == "llama":
+        cfg.setdefault("tie_word_embeddings", False)
+        return t.LlamaConfig(**cfg), t.LlamaForCausalLM
+    if arch == "qwen2":
+        cfg.setdefault("tie_word_embeddings", True)
+        return t.Qwen2Config(**cfg), t.Qwen2ForCausalLM
+    if arch == "qwen3":
+        cfg.setdefault("tie_word_embeddings", True)
+        cfg.setdefault("head_dim", 32)
+        return t.Qwen3Config(**cfg), t.Qwen3ForCausalLM
+    if arch == "phi3":
+        cfg.setdefault("tie_word_embeddings", False)
+        cfg.setdefault("pad_token_id", 0)
+        return t.Phi3Config(**cfg), t.Phi3ForCausalLM
+    if arch == "qwen2_moe":
+        cfg.setdefault("tie_word_embeddings", False)
+        cfg.update({k: cfg.get(k, v) for k, v in MOE_CONFIG.items()})
+        cfg.setdefault("shared_expert_intermediate_size", 64)
+        cfg.setdefault("decoder_sparse_step", 1)
+        cfg.setdefault("norm_topk_prob", False)
+        return t.Qwen2MoeConfig(**cfg), t.Qwen2MoeForCausalLM
+    if arch == "qwen3_moe":
+        cfg.setdefault("tie_word_embeddings", False)
+        cfg.setdefault("head_dim", 32)
+        cfg.update({k: cfg.get(k, v) for k, v in MOE_CONFIG.items()})
+        cfg.setdefault("decoder_sparse_step", 1)
+        cfg.setdefault("norm_topk_prob", True)
+        return t.Qwen3MoeConfig(**cfg), t.Qwen3MoeForCausalLM
+    if arch == "mixtral":
+        cfg.setdefault("tie_word_embeddings", False)
+        cfg["num_local_experts"] = cfg.pop("num_experts", MOE_CONFIG["num_experts"])
+        cfg.setdefault("num_experts_per_tok", MOE_CONFIG["num_experts_per_tok"])
+        cfg.pop("moe_intermediate_size", None)
+        cfg["intermediate_size"] = 48
+        return t.MixtralConfig(**cfg), t.MixtralForCausalLM
+    raise ValueError(arch)
+
+
 def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a tiny random model of ``arch`` ("llama", "qwen2", "qwen3") to ``out_dir``."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
+    """Write a tiny random model of ``arch`` ("llama", "qwen2", "qwen3", "phi3",
+    "qwen2_moe", "qwen3_moe", "mixtral") to ``out_dir``; ``overrides`` go to its config."""
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,18 +128,7 @@ def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overri
     vocab = TOKENIZER_VOCAB + 16  # a few unused rows, as real checkpoints often have
     cfg = _common_config(vocab)
     cfg.update(overrides)
-    if arch == "llama":
-        cfg.setdefault("tie_word_embeddings", False)
-        config, cls = LlamaConfig(**cfg), LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg.setdefault("tie_word_embeddings", True)
-        config, cls = Qwen2Config(**cfg), Qwen2ForCausalLM
-    elif arch == "qwen3":
-        cfg.setdefault("tie_word_embeddings", True)
-        cfg.setdefault("head_dim", 32)
-        config, cls = Qwen3Config(**cfg), Qwen3ForCausalLM
-    else:
-        raise ValueError(arch)
+    config, cls = _hf_classes(arch, cfg)
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32)
     # Random init gives near-uniform logits; scale weights up so greedy argmax is decisive
@@ -108,7 +137,7 @@ def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overri
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-            elif p.dim() == 2:
+            elif p.dim() >= 2:  # matrices, and MoE experts stacked [E, out, in]
                 p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
             else:
                 p.normal_(0.0, 0.05)

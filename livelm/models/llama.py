@@ -1,7 +1,10 @@
-"""Decoder-only transformer of the Llama family (Llama 2/3, Mistral, SmolLM2, Qwen2, Qwen3).
+"""Decoder-only transformer of the Llama family (Llama 2/3, Mistral, SmolLM2, Qwen2, Qwen3,
+Phi-3).
 
 The families differ only in options read from their config: q/k/v bias (Qwen2), per-head
-q/k RMSNorm (Qwen3), tied embeddings, head_dim and RoPE scaling. Projections that read the
+q/k RMSNorm (Qwen3), tied embeddings, head_dim, RoPE scaling, partial rotary (Phi-4-mini)
+and a mixture-of-experts feed-forward (models/moe.py: Qwen2-MoE, Qwen3-MoE, Mixtral).
+Phi-3's checkpoints store q|k|v and gate|up already fused, in this module's layout. Projections that read the
 same input are fused (q|k|v, gate|up) so each layer does two big matmuls instead of five.
 """
 
@@ -14,7 +17,8 @@ from torch import nn
 from livelm.layers.attention import AttentionMetadata
 from livelm.layers.fused_ops import add_rms_norm, rms_norm, rotary_inplace, silu_and_mul
 from livelm.models.model_config import ModelConfig
-from livelm.models.rope import RotaryEmbedding, apply_rotary
+from livelm.models.moe import SparseMoeBlock
+from livelm.models.rope import RotaryEmbedding, apply_rotary, rotary_dim
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +51,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        # The fused in-place kernel rotates whole heads; partial rotary takes apply_rotary.
+        self.full_rotary = rotary_dim(cfg.head_dim, cfg.rope) == cfg.head_dim
 
     def forward(
         self,
@@ -59,7 +65,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj.forward(x)
         # q and k rotated in place inside the fused output when a kernel applies.
-        rotated = self.q_norm is None and rotary_inplace(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
+        rotated = self.q_norm is None and self.full_rotary and rotary_inplace(qkv, *rope, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -75,11 +81,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward with fused gate|up projection."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.intermediate = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
@@ -89,12 +95,17 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention block followed by a pre-norm MLP block."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        moe = cfg.moe
+        if moe is not None and moe.sparse_layers[index]:
+            shared = MLP(cfg, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
+            self.mlp: nn.Module = SparseMoeBlock(cfg.hidden_size, moe, shared)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, rope, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """One transformer layer. The residual stream is carried apart from the layer's
@@ -120,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
         # embedding under torch.device("meta") would load torch's decompositions, ~1.4 s.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

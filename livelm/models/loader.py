@@ -62,6 +62,13 @@ def load_model(
     check_quantization(quantization)
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
+    if cfg.moe is not None and quantization not in ("auto", "none"):
+        # The routed experts are stacked parameters, not linear layers the quantized
+        # kernels can swap; quantizing only the rest would leave most weights float.
+        raise ValueError(
+            f"quantization={quantization!r} is not supported for mixture-of-experts models "
+            f"({cfg.architecture}): their expert weights stay float; use quantization='none' or 'auto'"
+        )
     checkpoint = Checkpoint(safetensors_files(model_dir))
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
@@ -95,6 +102,8 @@ def load_model(
             _copy_quantized(name, module, start, rows, tensor)
         elif tname in params:
             src = dequantize(tensor) if isinstance(tensor, QuantizedTensor) else tensor
+            if src.dim() == 3 and tname.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                src = src.reshape(-1, src.shape[-1])  # transformers 5's stacked [E, rows, in]
             param = params[tname].data
             dst = param if rows is None else param.narrow(0, start, rows)
             _check_shape(name, dst, src)
@@ -195,6 +204,9 @@ def _copy_quantized(name: str, module: QuantizedModule, start: int, rows: int | 
         t.copy_(src.tensors()[key])
 
 
+_EXPERT_PARTS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+
+
 def _target(cfg: ModelConfig, name: str) -> tuple[str, int, int | None] | None:
     """Where checkpoint tensor ``name`` goes: (model tensor name, first row, rows or None
     for the whole tensor), or None for tensors that are not loaded."""
@@ -204,7 +216,10 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int, int | None] | None:
         return None  # some tied checkpoints store the copy anyway
     if "rotary_emb" in name:
         return None
+    name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for the MoE block
     parts = name.split(".")
+    if cfg.moe is not None and len(parts) == 7 and parts[3] == "experts" and parts[5] in _EXPERT_PARTS:
+        return _expert_target(cfg, parts)
     fused = _FUSED.get(parts[-2]) if len(parts) >= 2 else None
     if fused is None:
         return name, 0, None
@@ -213,9 +228,25 @@ def _target(cfg: ModelConfig, name: str) -> tuple[str, int, int | None] | None:
     if fused_name == "qkv_proj":
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         sizes = [q, kv, kv]
+    elif cfg.moe is not None and "shared_expert" in parts:
+        sizes = [cfg.moe.shared_intermediate_size] * 2
     else:
         sizes = [cfg.intermediate_size] * 2
     return target, sum(sizes[:part]), sizes[part]
+
+
+def _expert_target(cfg: ModelConfig, parts: list[str]) -> tuple[str, int, int | None]:
+    # layers.{L}.mlp.experts.{e}.{gate_proj|up_proj|down_proj (or w1|w3|w2)}.weight: a row
+    # range of the layer's stacked expert weights (models/moe.py).
+    assert cfg.moe is not None
+    if not parts[4].isdigit() or int(parts[4]) >= cfg.moe.num_experts or parts[6] != "weight":
+        raise ValueError(f"checkpoint tensor {'.'.join(parts)}: no such expert weight "
+                         f"(the model has {cfg.moe.num_experts} experts)")
+    expert, part, inter = int(parts[4]), _EXPERT_PARTS[parts[5]], cfg.moe.intermediate_size
+    prefix = ".".join(parts[:4])
+    if part == 2:
+        return f"{prefix}.down_proj", expert * cfg.hidden_size, cfg.hidden_size
+    return f"{prefix}.gate_up_proj", expert * 2 * inter + part * inter, inter
 
 
 def _check_shape(name: str, dst: torch.Tensor, src: torch.Tensor) -> None:

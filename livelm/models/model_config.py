@@ -12,19 +12,85 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    "Phi3ForCausalLM": (False, False),
+    "Qwen2MoeForCausalLM": (True, False),
+    "Qwen3MoeForCausalLM": (False, True),
+    "MixtralForCausalLM": (False, False),
 }
+MOE_ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+_WINDOWED = ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM")
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (``rope_type`` "default", "linear" or "llama3")."""
+    """Rotary embedding parameters, as transformers' ``rope_parameters`` names them
+    (``rope_type`` one of ROPE_TYPES; livelm/models/rope.py computes the tables)."""
 
     theta: float = 10000.0
     rope_type: str = "default"
     factor: float = 1.0
+    factor_given: bool = True  # False: YaRN / LongRoPE derive it from the two lengths
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    max_position_embeddings: int = 2048  # the model's; dynamic NTK scales past it
+    partial_rotary_factor: float = 1.0
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward of the sparse layers (Qwen2-MoE, Qwen3-MoE, Mixtral)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each routed expert
+    renormalize: bool  # top-k weights rescaled to sum to 1 (norm_topk_prob; Mixtral always)
+    weights_in_model_dtype: bool  # Qwen casts routing weights to the model dtype, Mixtral not
+    shared_intermediate_size: int  # Qwen2-MoE's sigmoid-gated shared expert; 0: none
+    sparse_layers: tuple[bool, ...]  # per layer: MoE (True) or the dense MLP
+
+    @staticmethod
+    def from_dict(raw: dict, arch: str, num_layers: int) -> MoEConfig:
+        """The MoE fields of a config.json of one of MOE_ARCHITECTURES."""
+        if arch == "MixtralForCausalLM":
+            return MoEConfig(
+                num_experts=int(raw.get("num_local_experts", raw.get("num_experts", 0))),
+                top_k=int(raw["num_experts_per_tok"]),
+                intermediate_size=int(raw["intermediate_size"]),
+                renormalize=True,
+                weights_in_model_dtype=False,
+                shared_intermediate_size=0,
+                sparse_layers=(True,) * num_layers,
+            )
+        # Released Qwen configs say num_experts; transformers 5 writes num_local_experts.
+        experts = int(raw.get("num_experts", raw.get("num_local_experts", 0)) or 0)
+        step = int(raw.get("decoder_sparse_step", 1) or 1)
+        dense = set(raw.get("mlp_only_layers") or [])
+        sparse = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(num_layers))
+        shared = int(raw.get("shared_expert_intermediate_size", 0) or 0) if arch == "Qwen2MoeForCausalLM" else 0
+        moe = MoEConfig(
+            num_experts=experts,
+            top_k=int(raw["num_experts_per_tok"]),
+            intermediate_size=int(raw["moe_intermediate_size"]),
+            renormalize=bool(raw.get("norm_topk_prob", arch == "Qwen3MoeForCausalLM")),
+            weights_in_model_dtype=True,
+            shared_intermediate_size=shared,
+            sparse_layers=sparse,
+        )
+        if any(sparse) and not 0 < moe.top_k <= experts:
+            raise ValueError(f"num_experts_per_tok={moe.top_k} must be in 1..num_experts ({experts})")
+        return moe
 
 
 @dataclass(frozen=True)
@@ -47,6 +113,7 @@ class ModelConfig:
     rope: RopeConfig
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    moe: MoEConfig | None = None
 
     @staticmethod
     def from_dir(model_dir: str | Path) -> ModelConfig:
@@ -69,11 +136,14 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         default_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
-        if arch == "MistralForCausalLM" and raw.get("sliding_window"):
+        if raw.get("use_sliding_window"):  # Qwen2 / Qwen MoE configs switch it on by name
+            raise ValueError(f"{arch} with use_sliding_window=true is not supported")
+        if arch in _WINDOWED and raw.get("sliding_window"):
             max_pos = raw.get("max_position_embeddings", 0)
             if raw["sliding_window"] < max_pos:
+                # Phi-3-mini-4k says 2047 for a 4096 context: transformers masks by it.
                 raise ValueError(
-                    "Mistral models with a sliding window shorter than the context are not "
+                    f"{arch} models with a sliding window shorter than the context are not "
                     f"supported (sliding_window={raw['sliding_window']}, context={max_pos})"
                 )
         if raw.get("hidden_act", "silu") != "silu":
@@ -96,26 +166,72 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", default_bias)),
             qk_norm=qk_norm,
-            rope=_parse_rope(raw),
+            rope=_parse_rope(raw, arch, raw.get("head_dim") or hidden // num_heads),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            moe=MoEConfig.from_dict(raw, arch, raw["num_hidden_layers"]) if arch in MOE_ARCHITECTURES else None,
         )
 
 
-def _parse_rope(raw: dict) -> RopeConfig:
+def _parse_rope(raw: dict, arch: str, head_dim: int) -> RopeConfig:
     # transformers v5 writes "rope_parameters"; v4 wrote "rope_theta" + "rope_scaling".
     params = dict(raw.get("rope_parameters") or {})
     scaling = raw.get("rope_scaling") or {}
     params = {**scaling, **params}
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope type {rope_type!r}: livelm supports default, linear, llama3")
-    return RopeConfig(
+    if arch == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi-3's config class renames these, so transformers runs LongRoPE
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}: livelm supports {', '.join(ROPE_TYPES)}")
+    max_pos = int(raw.get("max_position_embeddings", 2048))
+    # As transformers: a top-level original_max_position_embeddings (Phi-3) wins over the
+    # one in the scaling dict, and the model's own length stands in for a missing one.
+    original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
+    partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) or 1.0)
+    rope = RopeConfig(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=float(params.get("factor") or 1.0),
+        factor_given=params.get("factor") is not None,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=int(original),
+        max_position_embeddings=max_pos,
+        partial_rotary_factor=partial,
+        attention_factor=_optional_float(params.get("attention_factor")),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=_optional_float(params.get("mscale")),
+        mscale_all_dim=_optional_float(params.get("mscale_all_dim")),
+        truncate=bool(params.get("truncate", True)),
+        short_factor=tuple(float(f) for f in params.get("short_factor") or ()),
+        long_factor=tuple(float(f) for f in params.get("long_factor") or ()),
     )
+    _check_rope(rope, head_dim)
+    return rope
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _check_rope(rope: RopeConfig, head_dim: int) -> None:
+    """ValueError naming the field of a rope config livelm would otherwise misread."""
+    rot = int(head_dim * rope.partial_rotary_factor)
+    if not 0 < rope.partial_rotary_factor <= 1 or rot % 2:
+        raise ValueError(
+            f"partial_rotary_factor={rope.partial_rotary_factor} gives {rot} rotated dimensions "
+            f"of head_dim {head_dim}: it must be in (0, 1] and give an even count"
+        )
+    if rope.rope_type in ("linear", "dynamic", "llama3") and not rope.factor_given:
+        raise ValueError(f"rope_scaling of type {rope.rope_type!r} needs a 'factor'")
+    if rope.rope_type == "dynamic" and rot <= 2:
+        raise ValueError("dynamic rope scaling needs more than 2 rotated dimensions per head")
+    if rope.rope_type == "longrope":
+        for name in ("short_factor", "long_factor"):
+            if len(getattr(rope, name)) != rot // 2:
+                raise ValueError(
+                    f"rope_scaling {name} has {len(getattr(rope, name))} entries; LongRoPE needs "
+                    f"one per rotated pair ({rot // 2})"
+                )
