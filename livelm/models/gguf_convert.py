@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from livelm.models.gguf_rope import ROPE_FREQS, llama3_scaling_from_rope_freqs
+
 logger = logging.getLogger("livelm")
 
 # Part of every cache key for converted models: bump it when the output of a conversion
@@ -106,11 +108,8 @@ def _hf_tensor_name(gguf_name: str) -> str:
     parts = gguf_name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
         return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
-    if gguf_name == "rope_freqs.weight":
-        # Llama-3.1-style rope scaling is stored only as this tensor, not as metadata that
-        # maps onto a transformers rope_scaling dict; ignoring it would silently give wrong
-        # outputs at every position.
-        raise ValueError("GGUF tensor 'rope_freqs.weight' (llama3 rope scaling) is not supported")
+    if gguf_name == ROPE_FREQS:
+        return ROPE_FREQS  # llama3 rope scaling: read back into rope_scaling (gguf_rope.py)
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent we know of")
 
 
@@ -147,6 +146,9 @@ def _read_weights(reader: Any, arch: str, n_head: int, n_head_kv: int) -> dict[s
     requantized: dict[str, int] = {}
     for tensor in reader.tensors:
         name = _hf_tensor_name(tensor.name)
+        if name == ROPE_FREQS:
+            weights[name] = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
+            continue
         # GGUF lists dimensions fastest-first; numpy/torch want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         w = repack_gguf_tensor(tensor.data, tensor.tensor_type.name, shape)
@@ -210,6 +212,13 @@ def _build_config(reader: Any, arch: str, weights: dict[str, Any]) -> Any:
         kwargs["attention_bias"] = True  # qwen2 always has q/k/v biases; others only if present
     if (scaling := _rope_scaling(reader, arch)) is not None:
         kwargs["rope_scaling"] = scaling
+    if ROPE_FREQS in weights:
+        if arch != "llama":
+            raise ValueError(f"GGUF tensor {ROPE_FREQS!r} is supported for llama files only, not {arch}")
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        kwargs["rope_scaling"] = llama3_scaling_from_rope_freqs(
+            weights[ROPE_FREQS].numpy(), kwargs["rope_theta"], int(head_dim), original
+        )
     config = AutoConfig.for_model(model_type, **kwargs)
     config.architectures = [architecture]
     config.dtype = "float32"
@@ -337,6 +346,7 @@ def convert_gguf_to_hf(
         weights = _read_weights(reader, arch, n_head, n_head_kv)
         _build_config(reader, arch, weights).save_pretrained(tmp)
         _write_generation_config(reader, tmp)
+        weights.pop(ROPE_FREQS, None)  # now the config's rope_scaling
         tensors, metadata = flatten_for_safetensors(weights)
         save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         del weights

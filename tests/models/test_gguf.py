@@ -73,8 +73,10 @@ def _add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> No
     writer.add_chat_template(CHATML_TEMPLATE)
 
 
-def write_gguf(hf_dir: Path, path: Path, qtype: Q = Q.F32) -> Path:
-    """Write the tiny HF model in ``hf_dir`` as a GGUF file, 2-D weights stored as ``qtype``."""
+def write_gguf(hf_dir: Path, path: Path, qtype: Q = Q.F32,
+               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """Write the tiny HF model in ``hf_dir`` as a GGUF file, 2-D weights stored as ``qtype``,
+    plus ``extra_tensors`` (GGUF name -> fp32 array, e.g. ``rope_freqs.weight``)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = cfg["model_type"]
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -95,6 +97,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q = Q.F32) -> Path:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     _add_tokenizer(writer, hf_dir, cfg["vocab_size"])
+    for gguf_name, array in (extra_tensors or {}).items():
+        writer.add_tensor(gguf_name, array.astype(np.float32))
     for name, t in load_file(hf_dir / "model.safetensors").items():
         w = t.numpy()
         if arch == "llama" and ".q_proj." in name:
@@ -241,7 +245,6 @@ def test_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
     [
         ("gpt2", "token_embd.weight", "architecture 'gpt2'"),
         ("llama", "blk.0.mystery.weight", "'blk.0.mystery.weight' has no Hugging Face"),
-        ("llama", "rope_freqs.weight", "rope_freqs.weight"),
     ],
 )
 def test_unsupported_model_is_rejected(
