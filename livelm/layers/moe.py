@@ -4,8 +4,8 @@ The grouped path never loops over tokens in Python: the batch's (token, expert) 
 sorted by expert, each active expert runs one matmul over all its rows, and the weighted
 results are added back into their tokens with one ``index_add_``. The loop is over the
 experts a step reaches (at most ``num_experts`` per layer), not over tokens.
-(benchmarks/moe_grouping.py measures this against a gather-and-bmm variant: see
-docs/models.md.)
+``gathered_experts`` (gather each pair's weights, one bmm) is the alternative; which is
+faster has not been measured yet.
 """
 
 from __future__ import annotations
