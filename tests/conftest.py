@@ -12,6 +12,18 @@ from tiny_models import build_tiny_model
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_weight_cache(tmp_path_factory):
+    """Weights quantized at load are cached under a directory of this test session's (in
+    the environment, so subprocesses use it too): tests exercise the cache without leaving
+    entries for their temporary models in the user's cache."""
+    import os
+
+    os.environ["LIVELM_WEIGHT_CACHE_DIR"] = str(tmp_path_factory.mktemp("weight-cache"))
+    yield
+    os.environ.pop("LIVELM_WEIGHT_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny random Llama, Qwen2 and Qwen3 models in HF format."""

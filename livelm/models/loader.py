@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from livelm.models.llama import LlamaForCausalLM
 from livelm.models.model_config import ModelConfig
 from livelm.models.prepare import swap_quantized_modules
 from livelm.models.rope import RotaryEmbedding
+from livelm.models.weight_cache import QuantizedWeightCache
 from livelm.quant.formats import QuantizedTensor, check_format, dequantize, quantize
 from livelm.quant.plan import check_quantization, plan_formats
 from livelm.quant.storage import QUANT_METADATA_KEY, stored_quantized
@@ -92,14 +95,19 @@ def load_model(
     modules = dict(model.named_modules())
     expected = set(params) | {f"{p}.weight" for p in plan if not (p == "lm_head" and cfg.tie_word_embeddings)}
     loaded: set[str] = set()
-    for name, tensor in checkpoint.tensors():
+    cache = QuantizedWeightCache(checkpoint.files, quantization) if plan and QuantizedWeightCache.enabled() else None
+    cached = cache.lookup() if cache is not None else None
+    sources = checkpoint.tensors(skip=cached.keys() if cached else ())
+    for name, tensor in itertools.chain(sources, (cached or {}).items()):
         target = _target(cfg, name)
         if target is None:
             continue
         tname, start, rows = target
         module = modules.get(tname.rpartition(".")[0])
         if tname.endswith(".weight") and isinstance(module, QuantizedModule):
-            _copy_quantized(name, module, start, rows, tensor)
+            quantized = _copy_quantized(name, module, start, rows, tensor)
+            if quantized is not None and cache is not None and cached is None:
+                cache.add(name, quantized)
         elif tname in params:
             src = dequantize(tensor) if isinstance(tensor, QuantizedTensor) else tensor
             if src.dim() == 3 and tname.endswith((".experts.gate_up_proj", ".experts.down_proj")):
@@ -115,6 +123,8 @@ def load_model(
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks weights for: {', '.join(missing[:8])}")
+    if cache is not None and cached is None:
+        cache.save()
     model.eval()
     return model
 
@@ -166,13 +176,16 @@ class Checkpoint:
             out.extend(k for k in keys if _base(k) not in self.formats)
         return out + list(self.formats)
 
-    def tensors(self):
-        """(name, float tensor or QuantizedTensor) for every weight, file by file."""
+    def tensors(self, skip: Collection[str] = ()):
+        """(name, float tensor or QuantizedTensor) for every weight not named in ``skip``,
+        file by file."""
         for path, keys in self._keys.items():
             parts: dict[str, dict[str, torch.Tensor]] = {}
             with safe_open(path, framework="pt", device="cpu") as f:
                 for key in keys:
                     base = _base(key)
+                    if base in skip:
+                        continue
                     if base in self.formats:
                         parts.setdefault(base, {})[key.rpartition(".")[2]] = f.get_tensor(key)
                     else:
@@ -186,8 +199,12 @@ def _base(key: str) -> str:
     return head if tail in ("qs", "d", "m") else key
 
 
-def _copy_quantized(name: str, module: QuantizedModule, start: int, rows: int | None, src) -> None:
-    """Write checkpoint weight ``src`` into rows of a quantized module (requantizing if needed)."""
+def _copy_quantized(
+    name: str, module: QuantizedModule, start: int, rows: int | None, src
+) -> QuantizedTensor | None:
+    """Write checkpoint weight ``src`` into rows of a quantized module (quantizing or
+    requantizing if needed); returns the weight when it was (re)quantized here."""
+    quantized = False
     if isinstance(src, QuantizedTensor) and src.fmt != module.fmt:
         logger.info("%s: stored as %s, requantized to %s", name, src.fmt, module.fmt)
         src = dequantize(src)
@@ -195,6 +212,7 @@ def _copy_quantized(name: str, module: QuantizedModule, start: int, rows: int | 
         if src.dim() != 2 or src.shape[1] != module.in_features:
             raise ValueError(f"weight {name} has shape {tuple(src.shape)}, expected [*, {module.in_features}]")
         src = quantize(src, module.fmt)
+        quantized = True
     dst = module.qweight
     if rows is not None:
         dst = dst.rows(start, rows)
@@ -202,6 +220,7 @@ def _copy_quantized(name: str, module: QuantizedModule, start: int, rows: int | 
         raise ValueError(f"weight {name} has shape {src.shape}, expected {dst.shape}")
     for key, t in dst.tensors().items():
         t.copy_(src.tensors()[key])
+    return src if quantized else None
 
 
 _EXPERT_PARTS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
