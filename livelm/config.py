@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from livelm.core.request_options import MAX_SESSION_TTL_S
+from livelm.core.request_options import MAX_SESSION_TTL_S, PRIORITY_LIMIT, check_slo_ms
+from livelm.core.scheduling_policy import SCHEDULING_POLICIES
 
 # Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
 QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8")
@@ -15,19 +16,43 @@ KV_CACHE_DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float
 ATTENTION_BACKEND_CHOICES: tuple[str, ...] = ("auto", "cpu", "torch")
 
 
+def check_scheduling(policy: str, tpot_slo_ms: float | None, ttft_slo_ms: float | None,
+                     min_prefill_tokens: int, max_priority: int) -> None:
+    """ValueError saying what to fix in the scheduling options (shared by EngineConfig and
+    SchedulerConfig)."""
+    if policy not in SCHEDULING_POLICIES:
+        raise ValueError(f"unknown scheduling_policy {policy!r}; choose one of {', '.join(SCHEDULING_POLICIES)}")
+    check_slo_ms("tpot_slo_ms", tpot_slo_ms)
+    check_slo_ms("ttft_slo_ms", ttft_slo_ms)
+    if isinstance(min_prefill_tokens, bool) or not isinstance(min_prefill_tokens, int) or min_prefill_tokens < 1:
+        raise ValueError(f"min_prefill_tokens must be an integer >= 1, got {min_prefill_tokens!r}")
+    if isinstance(max_priority, bool) or not isinstance(max_priority, int) or not 0 <= max_priority <= PRIORITY_LIMIT:
+        raise ValueError(f"max_priority must be an integer from 0 to {PRIORITY_LIMIT}, got {max_priority!r}")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How much work one engine step may do.
 
     ``max_num_batched_tokens`` is the one token budget per step shared by decodes and prefill
-    chunks; ``max_num_seqs`` caps how many requests run at once.
+    chunks; ``max_num_seqs`` caps how many requests run at once. ``policy`` orders the work
+    (core/scheduling_policy.py); ``tpot_slo_ms`` sizes each step's prefill so that running
+    decodes keep that time per output token (at least ``min_prefill_tokens`` of prefill per
+    step still run); ``ttft_slo_ms`` is the default TTFT target (the deadline policy orders
+    by it; misses are counted); priorities lie in [-max_priority, max_priority].
     """
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     max_model_len: int = 2048
+    policy: str = "fcfs"
+    tpot_slo_ms: float | None = None
+    ttft_slo_ms: float | None = None
+    min_prefill_tokens: int = 32
+    max_priority: int = 10
 
     def __post_init__(self) -> None:
+        check_scheduling(self.policy, self.tpot_slo_ms, self.ttft_slo_ms, self.min_prefill_tokens, self.max_priority)
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
@@ -93,6 +118,15 @@ class EngineConfig:
     (float8 e4m3, for CUDA; torch path). Keys and values are rounded when written;
     attention arithmetic stays in the model's dtype (layers/attention/kv_format.py).
 
+    Scheduling (docs/scheduling.md): ``scheduling_policy`` is ``fcfs`` (arrival order),
+    ``priority`` (the request's ``priority``, higher first; lower ones are preempted for
+    it), ``fair`` (token-fair between tenants, VTC) or ``deadline`` (earliest TTFT deadline
+    first); ``tpot_slo_ms`` makes each step's prefill fit the time per output token the
+    running decodes should keep, by a cost model of this host learnt from measured steps
+    (at least ``min_prefill_tokens`` of prefill still run each step); ``ttft_slo_ms`` is
+    the default time-to-first-token target; request priorities lie in
+    [-``max_priority``, ``max_priority``].
+
     ``max_n`` is the most sequences one request may ask for (``n``; it must also be at most
     ``max_num_seqs``): a larger ``n`` is refused when the request is added.
     """
@@ -119,8 +153,15 @@ class EngineConfig:
     attention_backend: str = "auto"
     max_n: int = 16
     kv_cache_dtype: str = "auto"
+    scheduling_policy: str = "fcfs"
+    tpot_slo_ms: float | None = None
+    ttft_slo_ms: float | None = None
+    min_prefill_tokens: int = 32
+    max_priority: int = 10
 
     def __post_init__(self) -> None:
+        check_scheduling(self.scheduling_policy, self.tpot_slo_ms, self.ttft_slo_ms, self.min_prefill_tokens,
+                         self.max_priority)
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(
                 f"unsupported quantization {self.quantization!r}; supported: {', '.join(QUANTIZATION_CHOICES)}"

@@ -57,6 +57,14 @@ class Request:
     cache_salt: str | None = None
     session_id: str | None = None
     session_ttl: float | None = None
+    # Scheduling (core/scheduling_policy.py, docs/scheduling.md): higher priority first
+    # under the priority policy; the tenant whose token share the fair policy balances;
+    # latency targets in seconds (None: the engine's, if any). ``arrival_time`` and the
+    # TTFT target give the deadline the deadline policy orders by.
+    priority: int = 0
+    tenant: str = ""
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -66,6 +74,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    first_token_time: float | None = None  # on the scheduler's clock
     # The prefix cache's bookkeeping: chained hashes of the full blocks of
     # ``all_token_ids`` (extended lazily), and the cache content ids of the leading blocks
     # whose KV this request holds and the cache knows.
@@ -89,6 +98,11 @@ class Request:
     def input_stream(cls, stream_id: str, token_ids: list[int], cache_salt: str | None = None) -> Request:
         """The input-only request that reads an input stream into KV (its input stays open)."""
         return cls(stream_id, list(token_ids), None, input_closed=False, cache_salt=cache_salt)
+
+    @property
+    def ttft_deadline(self) -> float | None:
+        """When the first token is due (arrival + TTFT target), or None without a target."""
+        return None if self.ttft_slo is None else self.arrival_time + self.ttft_slo
 
     @property
     def num_tokens(self) -> int:

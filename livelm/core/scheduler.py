@@ -16,6 +16,8 @@ from livelm.core.scheduler_output import (
     SchedulerOutput,
     SequenceUpdate,
 )
+from livelm.core.scheduling_policy import FcfsPolicy, SchedulingPolicy, make_policy
+from livelm.core.step_cost import StepCostModel, StepShape
 from livelm.core.token_ids import common_prefix_len
 
 
@@ -28,6 +30,18 @@ class SchedulerStats(NamedTuple):
     num_input_streams: int  # input-only requests (open input streams)
     num_computed_tokens: int
     kv: KVCacheStats
+    slo: SloStats | None = None
+
+
+class SloStats(NamedTuple):
+    """How the latency targets fared (docs/scheduling.md)."""
+
+    num_tpot_misses: int  # steps with decodes under a TPOT target that took longer
+    num_ttft_misses: int  # requests whose first token came after their TTFT deadline
+    num_capped_steps: int  # steps whose prefill the TPOT target cut short
+    num_floor_steps: int  # steps that ran the minimum prefill past the TPOT headroom
+    predicted_step_s: float  # the cost model's prediction for the last step
+    measured_step_s: float  # the last step's measured time
 
 
 class Scheduler:
@@ -41,6 +55,11 @@ class Scheduler:
     and waits while a running request is computing a prefix it shares. When the KV pool
     runs dry, session pins are dropped first; then the newest running request is
     preempted (its blocks released, recomputed later).
+
+    The order is the policy's (core/scheduling_policy.py; the above is ``fcfs``): which
+    waiting request is admitted first, which prefill takes the budget first, who yields.
+    With a TPOT target, the prefill of a step that also decodes is cut to what the cost
+    model (core/step_cost.py, learnt from ``observe_step``) says fits in the target.
     """
 
     def __init__(
@@ -70,6 +89,18 @@ class Scheduler:
         # Requests forked into branches (docs/rl.md): out of the running set, holding their
         # KV until joined.
         self.suspended: dict[str, Request] = {}
+        self.policy: SchedulingPolicy = make_policy(scheduler_config.policy)
+        self._reorders = type(self.policy) is not FcfsPolicy  # fcfs keeps the queues as they are
+        self.step_cost = StepCostModel()
+        self._tpot_default = None if scheduler_config.tpot_slo_ms is None else scheduler_config.tpot_slo_ms / 1000
+        self._ttft_default = None if scheduler_config.ttft_slo_ms is None else scheduler_config.ttft_slo_ms / 1000
+        self._step_target: float | None = None  # the TPOT target the last schedule() sized for
+        self._predicted = 0.0
+        self._measured = 0.0
+        self.num_tpot_misses = 0
+        self.num_ttft_misses = 0
+        self.num_capped_steps = 0
+        self.num_floor_steps = 0
 
     # ----------------------------------------------------------------- admission
 
@@ -82,8 +113,14 @@ class Scheduler:
         """Queue a request (validated by the caller against the model's limits)."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.priority and abs(request.priority) > self.config.max_priority:
+            raise ValueError(f"priority must be an integer from {-self.config.max_priority} to "
+                             f"{self.config.max_priority} (the engine's max_priority), got {request.priority}")
+        if request.ttft_slo is None:
+            request.ttft_slo = self._ttft_default
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.policy.added(request)
         if request.input_only:
             self.num_input_streams += 1
 
@@ -110,29 +147,42 @@ class Scheduler:
             num_input_streams=self.num_input_streams,
             num_computed_tokens=self.num_computed_tokens,
             kv=self.kv.stats(),
+            slo=SloStats(self.num_tpot_misses, self.num_ttft_misses, self.num_capped_steps, self.num_floor_steps,
+                         self._predicted, self._measured),
         )
 
     # ------------------------------------------------------------------ schedule
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work within ``max_num_batched_tokens`` and the KV pool."""
-        self.kv.sessions.expire(self.clock())
+        now = self.clock()
+        self.kv.sessions.expire(now)
         budget = self.config.max_num_batched_tokens
         chunks: dict[str, ScheduledChunk] = {}
         preempted = False
 
-        # Decodes first, then prefill chunks (both oldest first): a long prompt, or input
-        # streaming into a session, never takes the budget from a token being generated.
+        # Decodes first, then prefill chunks (in the policy's order; oldest first under
+        # fcfs): a long prompt, or input streaming into a session, never takes the budget
+        # from a token being generated.
         decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
         catching_up = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        if self._reorders and len(catching_up) > 1:
+            catching_up = self.policy.prefill_order(catching_up, now)
+        self._step_target = self._tpot_target(decoding)
+        limit = _PrefillLimit(self, self._step_target)
         for req in decoding + catching_up:
             if budget <= 0:
                 break
             if req.status == RequestStatus.PREEMPTED:
                 continue  # a victim of an earlier request in this loop
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 1:
+                n = limit.allow(req.num_computed_tokens, n)
+                if n == 0:
+                    continue
             while not self.kv.allocate_slots(req, n):
-                victim = self.running.pop()  # the newest request yields
+                victim = self.policy.victim(self.running)  # the newest request, under fcfs
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 undone = chunks.pop(victim.request_id, None)
@@ -142,26 +192,50 @@ class Scheduler:
                     break
             else:
                 chunks[req.request_id] = self._chunk(req, n)
+                limit.add(req.num_computed_tokens, n)
                 budget -= n
 
         # New work only when nothing had to yield this step (it would just thrash).
         scheduled = list(chunks.values())
         if not preempted:
-            budget = self._admit_waiting(scheduled, budget)
+            budget = self._admit_waiting(scheduled, budget, limit, now)
+        limit.finish()
+        self._predicted = limit.predicted()
 
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(chunks=scheduled, finished_request_ids=finished)
+
+    def _tpot_target(self, decoding: list[Request]) -> float | None:
+        """The TPOT target this step's decodes ask for: the tightest of theirs (None when
+        no decode has one, or nothing decodes)."""
+        target = None
+        for req in decoding:
+            t = req.tpot_slo if req.tpot_slo is not None else self._tpot_default
+            if t is not None and (target is None or t < target):
+                target = t
+        return target
+
+    def observe_step(self, scheduled: SchedulerOutput, seconds: float) -> None:
+        """The engine measured ``seconds`` for the step ``scheduled``: the cost model learns
+        from it, and a step over the TPOT target it was sized for counts as a miss."""
+        shape = StepShape.of_chunks((c.start_position, c.num_tokens) for c in scheduled.chunks)
+        self.step_cost.observe(shape, seconds)
+        self._measured = seconds
+        if self._step_target is not None and seconds > self._step_target:
+            self.num_tpot_misses += 1
 
     def has_pending_work(self) -> bool:
         """True while a step would compute something (or could admit a waiting request);
         streams that wait for input hold KV but need no steps."""
         return bool(self.waiting) or any(r.num_computed_tokens < r.num_tokens for r in self.running)
 
-    def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int) -> int:
+    def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int, limit: _PrefillLimit, now: float) -> int:
         skipped: list[Request] = []
+        if self._reorders and len(self.waiting) > 1:
+            self.waiting = deque(self.policy.admission_order(self.waiting, now))
         # Input streams do not count: waiting for input, they hold KV but take no batch slot.
         num_seqs = sum(not r.input_only for r in self.running)
-        while self.waiting and budget > 0:
+        while self.waiting and budget > 0 and not limit.exhausted:
             if num_seqs >= self.config.max_num_seqs and not self.waiting[0].input_only:
                 break
             req = self.waiting.popleft()
@@ -180,12 +254,28 @@ class Scheduler:
             remaining = req.num_tokens - req.num_computed_tokens
             # Admit only if the whole remaining prompt fits now: a request admitted on its
             # first chunk alone would soon be preempted again, wasting the work.
-            if not self.kv.make_room(req, remaining + 1):
+            n = min(remaining, budget)
+            if n > 1:
+                n = limit.allow(req.num_computed_tokens, n)
+            fits = n > 0 or remaining == 0
+            fits = fits and self.kv.make_room(req, remaining + 1)
+            while n > 0 and not fits and (victim := self.policy.may_preempt_for(req, self.running)) is not None:
+                # The priority policy: a lower-priority request yields its KV to this one.
+                self.running.remove(victim)
+                self._preempt(victim)
+                self.waiting.remove(victim)
+                skipped.append(victim)
+                for i, chunk in enumerate(chunks):
+                    if chunk.request_id == victim.request_id:
+                        budget += chunks.pop(i).num_tokens
+                        break
+                num_seqs -= not victim.input_only
+                fits = self.kv.make_room(req, remaining + 1)
+            if not fits:
                 self.kv.free(req)
                 req.num_computed_tokens = 0
                 self.waiting.appendleft(req)
                 break
-            n = min(remaining, budget)
             self.kv.allocate_slots(req, n)
             self.kv.admitted(req, reused)
             req.status = RequestStatus.RUNNING
@@ -195,6 +285,7 @@ class Scheduler:
             num_seqs += not req.input_only
             if n > 0:
                 chunks.append(self._chunk(req, n))
+                limit.add(req.num_computed_tokens, n)
                 budget -= n
             else:  # a stream whose input is all computed (or has not started)
                 req.status = RequestStatus.WAITING_FOR_INPUT
@@ -262,6 +353,7 @@ class Scheduler:
             req.num_computed_tokens += chunk.num_tokens
             self.num_computed_tokens += chunk.num_tokens
             self.kv.commit(req)
+            self.policy.account(req, 0 if chunk.is_decode else chunk.num_tokens, 1 if chunk.sample else 0)
             prompt_lp = result.prompt_logprobs.get(req.request_id)
             if not chunk.sample:
                 if req.input_only and req.num_computed_tokens == req.num_tokens:
@@ -270,6 +362,8 @@ class Scheduler:
                     outputs.append(self._output(req, [], None, prompt_lp))
                 continue
             sampled = result.sampled[req.request_id]
+            if not req.output_token_ids:
+                self._first_token(req)
             req.append_output(sampled.token_id)
             self._check_stop(req, sampled.token_id)
             lps = [sampled] if req.sampling_params.logprobs is not None else None
@@ -280,6 +374,12 @@ class Scheduler:
             if req.is_finished:
                 self._release(req)
         return outputs
+
+    def _first_token(self, req: Request) -> None:
+        req.first_token_time = now = self.clock()
+        deadline = req.ttft_deadline
+        if deadline is not None and now > deadline:
+            self.num_ttft_misses += 1
 
     def _check_stop(self, req: Request, token_id: int) -> None:
         params = req.sampling_params
@@ -342,8 +442,10 @@ class Scheduler:
             self.kv.pin_session(req, self.clock() + ttl)
         else:
             self.kv.free(req)
-        if self.requests.pop(req.request_id, None) is not None and req.input_only:
-            self.num_input_streams -= 1
+        if self.requests.pop(req.request_id, None) is not None:
+            self.policy.finished(req)
+            if req.input_only:
+                self.num_input_streams -= 1
         self._finished_ids.append(req.request_id)
 
     # ------------------------------------------------------------ streaming input
@@ -461,6 +563,58 @@ class Scheduler:
     def expire_sessions(self) -> int:
         """Drop the session pins whose TTL is over (also done at every schedule)."""
         return self.kv.sessions.expire(self.clock())
+
+
+class _PrefillLimit:
+    """How much prefill one step may still take under its TPOT target.
+
+    Inactive (everything allowed) without a target or before the cost model has seen
+    enough steps. Otherwise each prefill chunk gets what the model predicts fits in the
+    target on top of the step so far, except that the step's first ``min_prefill_tokens``
+    of prefill always run: when the decodes alone fill the target, prefill still moves
+    (TTFT degrades, and the step counts as a floor step, rather than prefill stopping).
+    """
+
+    def __init__(self, scheduler: Scheduler, target: float | None) -> None:
+        self.scheduler = scheduler
+        self.target = target
+        self.active = target is not None and scheduler.step_cost.ready
+        self.shape = StepShape()
+        self.prefill_tokens = 0
+        self.capped = False
+        self.floored = False
+        self.exhausted = False
+
+    def allow(self, start: int, n: int) -> int:
+        """Tokens of a prefill chunk of up to ``n`` starting at ``start`` that may run."""
+        if not self.active or self.exhausted:
+            return 0 if self.exhausted else n
+        assert self.target is not None
+        fit = self.scheduler.step_cost.max_chunk_tokens(self.shape, start, self.target)
+        floor_left = max(0, self.scheduler.config.min_prefill_tokens - self.prefill_tokens)
+        allowed = max(fit, floor_left)
+        if allowed < n:
+            self.capped = True
+            self.floored = self.floored or floor_left > fit
+        if allowed <= 0:
+            self.exhausted = True
+            return 0
+        return min(n, allowed)
+
+    def add(self, start: int, n: int) -> None:
+        """A chunk of ``n`` tokens from ``start`` is in the step."""
+        self.shape = self.shape.with_chunk(start, n)
+        if n > 1:
+            self.prefill_tokens += n
+
+    def finish(self) -> None:
+        """The step is planned: count it."""
+        self.scheduler.num_capped_steps += self.capped
+        self.scheduler.num_floor_steps += self.floored
+
+    def predicted(self) -> float:
+        """The cost model's seconds for the step as planned (0 while it is not ready)."""
+        return self.scheduler.step_cost.predict(self.shape) if self.scheduler.step_cost.ready else 0.0
 
 
 def _is_fresh(req: Request) -> bool:

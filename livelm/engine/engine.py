@@ -26,9 +26,10 @@ import torch
 from livelm.config import CacheConfig, EngineConfig, SchedulerConfig
 from livelm.core.kv_manager import blocks_needed
 from livelm.core.request import FinishReason, Request, RequestStatus
-from livelm.core.request_options import NO_OPTIONS, RequestOptions
+from livelm.core.request_options import NO_OPTIONS, RequestOptions, check_priority
 from livelm.core.scheduler import Scheduler
 from livelm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from livelm.core.scheduling_policy import DEFAULT_TENANT
 from livelm.core.token_ids import check_vocab_range
 from livelm.engine.fork import MAX_FORK_BRANCHES, Branch, ForkResult, ForkState, check_branches
 from livelm.engine.request_state import RequestState
@@ -166,7 +167,11 @@ class Engine:
             config.block_size, num_blocks, config.enable_prefix_caching, config.session_ttl_s
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
+            SchedulerConfig(
+                config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
+                policy=config.scheduling_policy, tpot_slo_ms=config.tpot_slo_ms, ttft_slo_ms=config.ttft_slo_ms,
+                min_prefill_tokens=config.min_prefill_tokens, max_priority=config.max_priority,
+            ),
             self.cache_config,
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids)
@@ -258,6 +263,8 @@ class Engine:
             )
         if options.session_id is not None and params.n > 1:
             raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
+        if options.priority is not None:
+            check_priority(options.priority, self.config.max_priority)
         if params.max_tokens is None and n + params.min_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + min_tokens ({params.min_tokens}) exceeds the context length "
@@ -320,6 +327,10 @@ class Engine:
                     cache_salt=options.cache_salt,
                     session_id=options.session_id,
                     session_ttl=options.session_ttl,
+                    priority=options.priority or 0,
+                    tenant=options.tenant or DEFAULT_TENANT,
+                    ttft_slo=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,
+                    tpot_slo=None if options.tpot_slo_ms is None else options.tpot_slo_ms / 1000,
                 )
             )
         state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer, arrival)
@@ -336,16 +347,18 @@ class Engine:
         ``state.error`` says why; the others go on as if it had not been there. Isolation
         costs nothing until something fails. What no request can be blamed for raises.
         """
+        started = time.perf_counter()
         sched = self.scheduler.schedule()
         self.last_step_was_empty = sched.is_empty
         if sched.is_empty:
             if sched.finished_request_ids:
                 self.runner.execute(sched)  # lets the runner drop their state
             return []
+        isolated = False
         try:
             ran = self.runner.execute(sched)
         except Exception as e:
-            ran = self._isolate(sched, e)
+            ran, isolated = self._isolate(sched, e), True
         moved = self._fail_sequences(ran.failed) if ran.failed else []
         updates = self.scheduler.update(sched, ran)
         deltas: dict[str, list] = {}
@@ -370,6 +383,8 @@ class Engine:
             moved.append((state, state.delta_output(ds)))
             if state.finished:
                 del self.states[rid]
+        if not isolated:  # the step as a whole: what the TPOT budget's cost model learns from
+            self.scheduler.observe_step(sched, time.perf_counter() - started)
         self.last_step_time = time.time()
         return moved
 
