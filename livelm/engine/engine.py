@@ -100,6 +100,16 @@ class EngineStats:
     # step loop still runs (AsyncEngine sets False once its engine thread stopped).
     last_step_time: float = 0.0
     engine_alive: bool = True
+    # Latency targets (docs/scheduling.md): decode steps over their TPOT target, requests
+    # whose first token missed its TTFT target, steps whose prefill the TPOT budget cut
+    # (and those that ran only the minimum prefill), and the last step's predicted and
+    # measured seconds (the cost model's fit).
+    num_tpot_slo_misses: int = 0
+    num_ttft_slo_misses: int = 0
+    num_slo_capped_steps: int = 0
+    num_slo_floor_steps: int = 0
+    predicted_step_seconds: float = 0.0
+    measured_step_seconds: float = 0.0
 
 
 def make_engine_config(model: str | None, kwargs: dict) -> EngineConfig:
@@ -698,4 +708,10 @@ class Engine:
             num_touched_blocks=kv.num_touched_blocks,
             kv_block_bytes=self.kv_block_bytes,
             last_step_time=self.last_step_time,
+            num_tpot_slo_misses=s.slo.num_tpot_misses,
+            num_ttft_slo_misses=s.slo.num_ttft_misses,
+            num_slo_capped_steps=s.slo.num_capped_steps,
+            num_slo_floor_steps=s.slo.num_floor_steps,
+            predicted_step_seconds=s.slo.predicted_step_s,
+            measured_step_seconds=s.slo.measured_step_s,
         )

@@ -8,6 +8,7 @@ import os
 import sys
 
 from livelm.config import KV_CACHE_DTYPE_CHOICES
+from livelm.entrypoints.scheduling_args import add_scheduling_args, scheduling_kwargs
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: livelm's C++ kernels for fp32 on CPU, else torch ops (docs/kernels.md)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV of shared prompt prefixes (on by default)")
+    add_scheduling_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -47,6 +49,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         kw["enable_prefix_caching"] = False
     if args.kv_cache_gib is not None:
         kw["kv_cache_gib"] = args.kv_cache_gib
+    kw.update(scheduling_kwargs(args))
     return kw
 
 

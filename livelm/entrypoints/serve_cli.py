@@ -6,6 +6,7 @@ import argparse
 import os
 
 from livelm.config import KV_CACHE_DTYPE_CHOICES
+from livelm.entrypoints.scheduling_args import add_scheduling_args
 
 
 def _non_negative_seconds(value: str) -> float:
@@ -77,6 +78,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--session-ttl", dest="session_ttl_s", type=float, default=None,
                         help="seconds a session's KV stays pinned after a turn "
                              "(default 30; requests may set session_ttl)")
+    add_scheduling_args(parser.add_argument_group("scheduling (docs/scheduling.md)"))
     streams = parser.add_argument_group("streaming input (/v1/stream, /v1/sessions)")
     streams.add_argument("--max-input-streams", dest="max_input_streams", type=int, default=None,
                          help="input sessions open at once; more get 429 (default 64)")

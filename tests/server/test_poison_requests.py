@@ -142,6 +142,21 @@ POISON = [
     (CHAT, _chat('"session_id": "s1", "session_ttl": 604801'), "session_ttl", "7 days"),
     (C, _body('"session_id": "\\ud800"'), "session_id", None),
     (C, _body('"cache_salt": "\\ud800"'), "cache_salt", None),
+    # Scheduling (issue 25): priority, tenant and latency targets.
+    (C, _body('"priority": 1.5'), "priority", None),
+    (C, _body('"priority": true'), "priority", "boolean"),
+    (C, _body('"priority": 99999999999999999999999'), "priority", None),
+    (CHAT, _chat('"priority": 11'), None, "from -10 to 10"),
+    (C, _body('"priority": "high"'), "priority", None),
+    (C, _body('"tenant": "' + "t" * 100_000 + '"'), "tenant", "at most 256"),
+    (C, _body('"tenant": "\\ud800"'), "tenant", "Unicode"),
+    (C, _body('"tenant": 7'), "tenant", None),
+    (C, _body('"ttft_slo_ms": NaN'), "ttft_slo_ms", None),
+    (C, _body('"ttft_slo_ms": -5'), "ttft_slo_ms", "> 0"),
+    (CHAT, _chat('"ttft_slo_ms": 1e300'), "ttft_slo_ms", "a day"),
+    (C, _body('"tpot_slo_ms": Infinity'), "tpot_slo_ms", None),
+    (C, _body('"tpot_slo_ms": 0'), "tpot_slo_ms", "> 0"),
+    (C, _body('"tpot_slo_ms": "fast"'), "tpot_slo_ms", None),
     (C, '{"prompt": [' + ", ".join(["[5]"] * 1000) + '], "max_tokens": 1}', None, "sequences"),
     # Structured output and tools (issue 15): every new field gets its poison.
     (CHAT, _chat('"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
@@ -220,6 +235,8 @@ LEGITIMATE = [
     _body('"stop": ["' + "y" * 256 + '"], "stop_token_ids": [0]'),
     _body('"session_id": "poison-ok", "session_ttl": 604800'),
     _body('"top_k": 1000000000000000000000000000000, "temperature": 1'),
+    _body('"priority": -10, "tenant": "t", "ttft_slo_ms": 86400000, "tpot_slo_ms": 0.001'),
+    _body('"user": "' + "u" * 10_000 + '", "tenant": ""'),  # a long user names a tenant, cut
 ]
 
 

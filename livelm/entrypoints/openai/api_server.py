@@ -43,6 +43,7 @@ from livelm.entrypoints.openai.streaming_sessions import add_session_routes
 from livelm.entrypoints.openai.tool_parsers import resolve_tool_parser
 from livelm.entrypoints.openai.web import add_template_route, add_web_ui_routes
 from livelm.entrypoints.openai.websocket_stream import add_websocket_route
+from livelm.entrypoints.scheduling_args import scheduling_kwargs
 
 logger = logging.getLogger("livelm.server")
 
@@ -233,6 +234,7 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("max_input_streams", "stream_idle_timeout_s", "max_stream_pending_tokens"):
         if getattr(args, name, None) is not None:  # streaming-input limits
             kwargs[name] = getattr(args, name)
+    kwargs.update(scheduling_kwargs(args))
     return kwargs
 
 

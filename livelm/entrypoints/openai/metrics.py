@@ -59,6 +59,28 @@ class _LiveGauges(Collector):
         yield from _stream_metrics(stats)
         yield from _cache_metrics(stats)
         yield from _liveness_metrics(stats)
+        yield from _slo_metrics(stats)
+
+
+def _slo_metrics(stats: Any) -> Iterator[Any]:
+    """Latency targets (docs/scheduling.md; absent from stats of engines that have none)."""
+    if not hasattr(stats, "num_tpot_slo_misses"):
+        return
+    counters = (
+        ("livelm_tpot_slo_misses", "Decode steps that took longer than their TPOT target.",
+         stats.num_tpot_slo_misses),
+        ("livelm_ttft_slo_misses", "Requests whose first token came after their TTFT target.",
+         stats.num_ttft_slo_misses),
+        ("livelm_slo_capped_steps", "Steps whose prefill the TPOT budget cut short.", stats.num_slo_capped_steps),
+        ("livelm_slo_floor_steps", "Steps that ran only the minimum prefill although the decodes "
+         "alone filled the TPOT target.", stats.num_slo_floor_steps),
+    )
+    for name, doc, value in counters:
+        yield CounterMetricFamily(name, doc, value=value)
+    yield GaugeMetricFamily("livelm_step_predicted_seconds", "The step cost model's prediction "
+                            "for the last step.", value=stats.predicted_step_seconds)
+    yield GaugeMetricFamily("livelm_step_measured_seconds", "The last step's measured time.",
+                            value=stats.measured_step_seconds)
 
 
 def _liveness_metrics(stats: Any) -> Iterator[Any]:

@@ -3,7 +3,8 @@
 Requests accept unknown fields and ignore them (clients send fields of newer API versions),
 except the documented livelm extras: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``,
-``include_stop_str_in_output``, ``session_id``, ``session_ttl``, ``cache_salt`` and the
+``include_stop_str_in_output``, ``session_id``, ``session_ttl``, ``cache_salt``, the
+scheduling fields (``priority``, ``tenant``, ``ttft_slo_ms``, ``tpot_slo_ms``) and the
 structured-output fields (``structured_outputs`` and vLLM's legacy ``guided_json``,
 ``guided_regex``, ``guided_choice``, ``guided_grammar``). Value ranges are checked by
 :class:`~livelm.sampling_params.SamplingParams`, so the API and the Python engine agree.
@@ -238,6 +239,12 @@ class SamplingRequest(OpenAIModel):
     session_id: Text | None = None
     session_ttl: Float | None = None
     cache_salt: Text | None = None
+    # Scheduling (docs/scheduling.md): priority under --scheduling-policy priority, the
+    # tenant the fair policy balances (default: ``user``), latency targets in ms.
+    priority: Int | None = None
+    tenant: Text | None = None
+    ttft_slo_ms: Float | None = None
+    tpot_slo_ms: Float | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from livelm.core.request_options import RequestOptions
+from livelm.core.request_options import MAX_TENANT_CHARS, RequestOptions
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
 from livelm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -55,10 +55,22 @@ def _common_kwargs(req: SamplingRequest) -> dict:
                 ("session_ttl", req.session_ttl),
                 ("cache_salt", req.cache_salt),
                 ("user", req.user),
+                ("priority", req.priority),
+                ("tenant", _tenant(req)),
+                ("ttft_slo_ms", req.ttft_slo_ms),
+                ("tpot_slo_ms", req.tpot_slo_ms),
             )
             if v is not None and v != ""
         },
     )
+
+
+def _tenant(req: SamplingRequest) -> str | None:
+    """The request's tenant: ``tenant``, else OpenAI's ``user`` (end-user id; cut to the
+    longest tenant name, so a long ``user`` never makes a request invalid)."""
+    if req.tenant:
+        return req.tenant
+    return req.user[:MAX_TENANT_CHARS] if req.user else None
 
 
 def _check_common(req: SamplingRequest) -> None:
@@ -66,7 +78,8 @@ def _check_common(req: SamplingRequest) -> None:
         raise _unsupported("logit_bias", "logit_bias")
     try:  # the engine parses the same options again, after a stream may have started
         RequestOptions(session_id=req.session_id or None, session_ttl=req.session_ttl,
-                       cache_salt=req.cache_salt)
+                       cache_salt=req.cache_salt, priority=req.priority, tenant=_tenant(req),
+                       ttft_slo_ms=req.ttft_slo_ms, tpot_slo_ms=req.tpot_slo_ms)
     except ValueError as exc:
         raise bad_request_from_value_error(exc, _OPTION_FIELDS, "prompt") from exc
     if req.session_id and req.n > 1:
