@@ -88,9 +88,14 @@ class StepCostModel:
         self.window = window
         self.prior_weight = prior_weight
         self.min_observations = min_observations
-        self._samples: deque[tuple[tuple[float, ...], float]] = deque(maxlen=window)
+        self._samples: deque[tuple[tuple[float, ...], float]] = deque()
+        # Running sums of the weighted normal equations over the window, so an observation
+        # costs O(16) and a refit one 4 x 4 solve (the engine observes every step).
+        self._xtx = [[0.0] * 4 for _ in range(4)]
+        self._xty = [0.0] * 4
         self.num_observations = 0
         self._stale = False
+        self.frozen = False  # True: observations are ignored (a calibrated model, kept as is)
 
     @property
     def ready(self) -> bool:
@@ -98,12 +103,34 @@ class StepCostModel:
         return self.num_observations >= self.min_observations
 
     def observe(self, shape: StepShape, seconds: float) -> None:
-        """A step of ``shape`` took ``seconds`` (ignored unless a finite positive time)."""
-        if shape.tokens <= 0 or not (math.isfinite(seconds) and seconds > 0):
+        """A step of ``shape`` took ``seconds`` (ignored unless a finite positive time, and
+        by a frozen model)."""
+        if self.frozen or shape.tokens <= 0 or not (math.isfinite(seconds) and seconds > 0):
             return
-        self._samples.append((shape.features(), seconds))
+        x = shape.features()
+        self._samples.append((x, seconds))
+        self._accumulate(x, seconds, 1.0)
+        if len(self._samples) > self.window:
+            old_x, old_y = self._samples.popleft()
+            self._accumulate(old_x, old_y, -1.0)
         self.num_observations += 1
+        if self.num_observations % (4 * self.window) == 0:
+            self._resum()  # wash out the rounding the subtractions accumulate
         self._stale = True
+
+    def _accumulate(self, x: tuple[float, ...], y: float, sign: float) -> None:
+        w = sign / (y * y)  # relative errors: long prefill steps do not drown decode steps
+        for i in range(4):
+            self._xty[i] += w * x[i] * y
+            row = self._xtx[i]
+            for j in range(4):
+                row[j] += w * x[i] * x[j]
+
+    def _resum(self) -> None:
+        self._xtx = [[0.0] * 4 for _ in range(4)]
+        self._xty = [0.0] * 4
+        for x, y in self._samples:
+            self._accumulate(x, y, 1.0)
 
     def predict(self, shape: StepShape) -> float:
         """Predicted seconds for a step of ``shape``."""
@@ -129,18 +156,12 @@ class StepCostModel:
         if not self._stale:
             return
         self._stale = False
-        # Ridge regression towards the prior: minimise sum (x.c - y)^2 / y^2 (relative
-        # errors, so long prefill steps do not drown decode steps) plus, per coefficient,
-        # w * mean(x_i^2 / y^2) * (c_i - p_i)^2: the prior weighs as much as w steps would,
-        # whatever the units, and decides only what the window cannot tell apart.
-        xtx = [[0.0] * 4 for _ in range(4)]
-        xty = [0.0] * 4
-        for x, y in self._samples:
-            w = 1.0 / (y * y)
-            for i in range(4):
-                xty[i] += w * x[i] * y
-                for j in range(4):
-                    xtx[i][j] += w * x[i] * x[j]
+        # Ridge regression towards the prior: minimise sum (x.c - y)^2 / y^2 over the window
+        # plus, per coefficient, w * mean(x_i^2 / y^2) * (c_i - p_i)^2: the prior weighs as
+        # much as w steps would, whatever the units, and decides only what the window
+        # cannot tell apart.
+        xtx = [row[:] for row in self._xtx]
+        xty = self._xty[:]
         count = max(1, len(self._samples))
         for i in range(4):
             reg = self.prior_weight * max(xtx[i][i] / count, 1e-12)
@@ -156,9 +177,12 @@ class StepCostModel:
         return {"coefficients": list(self.coefficients), "num_observations": self.num_observations}
 
     @classmethod
-    def from_coefficients(cls, coefficients: Sequence[float]) -> StepCostModel:
-        """A model that predicts with ``coefficients`` (ready, as a calibrated one)."""
-        return cls(prior=coefficients, min_observations=0)
+    def from_coefficients(cls, coefficients: Sequence[float], frozen: bool = False) -> StepCostModel:
+        """A model that predicts with ``coefficients`` (ready, as a calibrated one);
+        ``frozen`` keeps them whatever it observes."""
+        model = cls(prior=coefficients, min_observations=0)
+        model.frozen = frozen
+        return model
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
