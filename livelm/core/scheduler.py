@@ -168,6 +168,7 @@ class Scheduler:
         catching_up = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
         if self._reorders and len(catching_up) > 1:
             catching_up = self.policy.prefill_order(catching_up, now)
+        catching_up_ids = {r.request_id for r in catching_up} if self._reorders else set()
         self._step_target = self._tpot_target(decoding)
         limit = _PrefillLimit(self, self._step_target)
         for req in decoding + catching_up:
@@ -175,6 +176,12 @@ class Scheduler:
                 break
             if req.status == RequestStatus.PREEMPTED:
                 continue  # a victim of an earlier request in this loop
+            if self._reorders and not preempted and req.request_id in catching_up_ids:
+                # Waiting requests the policy ranks ahead of this prefill go first: a light
+                # tenant's (or an urgent) new request does not wait behind others' prompts.
+                budget = self._admit_waiting(chunks, budget, limit, now, before=self.policy.rank(req))
+                if budget <= 0:
+                    break
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n > 1:
                 n = limit.allow(req.num_computed_tokens, n)
@@ -196,9 +203,9 @@ class Scheduler:
                 budget -= n
 
         # New work only when nothing had to yield this step (it would just thrash).
-        scheduled = list(chunks.values())
         if not preempted:
-            budget = self._admit_waiting(scheduled, budget, limit, now)
+            budget = self._admit_waiting(chunks, budget, limit, now)
+        scheduled = list(chunks.values())
         limit.finish()
         self._predicted = limit.predicted()
 
@@ -229,13 +236,18 @@ class Scheduler:
         streams that wait for input hold KV but need no steps."""
         return bool(self.waiting) or any(r.num_computed_tokens < r.num_tokens for r in self.running)
 
-    def _admit_waiting(self, chunks: list[ScheduledChunk], budget: int, limit: _PrefillLimit, now: float) -> int:
+    def _admit_waiting(self, chunks: dict[str, ScheduledChunk], budget: int, limit: _PrefillLimit, now: float,
+                       before: object = None) -> int:
+        """Admit waiting requests (in the policy's order) while budget, KV and batch slots
+        last; ``before``: only those the policy ranks strictly ahead of it."""
         skipped: list[Request] = []
         if self._reorders and len(self.waiting) > 1:
             self.waiting = deque(self.policy.admission_order(self.waiting, now))
         # Input streams do not count: waiting for input, they hold KV but take no batch slot.
         num_seqs = sum(not r.input_only for r in self.running)
         while self.waiting and budget > 0 and not limit.exhausted:
+            if before is not None and not self.policy.rank(self.waiting[0]) < before:
+                break
             if num_seqs >= self.config.max_num_seqs and not self.waiting[0].input_only:
                 break
             req = self.waiting.popleft()
@@ -265,10 +277,9 @@ class Scheduler:
                 self._preempt(victim)
                 self.waiting.remove(victim)
                 skipped.append(victim)
-                for i, chunk in enumerate(chunks):
-                    if chunk.request_id == victim.request_id:
-                        budget += chunks.pop(i).num_tokens
-                        break
+                undone = chunks.pop(victim.request_id, None)
+                if undone is not None:
+                    budget += undone.num_tokens
                 num_seqs -= not victim.input_only
                 fits = self.kv.make_room(req, remaining + 1)
             if not fits:
@@ -284,7 +295,7 @@ class Scheduler:
             self.running.append(req)
             num_seqs += not req.input_only
             if n > 0:
-                chunks.append(self._chunk(req, n))
+                chunks[req.request_id] = self._chunk(req, n)
                 limit.add(req.num_computed_tokens, n)
                 budget -= n
             else:  # a stream whose input is all computed (or has not started)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from livelm.core.request import Request
 
@@ -39,6 +39,10 @@ class SchedulingPolicy(Protocol):
     """The ordering and preemption decisions of one scheduling policy."""
 
     name: str
+
+    def rank(self, request: Request) -> Any:
+        """A sort key: lower goes first (waiting and running requests compared alike)."""
+        ...
 
     def admission_order(self, waiting: Sequence[Request], now: float) -> list[Request]:
         """``waiting`` in the order requests should be admitted."""
@@ -75,6 +79,10 @@ class FcfsPolicy:
 
     name = "fcfs"
 
+    def rank(self, request: Request) -> Any:
+        """Arrival time (unused: fcfs keeps the scheduler's own order)."""
+        return request.arrival_time
+
     def admission_order(self, waiting: Sequence[Request], now: float) -> list[Request]:
         """Arrival order (preempted requests were put back at the front)."""
         return list(waiting)
@@ -106,13 +114,17 @@ class PriorityPolicy(FcfsPolicy):
 
     name = "priority"
 
+    def rank(self, request: Request) -> Any:
+        """Higher priority first."""
+        return -request.priority
+
     def admission_order(self, waiting: Sequence[Request], now: float) -> list[Request]:
         """Highest priority first; a stable sort keeps arrival order within a level."""
-        return sorted(waiting, key=lambda r: -r.priority)
+        return sorted(waiting, key=self.rank)
 
     def prefill_order(self, requests: Sequence[Request], now: float) -> list[Request]:
         """Highest priority first, then oldest."""
-        return sorted(requests, key=lambda r: -r.priority)
+        return sorted(requests, key=self.rank)
 
     def victim(self, running: Sequence[Request]) -> Request:
         """The lowest priority, newest among equals."""
@@ -159,6 +171,10 @@ class FairPolicy(FcfsPolicy):
     def _counter(self, request: Request) -> float:
         return self.counters.get(request.tenant, 0.0)
 
+    def rank(self, request: Request) -> Any:
+        """The least-served tenant first."""
+        return self._counter(request)
+
     def admission_order(self, waiting: Sequence[Request], now: float) -> list[Request]:
         """Requests of the least-served tenant first (arrival order within a tenant)."""
         return sorted(waiting, key=self._counter)
@@ -186,6 +202,10 @@ class DeadlinePolicy(FcfsPolicy):
     """Earliest TTFT deadline first (EDF); requests without a deadline come last."""
 
     name = "deadline"
+
+    def rank(self, request: Request) -> Any:
+        """The earliest TTFT deadline first."""
+        return _deadline(request)
 
     def admission_order(self, waiting: Sequence[Request], now: float) -> list[Request]:
         """Earliest deadline first; stable, so arrival order breaks ties."""

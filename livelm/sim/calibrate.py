@@ -1,0 +1,72 @@
+"""Calibrate the step cost model on this host: run a real engine through a mixed workload
+(decodes of many batch sizes alongside prefill chunks of many lengths) and fit the model
+to every step it measured."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from livelm.core.step_cost import StepCostModel, StepShape
+from livelm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from livelm.engine.engine import Engine
+
+
+def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[StepCostModel, list[tuple[StepShape, float]]]:
+    """Fit a StepCostModel to ``engine``'s measured steps over a staggered workload:
+    a request (prompt 16-768 tokens, 4-64 output tokens) joins every other step, so steps
+    mix 0-30 decodes with prefill chunks up to the token budget. Returns the model and
+    the (shape, seconds) samples."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    samples: list[tuple[StepShape, float]] = []
+    observe = engine.scheduler.observe_step
+
+    def record(scheduled, seconds: float) -> None:
+        shape = StepShape.of_chunks((c.start_position, c.num_tokens) for c in scheduled.chunks)
+        samples.append((shape, seconds))
+        observe(scheduled, seconds)
+
+    engine.scheduler.observe_step = record  # type: ignore[method-assign]
+    try:
+        warm = [rng.randrange(3, vocab) for _ in range(64)]
+        engine.add("calibrate-warmup", warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        while engine.scheduler.has_unfinished():
+            engine.step()
+        samples.clear()  # the first steps pay for one-time set-up
+        pending = num_requests
+        step = 0
+        while pending or engine.scheduler.has_unfinished():
+            if pending and step % 2 == 0:
+                n_in = int(min(768, max(16, rng.lognormvariate(4.8, 0.9))))
+                prompt = [rng.randrange(3, vocab) for _ in range(n_in)]
+                engine.add(f"calibrate-{pending}", prompt,
+                           SamplingParams(temperature=0, max_tokens=rng.randrange(4, 65), ignore_eos=True))
+                pending -= 1
+            engine.step()
+            step += 1
+    finally:
+        del engine.scheduler.observe_step  # the instance attribute: back to the method
+    model = StepCostModel(window=max(1, len(samples)), min_observations=0)
+    for shape, seconds in samples:
+        model.observe(shape, seconds)
+    return model, samples
+
+
+def save_cost_model(model: StepCostModel, path: str | Path, **info) -> None:
+    """Write the fitted coefficients (and ``info``: model, host, date) as JSON."""
+    Path(path).write_text(json.dumps({**model.to_dict(), **info}, indent=2) + "\n")
+
+
+def load_cost_model(path: str | Path) -> StepCostModel:
+    """A frozen StepCostModel from a file ``save_cost_model`` wrote (ValueError if bad)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        coefficients = [float(c) for c in data["coefficients"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a step cost model file (livelm simulate --calibrate writes one): {e}") from e
+    return StepCostModel.from_coefficients(coefficients, frozen=True)
