@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: throughput, serve, sweep",
                            description="Benchmarks: offline throughput, serving latency under load, rate sweeps.")
     add_bench_args(bench)
+
+    from livelm.entrypoints.simulate_cli import add_simulate_args
+
+    simulate = sub.add_parser("simulate", help="calibrate the step cost model; replay traces on simulated replicas",
+                              description="The real scheduler on simulated replicas (docs/scheduling.md).")
+    add_simulate_args(simulate)
     return parser
 
 
