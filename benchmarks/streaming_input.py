@@ -142,6 +142,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     options = {"quantization": args.quantization} if args.quantization else {}
     if args.max_num_batched_tokens:
         options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.tpot_slo_ms:  # the SLO-aware step budget (docs/scheduling.md)
+        options["tpot_slo_ms"] = args.tpot_slo_ms
     engine = AsyncEngine(args.model, num_threads=args.threads, max_model_len=8192, **options)
     tok = engine.tokenizer
     context = build_context(tok, args.context_tokens, args.seed)
@@ -149,7 +151,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     interval = args.seconds / args.pieces  # the last piece arrives at (pieces - 1) * interval
     params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
     print(f"model {engine.model_name} ({engine.config.quantization} weights, token budget "
-          f"{engine.config.max_num_batched_tokens}); context {len(tok(context).input_ids)} tokens in {args.pieces} pieces "
+          f"{engine.config.max_num_batched_tokens}, TPOT target {engine.config.tpot_slo_ms} ms); context {len(tok(context).input_ids)} tokens in {args.pieces} pieces "
           f"every {interval:.2f}s; question {len(tok(QUESTION, add_special_tokens=False).input_ids)} tokens")
 
     # Warm-up (kernels, allocator), untimed.
@@ -209,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quantization", default=None, help="weights format (default: the engine's default)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
+    p.add_argument("--tpot-slo-ms", type=float, default=None,
+                   help="the engine's TPOT target: each step's prefill is cut to fit it (default: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
