@@ -40,7 +40,7 @@ class SloStats(NamedTuple):
     num_ttft_misses: int  # requests whose first token came after their TTFT deadline
     num_capped_steps: int  # steps whose prefill the TPOT target cut short
     num_floor_steps: int  # steps that ran the minimum prefill past the TPOT headroom
-    predicted_step_s: float  # the cost model's prediction for the last step
+    predicted_step_s: float  # the cost model's prediction for the last step sized to a target (else 0)
     measured_step_s: float  # the last step's measured time
 
 
@@ -614,6 +614,8 @@ class _PrefillLimit:
 
     def add(self, start: int, n: int) -> None:
         """A chunk of ``n`` tokens from ``start`` is in the step."""
+        if not self.active:
+            return  # nothing to size: the hot path stays free of the bookkeeping
         self.shape = self.shape.with_chunk(start, n)
         if n > 1:
             self.prefill_tokens += n
@@ -624,8 +626,8 @@ class _PrefillLimit:
         self.scheduler.num_floor_steps += self.floored
 
     def predicted(self) -> float:
-        """The cost model's seconds for the step as planned (0 while it is not ready)."""
-        return self.scheduler.step_cost.predict(self.shape) if self.scheduler.step_cost.ready else 0.0
+        """The cost model's seconds for the step as planned (0 without a target)."""
+        return self.scheduler.step_cost.predict(self.shape) if self.active else 0.0
 
 
 def _is_fresh(req: Request) -> bool:

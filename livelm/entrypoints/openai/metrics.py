@@ -78,7 +78,7 @@ def _slo_metrics(stats: Any) -> Iterator[Any]:
     for name, doc, value in counters:
         yield CounterMetricFamily(name, doc, value=value)
     yield GaugeMetricFamily("livelm_step_predicted_seconds", "The step cost model's prediction "
-                            "for the last step.", value=stats.predicted_step_seconds)
+                            "for the last step sized to a TPOT target (0 for other steps).", value=stats.predicted_step_seconds)
     yield GaugeMetricFamily("livelm_step_measured_seconds", "The last step's measured time.",
                             value=stats.measured_step_seconds)
 
