@@ -345,7 +345,7 @@ class LlamaCppArm:
 
     @staticmethod
     def convert(src: Path, dst: Path, fmt: str) -> None:
-        """``src`` requantized to ``fmt`` (``q8_0`` or ``f32``) by llama.cpp's quantizer."""
+        """``src`` requantized to ``fmt`` (``q8_0``, ``f32``, ``q4_k_m`` or ``q6_k``) by llama.cpp's quantizer."""
         spec = {"mode": "convert", "path": str(src), "dst": str(dst), "fmt": fmt}
         proc = subprocess.run([sys.executable, __file__, "--llamacpp-worker"], input=json.dumps(spec),
                               capture_output=True, text=True, timeout=3600)
@@ -380,7 +380,8 @@ def llamacpp_worker(spec: dict) -> dict:
     if spec["mode"] == "convert":
         params = L.llama_model_quantize_default_params()
         params.nthread = 2
-        params.ftype = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "f32": L.LLAMA_FTYPE_ALL_F32}[spec["fmt"]]
+        params.ftype = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "f32": L.LLAMA_FTYPE_ALL_F32,
+                        "q4_k_m": L.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q6_k": L.LLAMA_FTYPE_MOSTLY_Q6_K}[spec["fmt"]]
         params.allow_requantize = True
         rc = L.llama_model_quantize(spec["path"].encode(), spec["dst"].encode(), ctypes.byref(params))
         return {"rc": rc}

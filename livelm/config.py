@@ -9,7 +9,7 @@ from livelm.core.request_options import MAX_SESSION_TTL_S, PRIORITY_LIMIT, check
 from livelm.core.scheduling_policy import SCHEDULING_POLICIES
 
 # Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
-QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8")
+QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8", "q5_0", "q5_1")
 # Values of EngineConfig.kv_cache_dtype: auto is the model's dtype (float32 on CPU).
 KV_CACHE_DTYPE_CHOICES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16", "q8_0", "fp8")
 # Values of EngineConfig.attention_backend (the backends of livelm.layers.attention, and auto).

@@ -23,7 +23,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels), float16, q8_0 (block-quantized int8, 27%% of float32's memory; read in place by the C++ kernels) or fp8 (e4m3, for CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quantization", default="auto",
-                   choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],
+                   choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8", "q5_0", "q5_1"],
                    help="weights in memory: auto keeps a GGUF's own format (default), none = float, "
                         "or quantize at load (docs/quantization.md)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],

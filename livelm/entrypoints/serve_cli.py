@@ -68,7 +68,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels), float16, q8_0 (block-quantized int8, 27%% of float32's memory; read in place by the C++ kernels) or fp8 (e4m3, for CUDA)")
     engine.add_argument("--seed", type=int, default=None, help="engine seed")
     engine.add_argument("--quantization", default=None,
-                        choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8"],
+                        choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8", "q5_0", "q5_1"],
                         help="weights in memory: auto keeps a GGUF's own format (default), none = "
                              "float, or quantize at load (docs/quantization.md)")
     engine.add_argument("--attention-backend", default=None, choices=["auto", "cpu", "torch"],

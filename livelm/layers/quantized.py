@@ -1,7 +1,8 @@
 """nn.Modules whose weights stay quantized: a linear layer and an embedding table, over the
 formats and matmuls of ``livelm.quant``.
 
-The quantized tensors are buffers (``qs``, ``d`` and, for q4_1, ``m``) so ``.to(device)``
+The quantized tensors are buffers (``qs``, ``d`` and, for q4_1, ``m``; GGUF's raw block
+formats only ``qs``) so ``.to(device)``
 moves them; scales are integer bit patterns, so ``.to(dtype)`` leaves them alone.
 """
 
@@ -23,6 +24,8 @@ class QuantizedModule(nn.Module):
         qt = empty_quantized(fmt, out_features, in_features)
         for name, t in qt.tensors().items():
             self.register_buffer(name, t)
+        if qt.d is None:  # GGUF's raw block formats: the scales are inside qs
+            self.d = None
         if qt.m is None:
             self.m = None
 
@@ -83,3 +86,33 @@ class QuantEmbedding(QuantizedModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] -> [..., embedding_dim] in the module's float dtype."""
         return matmul.embedding_rows(self.qweight, ids).to(self.dtype_probe.dtype)
+
+
+class SplitQuantLinear(nn.Module):
+    """A fused linear (q|k|v, gate|up) whose parts a checkpoint stores in different formats
+    (a GGUF's Q4_K q/k with a Q6_K v, say): one bias-free QuantLinear per part, each in its
+    own format so no part is requantized, outputs concatenated, then the fused bias."""
+
+    def __init__(self, in_features: int, parts: tuple[tuple[int, str], ...], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = sum(rows for rows, _ in parts)
+        self.parts = nn.ModuleList(QuantLinear(in_features, rows, fmt) for rows, fmt in parts)
+        self.starts = tuple(sum(rows for rows, _ in parts[:i]) for i in range(len(parts)))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+
+    def part_at(self, start: int, rows: int | None) -> QuantLinear:
+        """The part holding rows [start, start + rows) of the fused weight (ValueError if none)."""
+        for first, part in zip(self.starts, self.parts, strict=True):
+            if first == start and rows in (None, part.out_features):
+                return part
+        raise ValueError(f"rows {start}..{start + (rows or 0)} are not one part of this split linear "
+                         f"(parts start at {list(self.starts)})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype."""
+        out = torch.cat([part.forward(x) for part in self.parts], dim=-1)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"formats={[p.fmt for p in self.parts]}, in_features={self.in_features}"

@@ -1,9 +1,10 @@
 """Convert a GGUF file (llama.cpp's format) into a Hugging Face-format model directory.
 
 The engine loads only HF-format directories, so a GGUF is turned once into `config.json`,
-`model.safetensors` and tokenizer files. Quantized weights stay quantized: Q8_0 / Q4_0 /
-Q4_1 blocks are repacked bit-exactly, K-quants requantized into those block formats
-(livelm/quant/gguf_repack.py), float tensors stored as fp32. The tokenizer is rebuilt by
+`model.safetensors` and tokenizer files. Quantized weights stay in the file's own format:
+Q8_0 / Q4_0 / Q4_1 blocks are repacked bit-exactly, Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks
+kept byte for byte (livelm/quant/gguf_repack.py), float tensors stored as fp32; other
+types (Q2_K, Q3_K, the IQ types, ...) are refused by name. The tokenizer is rebuilt by
 transformers' own GGUF tokenizer conversion.
 """
 
@@ -26,7 +27,9 @@ logger = logging.getLogger("livelm")
 
 # Part of every cache key for converted models: bump it when the output of a conversion
 # changes, so that caches made by an older livelm are not reused.
-CONVERSION_VERSION = 2  # 2: quantized weights kept quantized (was: dequantized to fp32)
+# 2: quantized weights kept quantized (was: dequantized to fp32); 3: Q5_0/Q5_1/K-quants
+# kept as GGUF blocks (was: requantized to q4_1 / q8_0).
+CONVERSION_VERSION = 3
 
 # general.architecture -> (transformers model_type, architectures entry)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -35,8 +38,10 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
 }
 
+# The GGUF tensor types livelm loads (livelm/quant/gguf_repack.py keeps each in its own
+# format); listed here so that importing this module does not import torch.
 SUPPORTED_TENSOR_TYPES: tuple[str, ...] = (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K",
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
 
 _GLOBAL_TENSORS = {
@@ -130,7 +135,7 @@ def _check_tensors(reader: Any) -> None:
         if tensor.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
             raise ValueError(
                 f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which livelm "
-                f"cannot dequantize; supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}"
+                f"does not support; supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}"
             )
 
 
@@ -140,10 +145,10 @@ def _read_weights(reader: Any, arch: str, n_head: int, n_head_kv: int) -> dict[s
     import torch
 
     from livelm.quant.formats import QuantizedTensor
-    from livelm.quant.gguf_repack import K_QUANT_TARGETS, repack_gguf_tensor
+    from livelm.quant.gguf_repack import repack_gguf_tensor
 
     weights: dict[str, Any] = {}
-    requantized: dict[str, int] = {}
+    kept: dict[str, int] = {}
     for tensor in reader.tensors:
         name = _hf_tensor_name(tensor.name)
         if name == ROPE_FREQS:
@@ -152,17 +157,16 @@ def _read_weights(reader: Any, arch: str, n_head: int, n_head_kv: int) -> dict[s
         # GGUF lists dimensions fastest-first; numpy/torch want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         w = repack_gguf_tensor(tensor.data, tensor.tensor_type.name, shape)
-        if tensor.tensor_type.name in K_QUANT_TARGETS and isinstance(w, QuantizedTensor):
-            key = f"{tensor.tensor_type.name} -> {w.fmt}"
-            requantized[key] = requantized.get(key, 0) + 1
+        if isinstance(w, QuantizedTensor):
+            kept[w.fmt] = kept.get(w.fmt, 0) + 1
         heads = n_head if ".attn_q." in tensor.name else n_head_kv if ".attn_k." in tensor.name else 0
         if arch == "llama" and heads:
             # Rows are independent in every format, so permuting them is exact.
             perm = torch.from_numpy(_unpermute_rows(np.arange(shape[0]), heads).copy())
             w = w.index_rows(perm) if isinstance(w, QuantizedTensor) else w[perm]
         weights[name] = w if isinstance(w, QuantizedTensor) else w.contiguous().clone()
-    for key, count in sorted(requantized.items()):
-        logger.info("GGUF K-quant tensors requantized %s: %d", key, count)
+    if kept:
+        logger.info("GGUF quantized tensors kept as stored: %s", ", ".join(f"{n} {f}" for f, n in sorted(kept.items())))
     return weights
 
 

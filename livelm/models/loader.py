@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from livelm.layers.quantized import QuantizedModule, QuantLinear
+from livelm.layers.quantized import QuantizedModule, QuantLinear, SplitQuantLinear
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.model_config import ModelConfig
 from livelm.models.prepare import swap_quantized_modules
@@ -75,11 +75,12 @@ def load_model(
     checkpoint = Checkpoint(safetensors_files(model_dir))
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
-        stored: dict[str, set[str | None]] = {}
+        stored: dict[str, dict[int, tuple[int | None, str | None]]] = {}
         for name in checkpoint.names():
             target = _target(cfg, name)
             if target is not None:
-                stored.setdefault(target[0], set()).add(checkpoint.formats.get(name))
+                tname, start, rows = target
+                stored.setdefault(tname, {})[start] = (rows, checkpoint.formats.get(name))
         plan = plan_formats(model, quantization, stored)
         swap_quantized_modules(model, plan)
     _materialize(model, device, dtype)
@@ -88,7 +89,7 @@ def load_model(
     # Rotary tables are derived, not loaded: rebuild them (meta init left them empty).
     model.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope).to(device)
     if plan:
-        counts = Counter(plan.values())
+        counts = Counter(f for v in plan.values() for f in ([v] if isinstance(v, str) else [f for _, f in v]))
         logger.info("quantized weights: %s", ", ".join(f"{n} layers {f}" for f, n in sorted(counts.items())))
 
     params = dict(model.named_parameters())
@@ -108,6 +109,9 @@ def load_model(
             quantized = _copy_quantized(name, module, start, rows, tensor)
             if quantized is not None and cache is not None and cached is None:
                 cache.add(name, quantized)
+        elif tname.endswith(".weight") and isinstance(module, SplitQuantLinear):
+            # Only under "auto", with every part already in its stored format: nothing to cache.
+            _copy_quantized(name, module.part_at(start, rows), 0, None, tensor)
         elif tname in params:
             src = dequantize(tensor) if isinstance(tensor, QuantizedTensor) else tensor
             if src.dim() == 3 and tname.endswith((".experts.gate_up_proj", ".experts.down_proj")):

@@ -20,19 +20,22 @@ import torch
 from torch import nn
 
 from livelm.layers.packed_linear import pack_linear_layers, packed_linear
-from livelm.layers.quantized import QuantEmbedding, QuantLinear
+from livelm.layers.quantized import QuantEmbedding, QuantLinear, SplitQuantLinear
 from livelm.models.llama import LlamaForCausalLM
 
 
-def swap_quantized_modules(model: LlamaForCausalLM, plan: Mapping[str, str]) -> None:
+def swap_quantized_modules(model: LlamaForCausalLM, plan: Mapping[str, str | tuple[tuple[int, str], ...]]) -> None:
     """Replace each planned nn.Linear / nn.Embedding by its quantized counterpart (same
-    device); a tied LM head reads the quantized embedding table through its own QuantLinear."""
+    device; a fused linear planned in parts by a SplitQuantLinear); a tied LM head reads
+    the quantized embedding table through its own QuantLinear."""
     for path, fmt in plan.items():
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, attr)
-        if isinstance(old, nn.Linear):
-            new: nn.Module = QuantLinear(old.in_features, old.out_features, fmt, bias=old.bias is not None)
+        if isinstance(fmt, tuple):
+            new: nn.Module = SplitQuantLinear(old.in_features, fmt, bias=old.bias is not None)
+        elif isinstance(old, nn.Linear):
+            new = QuantLinear(old.in_features, old.out_features, fmt, bias=old.bias is not None)
         else:
             new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt)
         setattr(parent, attr, new)

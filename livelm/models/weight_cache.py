@@ -41,7 +41,8 @@ from livelm.quant.storage import QUANT_METADATA_KEY, flatten_for_safetensors, st
 
 logger = logging.getLogger("livelm")
 
-WEIGHT_CACHE_VERSION = 1
+# 2: under auto, fused weights whose parts differ in format are split, not requantized.
+WEIGHT_CACHE_VERSION = 2
 _DISABLE_ENV = "LIVELM_DISABLE_WEIGHT_CACHE"
 _DIR_ENV = "LIVELM_WEIGHT_CACHE_DIR"
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from livelm.layers.packed_linear import PackedLinear, PanelLinear, packed_linear
-from livelm.layers.quantized import QuantizedModule, QuantLinear
+from livelm.layers.quantized import QuantizedModule, QuantLinear, SplitQuantLinear
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.loader import Checkpoint, _target, safetensors_files
 from livelm.models.prepare import _bind_submodules
@@ -204,6 +204,9 @@ def stage_update(
             staged.buffers[path] = _quantized_weight(module, parts)
             if path == "embed_tokens" and isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings:
                 staged.retie_quantized_head = True
+        elif kind == "weight" and isinstance(module, SplitQuantLinear):
+            raise ValueError(f"{path} keeps its parts in the GGUF formats they were stored in "
+                             f"({', '.join(p.fmt for p in module.parts)}); live updates of it are not supported")
         elif kind == "bias" and isinstance(module, PanelLinear | PackedLinear):
             continue  # repacked with its weight (a bias alone: below)
         elif isinstance(module, PanelLinear | PackedLinear):

@@ -1,4 +1,5 @@
-"""Quantized weight formats: GGUF's 32-weight blocks (q8_0, q4_0, q4_1) and per-row int8.
+"""Quantized weight formats: GGUF's 32-weight blocks (q8_0, q4_0, q4_1) and per-row int8,
+plus GGUF's raw block formats (q5_0, q5_1, q4_k, q5_k, q6_k: ``livelm/quant/gguf_blocks.py``).
 
 A weight [N, K] is kept as a :class:`QuantizedTensor`: the quantized values ``qs`` (one row
 per output feature, in GGUF's byte order within a block), the block scales ``d`` and, for
@@ -13,6 +14,9 @@ quantizer would.
 | q4_1   | d * q + m, q in 0..15   | 20 (16 + fp16 d, m)  |
 | int8   | s_row * q               | 32 (+ 4 per row)     |
 
+The raw formats keep each row's GGUF blocks byte for byte in ``qs`` (uint8) and have no
+``d`` or ``m`` tensors.
+
 Scales are stored as raw bits (int16 for fp16, int32 for fp32) so that ``module.to(dtype)``
 never casts them; :meth:`QuantizedTensor.scales` gives them as fp32.
 """
@@ -23,12 +27,24 @@ from dataclasses import dataclass
 
 import torch
 
+from livelm.quant.gguf_blocks import (
+    QUANTIZABLE_RAW,
+    RAW_LAYOUTS,
+    dequantize_raw,
+    quantize_raw,
+    raw_row_bytes,
+)
+
 BLOCK = 32
-FORMATS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "int8")
-# The code each format has in the C++ kernels (csrc/quant_linear.cpp).
-FORMAT_CODES: dict[str, int] = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "int8": 3}
+FORMATS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "int8", *RAW_LAYOUTS)
+# Formats livelm can quantize float weights into (the K-quants are only loaded from GGUF).
+QUANTIZE_FORMATS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "int8", *QUANTIZABLE_RAW)
+# The code each format has in the C++ kernels (csrc/quant_linear.cpp, csrc/gguf_blocks.h).
+FORMAT_CODES: dict[str, int] = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "int8": 3,
+                                "q5_0": 4, "q5_1": 5, "q4_k": 6, "q5_k": 7, "q6_k": 8}  # fmt: skip
 # Higher keeps more precision; used when fused parts disagree and must share one format.
-PRECISION_RANK: dict[str, int] = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "int8": 3}
+PRECISION_RANK: dict[str, int] = {"q4_0": 0, "q4_1": 1, "q4_k": 2, "q5_0": 3, "q5_1": 4, "q5_k": 5,
+                                  "q6_k": 6, "q8_0": 7, "int8": 8}  # fmt: skip
 
 
 def check_format(fmt: str) -> str:
@@ -38,9 +54,19 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def is_raw(fmt: str) -> bool:
+    """Whether ``fmt`` keeps GGUF's block bytes in ``qs`` (no ``d`` / ``m`` tensors)."""
+    return fmt in RAW_LAYOUTS
+
+
+def block_weights(fmt: str) -> int:
+    """Weights per block along a row (1 for int8)."""
+    return 1 if fmt == "int8" else RAW_LAYOUTS[fmt][0] if is_raw(fmt) else BLOCK
+
+
 def fits(fmt: str, in_features: int) -> bool:
-    """Whether rows of ``in_features`` weights can be stored in ``fmt`` (whole 32-blocks)."""
-    return fmt == "int8" or in_features % BLOCK == 0
+    """Whether rows of ``in_features`` weights can be stored in ``fmt`` (whole blocks)."""
+    return in_features % block_weights(fmt) == 0
 
 
 @dataclass
@@ -50,11 +76,13 @@ class QuantizedTensor:
     fmt: str
     shape: tuple[int, int]
     qs: torch.Tensor
-    d: torch.Tensor
+    d: torch.Tensor | None = None  # None for the raw formats
     m: torch.Tensor | None = None
 
     def scales(self) -> torch.Tensor:
-        """The scales as fp32 ([N, K/32], or [N] for int8)."""
+        """The scales as fp32 ([N, K/32], or [N] for int8); not for the raw formats."""
+        if self.d is None:
+            raise ValueError(f"{self.fmt} keeps its scales inside its blocks")
         return _from_bits(self.d, self.fmt)
 
     def mins(self) -> torch.Tensor | None:
@@ -62,8 +90,10 @@ class QuantizedTensor:
         return None if self.m is None else _from_bits(self.m, self.fmt)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by suffix (``qs``, ``d`` and, for q4_1, ``m``)."""
-        out = {"qs": self.qs, "d": self.d}
+        """The stored tensors by suffix (``qs``, ``d`` and, for q4_1, ``m``; raw formats: ``qs``)."""
+        out = {"qs": self.qs}
+        if self.d is not None:
+            out["d"] = self.d
         if self.m is not None:
             out["m"] = self.m
         return out
@@ -75,14 +105,15 @@ class QuantizedTensor:
 
     def rows(self, start: int, length: int) -> QuantizedTensor:
         """Rows [start, start + length) as a view."""
+        d = None if self.d is None else self.d.narrow(0, start, length)
         m = None if self.m is None else self.m.narrow(0, start, length)
-        return QuantizedTensor(self.fmt, (length, self.shape[1]), self.qs.narrow(0, start, length),
-                               self.d.narrow(0, start, length), m)
+        return QuantizedTensor(self.fmt, (length, self.shape[1]), self.qs.narrow(0, start, length), d, m)
 
     def index_rows(self, perm: torch.Tensor) -> QuantizedTensor:
-        """Rows reordered by ``perm`` (rows are independent, so this is exact)."""
+        """Rows ``perm`` (a 1-D index), in its order (rows are independent, so this is exact)."""
+        d = None if self.d is None else self.d[perm]
         m = None if self.m is None else self.m[perm]
-        return QuantizedTensor(self.fmt, self.shape, self.qs[perm], self.d[perm], m)
+        return QuantizedTensor(self.fmt, (perm.numel(), self.shape[1]), self.qs[perm], d, m)
 
 
 def _to_bits(scales: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -124,14 +155,20 @@ def unpack_nibbles(qs: torch.Tensor, k: int) -> torch.Tensor:
 def quantize(w: torch.Tensor, fmt: str) -> QuantizedTensor:
     """Quantize a float [N, K] weight exactly as GGUF's reference quantizer does.
 
-    Raises ValueError for an unknown format or (block formats) K not a multiple of 32.
+    Raises ValueError for an unknown format, a format livelm cannot quantize into (the
+    K-quants) or (block formats) K not a multiple of 32.
     """
     check_format(fmt)
+    if fmt not in QUANTIZE_FORMATS:
+        raise ValueError(f"livelm has no quantizer for {fmt} (it is only loaded from GGUF files); "
+                         f"quantizable: {', '.join(QUANTIZE_FORMATS)}")
     if w.dim() != 2:
         raise ValueError(f"can only quantize 2-D weights, got shape {tuple(w.shape)}")
     n, k = w.shape
     if not fits(fmt, k):
         raise ValueError(f"{fmt} needs rows of whole {BLOCK}-weight blocks; this weight has {k} columns")
+    if is_raw(fmt):
+        return QuantizedTensor(fmt, (n, k), quantize_raw(w, fmt))
     w = w.detach().float()
     if fmt == "int8":
         s = w.abs().amax(dim=1) / 127
@@ -156,6 +193,8 @@ def quantize(w: torch.Tensor, fmt: str) -> QuantizedTensor:
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """The exact fp32 weight [N, K] (bit-identical to gguf-py's dequantization)."""
     n, k = qt.shape
+    if is_raw(qt.fmt):
+        return dequantize_raw(qt.fmt, qt.qs, k)
     d = qt.scales()
     if qt.fmt == "int8":
         return qt.qs.float() * d[:, None]
@@ -175,7 +214,9 @@ def empty_quantized(fmt: str, n: int, k: int, device: torch.device | str | None 
     """Uninitialized storage for a [n, k] weight in ``fmt`` (filled row range by row range)."""
     check_format(fmt)
     if not fits(fmt, k):
-        raise ValueError(f"{fmt} needs rows of whole {BLOCK}-weight blocks; this weight has {k} columns")
+        raise ValueError(f"{fmt} needs rows of whole {block_weights(fmt)}-weight blocks; this weight has {k} columns")
+    if is_raw(fmt):
+        return QuantizedTensor(fmt, (n, k), torch.empty(n, raw_row_bytes(fmt, k), dtype=torch.uint8, device=device))
     if fmt == "int8":
         return QuantizedTensor(fmt, (n, k), torch.empty(n, k, dtype=torch.int8, device=device),
                                torch.empty(n, dtype=torch.int32, device=device))
@@ -188,4 +229,7 @@ def empty_quantized(fmt: str, n: int, k: int, device: torch.device | str | None 
 
 def bytes_per_weight(fmt: str) -> float:
     """Average bytes per weight of ``fmt`` (int8 without its per-row scale)."""
-    return {"q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "int8": 1.0}[check_format(fmt)]
+    if is_raw(check_format(fmt)):
+        qk, nbytes = RAW_LAYOUTS[fmt]
+        return nbytes / qk
+    return {"q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "int8": 1.0}[fmt]

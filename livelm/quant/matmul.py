@@ -68,8 +68,7 @@ def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
     flat = ids.reshape(-1)
     ext = quant_linear_kernels() if qt.qs.device.type == "cpu" else None
     if ext is None:
-        m = None if qt.m is None else qt.m[flat]
-        rows = dequantize(QuantizedTensor(qt.fmt, (flat.numel(), qt.shape[1]), qt.qs[flat], qt.d[flat], m))
+        rows = dequantize(qt.index_rows(flat))
     else:
         qs, d, m, code = _kernel_args(qt)
         rows = ext.dequantize_rows(qs, d, m, code, qt.shape[1], 0, 0, flat)

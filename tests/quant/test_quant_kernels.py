@@ -12,11 +12,12 @@ import torch
 
 from livelm.kernels.extensions import build_quant_linear_kernels
 from livelm.quant import matmul
-from livelm.quant.formats import FORMATS, dequantize, quantize
+from livelm.quant.formats import QUANTIZE_FORMATS, dequantize, quantize
 from livelm.quant.gguf_repack import repack_gguf_tensor
 
 GGUF_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-              "q4_1": gguf.GGMLQuantizationType.Q4_1}  # fmt: skip
+              "q4_1": gguf.GGMLQuantizationType.Q4_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
+              "q5_1": gguf.GGMLQuantizationType.Q5_1}  # fmt: skip
 
 
 def _compiled():
@@ -66,7 +67,7 @@ def test_int8_is_per_row() -> None:
     assert (dequantize(qt) - w).abs().max() <= qt.scales().max() / 2 + 1e-7
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", QUANTIZE_FORMATS)
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
 def test_linear_matches_dequantized_matmul(path: str, fmt: str, m: int) -> None:
     for n, k, bias in ((37, 96, False), (130, 64, True), (3, 256, False)) + (
@@ -104,7 +105,7 @@ def ext_build(request):
 KERNEL_MS = [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 19, 20, 21, 31, 33, 48, 64, 127, 128, 131, 300]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", QUANTIZE_FORMATS)
 def test_fused_kernel_at_every_m(ext_build, fmt: str) -> None:
     """The C++ kernel itself at every row count (not only those the dispatcher sends it),
     with ragged output rows (not a multiple of any tile) and, for int8, ragged K."""
@@ -136,7 +137,7 @@ def test_avx512_builds_take_every_row_count() -> None:
     assert limit == (sys.maxsize if ext.simd() == "avx512" else matmul.FUSED_MAX_ROWS_AVX2)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", QUANTIZE_FORMATS)
 def test_dequantized_rows_are_exact(path: str, fmt: str) -> None:
     qt = quantize(_weight(50, 64, 3), fmt)
     full = dequantize(qt)
@@ -161,14 +162,16 @@ def test_bf16_activations_keep_their_dtype() -> None:
 
 
 def test_bad_formats_and_shapes_are_named() -> None:
-    with pytest.raises(ValueError, match=r"q5_1.*supported: q8_0, q4_0, q4_1, int8"):
-        quantize(torch.zeros(4, 64), "q5_1")
+    with pytest.raises(ValueError, match=r"q3_k.*supported: q8_0, q4_0, q4_1, int8, q5_0, q5_1, q4_k, q5_k, q6_k$"):
+        quantize(torch.zeros(4, 64), "q3_k")
+    with pytest.raises(ValueError, match=r"no quantizer for q6_k.*quantizable: q8_0, q4_0, q4_1, int8, q5_0, q5_1$"):
+        quantize(torch.zeros(4, 256), "q6_k")
     with pytest.raises(ValueError, match=r"32-weight blocks.*48 columns"):
         quantize(torch.zeros(4, 48), "q4_0")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", QUANTIZE_FORMATS)
 def test_cuda_matches_cpu(fmt: str) -> None:
     qt = quantize(_weight(70, 128, 6), fmt)
     cuda_qt = type(qt)(qt.fmt, qt.shape, *(None if t is None else t.cuda() for t in (qt.qs, qt.d, qt.m)))

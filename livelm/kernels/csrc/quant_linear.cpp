@@ -43,6 +43,7 @@
 #define LIVELM_QUANT_AVX2 1
 #endif
 #include "avx512_math.h"
+#include "gguf_blocks.h"
 #include "panel_gemm.h"
 
 #if defined(LIVELM_QUANT_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
@@ -52,13 +53,24 @@
 
 namespace {
 
-enum Format : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3 };
+enum Format : int64_t {
+  kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kInt8 = 3,
+  // GGUF's raw blocks (gguf_blocks.h): qs holds the file's bytes, no separate scales.
+  kQ5_0 = gguf_blocks::kQ5_0, kQ5_1 = gguf_blocks::kQ5_1, kQ4_K = gguf_blocks::kQ4_K,
+  kQ5_K = gguf_blocks::kQ5_K, kQ6_K = gguf_blocks::kQ6_K,
+};
 constexpr int64_t kBlock = 32;
+using gguf_blocks::is_raw;
+// Whether format F has separate fp16 scales (d) per 32-weight block.
+constexpr bool has_scales(int64_t f) { return f == kQ8_0 || f == kQ4_0 || f == kQ4_1; }
 
 inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 
 // Bytes of one row's quantized values.
-inline int64_t row_bytes(int64_t fmt, int64_t K) { return (fmt == kQ4_0 || fmt == kQ4_1) ? K / 2 : K; }
+inline int64_t row_bytes(int64_t fmt, int64_t K) {
+  if (is_raw(fmt)) return K / gguf_blocks::block_weights(fmt) * gguf_blocks::block_bytes(fmt);
+  return (fmt == kQ4_0 || fmt == kQ4_1) ? K / 2 : K;
+}
 
 struct Problem {
   const float* x;  // [M, K]
@@ -176,6 +188,40 @@ inline void int8_row(const Problem& p, int64_t n, int64_t t0) {
     const float* xt = p.x + (t0 + t) * K;
     for (int64_t j = k; j < K; ++j) y += static_cast<float>(qi[j]) * xt[j];
     y *= p.scale[n];
+    if (p.bias) y += p.bias[n];
+    p.out[(t0 + t) * p.N + n] = y;
+  }
+}
+
+// MT rows of x times weight row n for GGUF's raw block formats: each 32-weight group is
+// decoded exactly into registers once (gguf_blocks.h) and multiplied with the MT rows.
+// Up to two rows of x keep four accumulators each, so the FMAs of consecutive groups do
+// not wait on one another.
+template <int64_t F, int MT>
+inline void raw_row(const Problem& p, int64_t n, int64_t t0) {
+  constexpr int A = MT <= 2 ? 4 : 2;
+  const int64_t K = p.K, nb = K / gguf_blocks::block_weights(F), bb = gguf_blocks::block_bytes(F);
+  const uint8_t* q = p.qs + n * row_bytes(F, K);
+  __m256 acc[MT * A];
+  for (int i = 0; i < MT * A; ++i) acc[i] = _mm256_setzero_ps();
+  const float* x = p.x + t0 * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * gguf_blocks::block_weights(F);
+    gguf_blocks::groups<F>(q + b * bb, [&](int g, __m256 w0, __m256 w1, __m256 w2, __m256 w3) {
+      const float* xg = xb + 32 * g;
+      _Pragma("GCC unroll 4") for (int t = 0; t < MT; ++t) {
+        const float* xt = xg + t * K;
+        acc[t * A + 0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), acc[t * A + 0]);
+        acc[t * A + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + 8), acc[t * A + 1]);
+        acc[t * A + 2 % A] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xt + 16), acc[t * A + 2 % A]);
+        acc[t * A + 3 % A] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xt + 24), acc[t * A + 3 % A]);
+      }
+    });
+  }
+  for (int t = 0; t < MT; ++t) {
+    __m256 s = acc[t * A];
+    for (int i = 1; i < A; ++i) s = _mm256_add_ps(s, acc[t * A + i]);
+    float y = hsum(s);
     if (p.bias) y += p.bias[n];
     p.out[(t0 + t) * p.N + n] = y;
   }
@@ -326,7 +372,7 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
   {
     const int64_t r1 = std::min(n1, n0 + ahead);
     prefetch_range(p.qs + n0 * rb, (r1 - n0) * rb);
-    if constexpr (F != kInt8) prefetch_range(p.d + n0 * nb, (r1 - n0) * nb * 2);
+    if constexpr (has_scales(F)) prefetch_range(p.d + n0 * nb, (r1 - n0) * nb * 2);
     if constexpr (F == kQ4_1) prefetch_range(p.m + n0 * nb, (r1 - n0) * nb * 2);
   }
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
@@ -346,7 +392,7 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
             const int64_t pr0 = std::min(n1, n + ahead), pr1 = std::min(n1, n + nt + ahead);
             if (pr0 < pr1) {
               prefetch_range(p.qs + pr0 * rb, (pr1 - pr0) * rb);
-              if constexpr (F != kInt8) prefetch_range(p.d + pr0 * nb, (pr1 - pr0) * nb * 2);
+              if constexpr (has_scales(F)) prefetch_range(p.d + pr0 * nb, (pr1 - pr0) * nb * 2);
               if constexpr (F == kQ4_1) prefetch_range(p.m + pr0 * nb, (pr1 - pr0) * nb * 2);
             }
           }
@@ -363,7 +409,9 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
 
 template <int64_t F>
 void rows_range_fused512(const Problem& p, int64_t n0, int64_t n1) {
-  if (p.M <= 4) rows_range512<F, 4, 4>(p, n0, n1);
+  // GGUF's raw blocks: the 256-bit kernel (one weight row at a time, up to 4 rows of x).
+  if constexpr (is_raw(F)) return raw_rows_range<F>(p, n0, n1);
+  else if (p.M <= 4) rows_range512<F, 4, 4>(p, n0, n1);
   else rows_range512<F, 8, 2>(p, n0, n1);
 }
 
@@ -430,6 +478,10 @@ inline void gemm_dispatch(int nr, const float* xp, const float* w, int64_t ldw, 
 // Exact fp32 values of weight row n (int8: unscaled integers) into dst[K].
 template <int64_t F>
 inline void dequant_row512(const Problem& p, int64_t n, float* dst, float* ds, float* ms) {
+  if constexpr (is_raw(F)) {
+    gguf_blocks::dequant_row<F>(p.qs + n * row_bytes(F, p.K), p.K, dst);
+    return;
+  } else {
   const int64_t K = p.K, rb = row_bytes(F, K), bb = row_bytes(F, kBlock);
   const uint8_t* q = p.qs + n * rb;
   const int64_t nb = K / kBlock;
@@ -443,6 +495,7 @@ inline void dequant_row512(const Problem& p, int64_t n, float* dst, float* ds, f
   }
   if constexpr (F == kInt8)
     for (int64_t k = nb * kBlock; k < K; ++k) dst[k] = static_cast<float>(reinterpret_cast<const int8_t*>(q)[k]);
+  }
 }
 
 template <int64_t F>
@@ -469,7 +522,7 @@ void rows_range_gemm(const Problem& p, const float* xT, int64_t n0, int64_t n1) 
         const int64_t next = std::min<int64_t>(kGemmNR, n1 - (n + nr));
         if (next > 0) {
           prefetch_range(p.qs + (n + nr) * row_bytes(F, K), next * row_bytes(F, K));
-          if constexpr (F != kInt8) prefetch_range(p.d + (n + nr) * (K / kBlock), next * (K / kBlock) * 2);
+          if constexpr (has_scales(F)) prefetch_range(p.d + (n + nr) * (K / kBlock), next * (K / kBlock) * 2);
           if constexpr (F == kQ4_1) prefetch_range(p.m + (n + nr) * (K / kBlock), next * (K / kBlock) * 2);
         }
         for (int64_t m0 = mc; m0 < mend; m0 += 32) {
@@ -516,7 +569,7 @@ void dequant_panels(const Problem& p, int64_t g0, int64_t g1, int64_t n1, float*
     if (next > 0) {
       const int64_t rb = row_bytes(F, K), nb = K / kBlock;
       prefetch_range(p.qs + (r0 + nr) * rb, next * rb);
-      if constexpr (F != kInt8) prefetch_range(p.d + (r0 + nr) * nb, next * nb * 2);
+      if constexpr (has_scales(F)) prefetch_range(p.d + (r0 + nr) * nb, next * nb * 2);
       if constexpr (F == kQ4_1) prefetch_range(p.m + (r0 + nr) * nb, next * nb * 2);
     }
     for (int64_t j = 0; j < 16; ++j) {
@@ -619,8 +672,39 @@ void scalar_row(const Problem& p, int64_t fmt, int64_t n, int64_t t, const float
   p.out[t * p.N + n] = y;
 }
 
+// Output rows [n0, n1) for GGUF's raw block formats.
+template <int64_t F>
+void raw_rows_range(const Problem& p, int64_t n0, int64_t n1) {
+#ifdef LIVELM_QUANT_AVX2
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t t0 = 0;
+    for (; t0 + 4 <= p.M; t0 += 4) raw_row<F, 4>(p, n, t0);
+    switch (p.M - t0) {
+      case 3: raw_row<F, 3>(p, n, t0); break;
+      case 2: raw_row<F, 2>(p, n, t0); break;
+      case 1: raw_row<F, 1>(p, n, t0); break;
+      default: break;
+    }
+  }
+#else
+  std::vector<float> w(p.K);
+  for (int64_t n = n0; n < n1; ++n) {
+    gguf_blocks::dequant_row<F>(p.qs + n * row_bytes(F, p.K), p.K, w.data());
+    for (int64_t t = 0; t < p.M; ++t) {
+      float y = dot_scalar(w.data(), p.x + t * p.K, p.K);
+      if (p.bias) y += p.bias[n];
+      p.out[t * p.N + n] = y;
+    }
+  }
+#endif
+}
+
 template <int64_t F>
 void rows_range(const Problem& p, int64_t n0, int64_t n1) {
+  if constexpr (is_raw(F)) {
+    raw_rows_range<F>(p, n0, n1);
+    return;
+  } else {
   const int64_t nb = p.K / kBlock;
   std::vector<float> ds(F == kInt8 ? 0 : nb), ms(F == kQ4_1 ? nb : 0);
   for (int64_t n = n0; n < n1; ++n) {
@@ -641,21 +725,30 @@ void rows_range(const Problem& p, int64_t n0, int64_t n1) {
     for (int64_t t = 0; t < p.M; ++t) scalar_row(p, F, n, t, ds.data(), ms.data());
 #endif
   }
+  }
 }
 
-void check_weights(const torch::Tensor& qs, const torch::Tensor& d, const std::optional<torch::Tensor>& m,
+void check_weights(const torch::Tensor& qs, const std::optional<torch::Tensor>& d, const std::optional<torch::Tensor>& m,
                    int64_t fmt, int64_t K) {
-  TORCH_CHECK(fmt >= kQ8_0 && fmt <= kInt8, "unknown quantization format code ", fmt);
-  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous(), "quantized weights must be contiguous");
+  TORCH_CHECK(fmt >= kQ8_0 && fmt <= kQ6_K, "unknown quantization format code ", fmt);
+  if (is_raw(fmt)) {
+    TORCH_CHECK(K % gguf_blocks::block_weights(fmt) == 0, "this format needs K divisible by ",
+                gguf_blocks::block_weights(fmt), ", got ", K);
+    TORCH_CHECK(qs.is_contiguous() && qs.dim() == 2 && qs.size(1) == row_bytes(fmt, K) &&
+                qs.scalar_type() == torch::kUInt8, "raw blocks: contiguous uint8 [N, row bytes] for K=", K);
+    return;
+  }
+  TORCH_CHECK(d.has_value(), "this format needs its scales");
+  TORCH_CHECK(qs.is_contiguous() && d->is_contiguous(), "quantized weights must be contiguous");
   TORCH_CHECK(qs.dim() == 2 && qs.size(1) == row_bytes(fmt, K), "qs has the wrong shape for K=", K);
   TORCH_CHECK(qs.scalar_type() == ((fmt == kQ4_0 || fmt == kQ4_1) ? torch::kUInt8 : torch::kInt8), "qs has the wrong dtype");
   if (fmt == kInt8) {
-    TORCH_CHECK(d.scalar_type() == torch::kInt32 && d.numel() == qs.size(0), "int8 scales: int32 bits [N]");
+    TORCH_CHECK(d->scalar_type() == torch::kInt32 && d->numel() == qs.size(0), "int8 scales: int32 bits [N]");
   } else {
     TORCH_CHECK(K % kBlock == 0, "block formats need K divisible by 32, got ", K);
-    TORCH_CHECK(d.scalar_type() == torch::kInt16 && d.numel() == qs.size(0) * (K / kBlock), "scales: int16 bits [N, K/32]");
+    TORCH_CHECK(d->scalar_type() == torch::kInt16 && d->numel() == qs.size(0) * (K / kBlock), "scales: int16 bits [N, K/32]");
   }
-  if (fmt == kQ4_1) TORCH_CHECK(m.has_value() && m->is_contiguous() && m->numel() == d.numel(), "q4_1 needs mins");
+  if (fmt == kQ4_1) TORCH_CHECK(m.has_value() && m->is_contiguous() && m->numel() == d->numel(), "q4_1 needs mins");
 }
 
 // Calls f(std::integral_constant<int64_t, F>{}) for the block format with code fmt.
@@ -665,6 +758,11 @@ void with_format(int64_t fmt, Fn&& f) {
     case kQ8_0: return f(std::integral_constant<int64_t, kQ8_0>{});
     case kQ4_0: return f(std::integral_constant<int64_t, kQ4_0>{});
     case kQ4_1: return f(std::integral_constant<int64_t, kQ4_1>{});
+    case kQ5_0: return f(std::integral_constant<int64_t, kQ5_0>{});
+    case kQ5_1: return f(std::integral_constant<int64_t, kQ5_1>{});
+    case kQ4_K: return f(std::integral_constant<int64_t, kQ4_K>{});
+    case kQ5_K: return f(std::integral_constant<int64_t, kQ5_K>{});
+    case kQ6_K: return f(std::integral_constant<int64_t, kQ6_K>{});
     default: return f(std::integral_constant<int64_t, kInt8>{});
   }
 }
@@ -680,7 +778,7 @@ const float* bias_data(const std::optional<torch::Tensor>& bias, int64_t N, torc
 }  // namespace
 
 // x [M, K] fp32 times the quantized weight [N, K] transposed (+ bias) -> [M, N] fp32.
-torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor d, std::optional<torch::Tensor> m,
+torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, std::optional<torch::Tensor> d, std::optional<torch::Tensor> m,
                                std::optional<torch::Tensor> bias, int64_t fmt) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be 2-D fp32");
   x = x.contiguous();
@@ -692,9 +790,9 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor 
   Problem p{x.data_ptr<float>(), M, K, N, static_cast<const uint8_t*>(qs.data_ptr()), nullptr, nullptr, nullptr, nullptr, nullptr,
             out.data_ptr<float>()};
   if (fmt == kInt8) {
-    p.scale = reinterpret_cast<const float*>(d.data_ptr<int32_t>());
-  } else {
-    p.d = reinterpret_cast<const uint16_t*>(d.data_ptr<int16_t>());
+    p.scale = reinterpret_cast<const float*>(d->data_ptr<int32_t>());
+  } else if (has_scales(fmt)) {
+    p.d = reinterpret_cast<const uint16_t*>(d->data_ptr<int16_t>());
   }
   if (fmt == kQ4_1) {
     p.m = reinterpret_cast<const uint16_t*>(m->data_ptr<int16_t>());
@@ -780,7 +878,7 @@ torch::Tensor fp32_linear(torch::Tensor x, torch::Tensor packed, std::optional<t
 }
 
 // Exact fp32 values of weight rows [row0, row0 + rows) (or of the rows listed in `index`).
-torch::Tensor dequantize_rows(torch::Tensor qs, torch::Tensor d, std::optional<torch::Tensor> m, int64_t fmt,
+torch::Tensor dequantize_rows(torch::Tensor qs, std::optional<torch::Tensor> d, std::optional<torch::Tensor> m, int64_t fmt,
                               int64_t K, int64_t row0, int64_t rows, std::optional<torch::Tensor> index) {
   check_weights(qs, d, m, fmt, K);
   torch::Tensor idx;
@@ -794,8 +892,8 @@ torch::Tensor dequantize_rows(torch::Tensor qs, torch::Tensor d, std::optional<t
   const int64_t N = qs.size(0), nb = K / kBlock, rb = row_bytes(fmt, K);
   if (ip) for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < N, "row index out of range");
   const uint8_t* qp = static_cast<const uint8_t*>(qs.data_ptr());
-  const uint16_t* dp = fmt == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(d.data_ptr<int16_t>());
-  const float* sp = fmt == kInt8 ? reinterpret_cast<const float*>(d.data_ptr<int32_t>()) : nullptr;
+  const uint16_t* dp = has_scales(fmt) ? reinterpret_cast<const uint16_t*>(d->data_ptr<int16_t>()) : nullptr;
+  const float* sp = fmt == kInt8 ? reinterpret_cast<const float*>(d->data_ptr<int32_t>()) : nullptr;
   const uint16_t* mp = fmt == kQ4_1 ? reinterpret_cast<const uint16_t*>(m->data_ptr<int16_t>()) : nullptr;
   float* op = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(K, 1));
@@ -805,6 +903,12 @@ torch::Tensor dequantize_rows(torch::Tensor qs, torch::Tensor d, std::optional<t
       const int64_t n = ip ? ip[r] : row0 + r;
       const uint8_t* row = qp + n * rb;
       float* o = op + r * K;
+      if (is_raw(fmt)) {
+        with_format(fmt, [&](auto f) {
+          if constexpr (is_raw(decltype(f)::value)) gguf_blocks::dequant_row<decltype(f)::value>(row, K, o);
+        });
+        continue;
+      }
       if (fmt == kInt8) {
         const float s = sp[n];
         const int8_t* qi = reinterpret_cast<const int8_t*>(row);
