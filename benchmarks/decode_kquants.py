@@ -18,8 +18,11 @@ Workload: single stream, a fresh random 128-token prompt per round, 128 new toke
 printed too); decode tok/s = (n - 1) / (t_last - t_first). Printed and saved (one JSON line
 in ``benchmarks/results/decode_kquants.jsonl``): load average at the start, at each run and
 at the end, read bandwidth at the start and end, the kernel path (``simd()`` of livelm's
-quantized kernels: avx512 / avx2 / scalar), the ratios livelm / llama.cpp per file and how
-many leading greedy tokens the two engines share.
+quantized kernels: avx512 / avx2 / scalar), the ratios livelm / llama.cpp per file, and how
+many leading greedy tokens of the first round each engine shares with transformers fp32
+running the same file (``gguf_file=``: gguf-py's dequantization; untimed, once per file;
+``--skip-transformers`` leaves it out). llama.cpp multiplies with activations quantized to
+8 bits, so its tokens drift from the float reference sooner than livelm's.
 
 Usage::
 
@@ -49,8 +52,10 @@ from decode import (  # noqa: E402
     livelm_single,
     livelm_weight_bytes,
     load1,
+    make_transformers,
     measure_bandwidth,
     random_prompt,
+    transformers_single,
 )
 
 from livelm.bench.machine import git_commit, machine_info  # noqa: E402
@@ -140,8 +145,10 @@ def run(args: argparse.Namespace) -> dict:
     for name, eng in engines.items():
         if arms[name].engine == "livelm":
             livelm_single(eng, warm, 4)
+    first_prompt: list[int] = []
     for rep in range(args.repeat):
         prompt = random_prompt(rng, args.prompt_len, vocab)
+        first_prompt = first_prompt or prompt
         order = list(engines)
         order = order[rep % len(order):] + order[: rep % len(order)]
         for name in order:
@@ -159,7 +166,6 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  round {rep + 1}/{args.repeat} {name:18s} TTFT {ttft * 1e3:7.1f} ms  decode {dec:6.1f} tok/s "
                   f"(load {load1():.2f})", flush=True)
     bw_end = measure_bandwidth()
-    load_end = load1()
 
     lines = ["| engine, file | weight MiB read/token | decode tok/s best (median) | TTFT ms best | load at runs |",
              "|---|---|---|---|---|"]
@@ -169,13 +175,21 @@ def run(args: argparse.Namespace) -> dict:
                      f"{', '.join(f'{x:.1f}' for x in a.load_at_runs)} |")
     table = "\n".join(lines)
     ratios, agreement = [], []
-    for fmt in files:
+    for fmt, path in files.items():
         ours, theirs = arms[f"livelm {fmt}"], arms[f"llama.cpp {fmt}"]
         ratios.append(f"{fmt}: livelm decode {ours.best_decode() / theirs.best_decode():.2f}x llama.cpp "
                       f"(medians {statistics.median(ours.decode_tok_s) / statistics.median(theirs.decode_tok_s):.2f}x)")
-        same = next((i for i, (x, y) in enumerate(zip(ours.tokens, theirs.tokens, strict=False)) if x != y),
-                    min(len(ours.tokens), len(theirs.tokens)))
-        agreement.append(f"{fmt}: first {same} of {len(theirs.tokens)} greedy tokens equal between livelm and llama.cpp")
+        if args.skip_transformers:
+            continue
+        engines.clear()  # free livelm's engines before transformers loads the file
+        hf = make_transformers(path, None)
+        _, _, ref = transformers_single(hf, first_prompt, args.new_tokens)
+        del hf
+        for arm in (ours, theirs):
+            same = next((i for i, (x, y) in enumerate(zip(arm.tokens, ref, strict=False)) if x != y),
+                        min(len(arm.tokens), len(ref)))
+            agreement.append(f"{arm.name}: first {same} of {len(ref)} greedy tokens equal transformers fp32's on the same file")
+    load_end = load1()
     print()
     print(table)
     print(f"\nmemory bandwidth read {bw_start['read_gb_s']:.1f} -> {bw_end['read_gb_s']:.1f} GB/s; load "
@@ -200,6 +214,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-transformers", action="store_true", help="no token agreement check")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     record = run(args)

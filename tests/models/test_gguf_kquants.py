@@ -42,6 +42,12 @@ MIXES: dict[str, dict] = {
         "attn_q": Q.Q5_K, "attn_k": Q.Q5_K, "attn_v": Q.Q8_0, "attn_output": Q.Q4_K,
         "ffn_gate": Q.Q6_K, "ffn_up": Q.Q6_K, "ffn_down": (Q.Q5_1, Q.Q5_0),
         "token_embd": Q.Q6_K}},
+    # qwen3 (q/k norms), untied: q|k|v in one format (Q8_0) and gate|up in one K-quant
+    # (Q4_K: fused kernels), a Q5_0 embedding table and a Q5_1 output head.
+    "qwen3_q5_embeddings": {"arch": "qwen3", "tied": False, "shape": {"head_dim": 64}, "types": {
+        "attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "attn_v": Q.Q8_0, "attn_output": Q.Q6_K,
+        "ffn_gate": Q.Q4_K, "ffn_up": Q.Q4_K, "ffn_down": (Q.Q5_K,),
+        "token_embd": Q.Q5_0, "output": Q.Q5_1}},
 }
 
 
@@ -68,7 +74,8 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, Path, list[list[int]], lis
     prompts = [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in (1, 5, 19, 50, 120, 210)]
     out = {}
     for name, mix in MIXES.items():
-        hf_dir = build_tiny_model(root / name, mix["arch"], tie_word_embeddings=mix["tied"], **_SHAPE)
+        hf_dir = build_tiny_model(root / name, mix["arch"], tie_word_embeddings=mix["tied"],
+                                  **_SHAPE | mix.get("shape", {}))
         gguf_file = write_gguf(hf_dir, root / f"{name}.gguf", lambda n, mix=mix: _type_of(mix, n))
         converted = convert_gguf_to_hf(gguf_file, root / f"{name}-hf")
         # The oracle's weights: gguf-py's dequantization of the very blocks in the file
@@ -130,9 +137,12 @@ def test_loaded_modules_keep_the_file_formats(models, name: str) -> None:
         assert model.lm_head.qs is model.embed_tokens.qs
     for i, layer in enumerate(model.layers):
         qkv = layer.self_attn.qkv_proj
-        assert isinstance(qkv, SplitQuantLinear)  # q/k in one format, v in another
         want = [types["attn_q"], types["attn_k"], types["attn_v"]]
-        assert [p.fmt for p in qkv.parts] == [t.name.lower() for t in want]
+        if len(set(want)) > 1:  # q/k in one format, v in another: one kernel per part
+            assert isinstance(qkv, SplitQuantLinear)
+            assert [p.fmt for p in qkv.parts] == [t.name.lower() for t in want]
+        else:
+            assert isinstance(qkv, QuantLinear) and qkv.fmt == want[0].name.lower()
         assert (qkv.bias is not None) == (mix["arch"] == "qwen2")
         gate_up = layer.mlp.gate_up_proj
         if types["ffn_gate"] == types["ffn_up"]:
