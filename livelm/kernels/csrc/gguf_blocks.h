@@ -113,93 +113,116 @@ inline __m256i u8x8(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Calls emit(g, w0, w1, w2, w3) for each 32-weight group g of the block, with its weights
-// (exact fp32) in order: w0 = weights 0-7, w1 = 8-15, w2 = 16-23, w3 = 24-31.
+inline float fp16_fast(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+// 32 int8 values -> 4 x 8 fp32 lanes, in order.
+__attribute__((always_inline)) inline void widen32(__m256i v, __m256& q0, __m256& q1, __m256& q2, __m256& q3) {
+  const __m128i a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
+  q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+  q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
+  q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
+
+// Byte i = 16 where bit i of x is set, else 0.
+__attribute__((always_inline)) inline __m256i bits_to_16s(uint32_t x) {
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), shuf);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_and_si256(set, _mm256_set1_epi8(16));
+}
+
+// Whether weight = s * q + add (an additive term per group) rather than s * q.
+constexpr bool has_add(int64_t f) { return f == kQ5_1 || f == kQ4_K || f == kQ5_K; }
+
+// Calls emit(g, s0, s1, add, q0, q1, q2, q3) for each 32-weight group g of the block:
+// q0..q3 are the group's integers as fp32 (offsets such as q - 16 already applied), in
+// order (q0 = weights 0-7, ..., q3 = 24-31); weights 0-15 have scale s0 and 16-31 scale
+// s1 (the same except in q6_k's 16-weight groups); weight = s * q + add, add = 0 unless
+// has_add(F). Each s * q is exact in fp32, so fmadd(s, q, add) rounds as gguf-py does.
+// The bits are taken apart 32 bytes at a time before widening to fp32.
 template <int64_t F, typename Emit>
 __attribute__((always_inline)) inline void groups(const uint8_t* blk, Emit&& emit) {
-  const __m256i nib = _mm256_set1_epi32(0x0F);
+  const __m256i nib = _mm256_set1_epi8(0x0F);
   if constexpr (F == kQ5_0 || F == kQ5_1) {
-    const __m256 d = _mm256_set1_ps(fp16(blk));
+    const float d = fp16_fast(blk);
+    const float add = F == kQ5_1 ? fp16_fast(blk + 2) : 0.f;
     const uint8_t* qhp = blk + (F == kQ5_1 ? 4 : 2);
-    uint32_t qhv;
-    std::memcpy(&qhv, qhp, 4);
-    const __m256i qh = _mm256_set1_epi32(static_cast<int>(qhv));
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i one = _mm256_set1_epi32(1);
-    const uint8_t* qs = qhp + 4;
-    const __m256i a = u8x8(qs), b = u8x8(qs + 8);
-    auto high = [&](int i0) {  // 16 where weight i0 + lane has its 5th bit
-      return _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(qh, _mm256_add_epi32(iota, _mm256_set1_epi32(i0))), one), 4);
-    };
-    __m256i q0 = _mm256_or_si256(_mm256_and_si256(a, nib), high(0));
-    __m256i q1 = _mm256_or_si256(_mm256_and_si256(b, nib), high(8));
-    __m256i q2 = _mm256_or_si256(_mm256_srli_epi32(a, 4), high(16));
-    __m256i q3 = _mm256_or_si256(_mm256_srli_epi32(b, 4), high(24));
-    if constexpr (F == kQ5_0) {
-      const __m256i sixteen = _mm256_set1_epi32(16);
-      emit(0, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q0, sixteen))),
-           _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q1, sixteen))),
-           _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q2, sixteen))),
-           _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q3, sixteen))));
-    } else {
-      const __m256 m = _mm256_set1_ps(fp16(blk + 2));
-      emit(0, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q0), m), _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q1), m),
-           _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q2), m), _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q3), m));
-    }
+    uint32_t qh;
+    std::memcpy(&qh, qhp, 4);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qhp + 4));
+    const __m256i lohi = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);  // weights 16-31 from the high nibbles
+    __m256i q = _mm256_or_si256(_mm256_and_si256(lohi, nib), bits_to_16s(qh));
+    if constexpr (F == kQ5_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+    __m256 q0, q1, q2, q3;
+    widen32(q, q0, q1, q2, q3);
+    emit(0, d, d, add, q0, q1, q2, q3);
   } else if constexpr (F == kQ4_K || F == kQ5_K) {
-    const float d = fp16(blk), dmin = fp16(blk + 2);
+    const float d = fp16_fast(blk), dmin = fp16_fast(blk + 2);
     const uint8_t* scales = blk + 4;
-    const uint8_t* qhp = blk + 16;
+    float sc[8], mn[8];
+    for (int g = 0; g < 8; ++g) {
+      int a, b;
+      scale_min_k4(scales, g, a, b);
+      sc[g] = d * static_cast<float>(a);
+      mn[g] = -(dmin * static_cast<float>(b));
+    }
     const uint8_t* qs = blk + (F == kQ5_K ? 48 : 16);
-    __m256i h[4];
-    if constexpr (F == kQ5_K)
-      for (int i = 0; i < 4; ++i) h[i] = u8x8(qhp + 8 * i);
+    __m256i h = _mm256_setzero_si256();
+    if constexpr (F == kQ5_K) h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+    const __m256i one = _mm256_set1_epi8(1);
+    if constexpr (F == kQ4_K) {
+      // Nibbles straight from memory, 8 bytes to 8 lanes (fewer shuffles than widening).
+      const __m256i nib32 = _mm256_set1_epi32(0x0F);
+      for (int c = 0; c < 4; ++c) {
+        const uint8_t* p = qs + 32 * c;
+        const __m256i v0 = u8x8(p), v1 = u8x8(p + 8), v2 = u8x8(p + 16), v3 = u8x8(p + 24);
+        emit(2 * c, sc[2 * c], sc[2 * c], mn[2 * c],
+             _mm256_cvtepi32_ps(_mm256_and_si256(v0, nib32)), _mm256_cvtepi32_ps(_mm256_and_si256(v1, nib32)),
+             _mm256_cvtepi32_ps(_mm256_and_si256(v2, nib32)), _mm256_cvtepi32_ps(_mm256_and_si256(v3, nib32)));
+        emit(2 * c + 1, sc[2 * c + 1], sc[2 * c + 1], mn[2 * c + 1],
+             _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
+             _mm256_cvtepi32_ps(_mm256_srli_epi32(v2, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(v3, 4)));
+      }
+      return;
+    }
     for (int c = 0; c < 4; ++c) {  // 32 bytes: groups 2c (low nibbles) and 2c + 1 (high)
-      const uint8_t* q = qs + 32 * c;
-      __m256i v[4];
-      for (int i = 0; i < 4; ++i) v[i] = u8x8(q + 8 * i);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
       for (int half = 0; half < 2; ++half) {
         const int g = 2 * c + half;
-        int sc, mn;
-        scale_min_k4(scales, g, sc, mn);
-        const __m256 s = _mm256_set1_ps(d * static_cast<float>(sc));
-        const __m256 mm = _mm256_set1_ps(dmin * static_cast<float>(mn));
-        __m256 w[4];
-        for (int i = 0; i < 4; ++i) {
-          __m256i qi = half ? _mm256_srli_epi32(v[i], 4) : _mm256_and_si256(v[i], nib);
-          if constexpr (F == kQ5_K)
-            qi = _mm256_or_si256(qi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h[i], g), _mm256_set1_epi32(1)), 4));
-          w[i] = _mm256_fmsub_ps(s, _mm256_cvtepi32_ps(qi), mm);
-        }
-        emit(g, w[0], w[1], w[2], w[3]);
+        __m256i q = _mm256_and_si256(half ? _mm256_srli_epi16(v, 4) : v, nib);
+        if constexpr (F == kQ5_K)
+          q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, g), one), 4));
+        __m256 q0, q1, q2, q3;
+        widen32(q, q0, q1, q2, q3);
+        emit(g, sc[g], sc[g], mn[g], q0, q1, q2, q3);
       }
     }
   } else {  // q6_k
     const uint8_t* ql = blk;
-    const uint8_t* qh = blk + 128;
+    const uint8_t* qhp = blk + 128;
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    const float d = fp16(blk + 208);
-    const __m256i three = _mm256_set1_epi32(3), off = _mm256_set1_epi32(32);
+    const float d = fp16_fast(blk + 208);
+    const __m256i three = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
     for (int hh = 0; hh < 2; ++hh) {
-      __m256i hv[4], lo[4], hi[4];
-      for (int i = 0; i < 4; ++i) {
-        hv[i] = u8x8(qh + 32 * hh + 8 * i);
-        lo[i] = u8x8(ql + 64 * hh + 8 * i);
-        hi[i] = u8x8(ql + 64 * hh + 32 + 8 * i);
-      }
+      const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * hh));
+      const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * hh + 32));
+      const __m256i hv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qhp + 32 * hh));
       for (int q4 = 0; q4 < 4; ++q4) {
         const int g = 4 * hh + q4;
-        const __m256 s0 = _mm256_set1_ps(d * static_cast<float>(sc[8 * hh + 2 * q4]));
-        const __m256 s1 = _mm256_set1_ps(d * static_cast<float>(sc[8 * hh + 2 * q4 + 1]));
-        __m256 w[4];
-        for (int i = 0; i < 4; ++i) {
-          const __m256i src = (q4 & 1) ? hi[i] : lo[i];
-          const __m256i l4 = (q4 >> 1) ? _mm256_srli_epi32(src, 4) : _mm256_and_si256(src, nib);
-          const __m256i h2 = _mm256_and_si256(_mm256_srli_epi32(hv[i], 2 * q4), three);
-          const __m256i qi = _mm256_sub_epi32(_mm256_or_si256(l4, _mm256_slli_epi32(h2, 4)), off);
-          w[i] = _mm256_mul_ps(i < 2 ? s0 : s1, _mm256_cvtepi32_ps(qi));
-        }
-        emit(g, w[0], w[1], w[2], w[3]);
+        const __m256i src = (q4 & 1) ? l1 : l0;
+        const __m256i low = _mm256_and_si256((q4 >> 1) ? _mm256_srli_epi16(src, 4) : src, nib);
+        const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hv, 2 * q4), three), 4);
+        __m256 q0, q1, q2, q3;
+        widen32(_mm256_sub_epi8(_mm256_or_si256(low, high), off), q0, q1, q2, q3);
+        emit(g, d * static_cast<float>(sc[8 * hh + 2 * q4]), d * static_cast<float>(sc[8 * hh + 2 * q4 + 1]), 0.f,
+             q0, q1, q2, q3);
       }
     }
   }
@@ -210,12 +233,21 @@ __attribute__((always_inline)) inline void groups(const uint8_t* blk, Emit&& emi
 template <int64_t F>
 inline void dequant_block(const uint8_t* blk, float* out) {
 #ifdef LIVELM_GGUF_AVX2
-  groups<F>(blk, [&](int g, __m256 w0, __m256 w1, __m256 w2, __m256 w3) {
+  groups<F>(blk, [&](int g, float s0, float s1, float add, __m256 q0, __m256 q1, __m256 q2, __m256 q3) {
     float* o = out + 32 * g;
-    _mm256_storeu_ps(o, w0);
-    _mm256_storeu_ps(o + 8, w1);
-    _mm256_storeu_ps(o + 16, w2);
-    _mm256_storeu_ps(o + 24, w3);
+    const __m256 a = _mm256_set1_ps(s0), b = _mm256_set1_ps(s1);
+    if constexpr (has_add(F)) {
+      const __m256 c = _mm256_set1_ps(add);
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(a, q0, c));
+      _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(a, q1, c));
+      _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(b, q2, c));
+      _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(b, q3, c));
+    } else {
+      _mm256_storeu_ps(o, _mm256_mul_ps(a, q0));
+      _mm256_storeu_ps(o + 8, _mm256_mul_ps(a, q1));
+      _mm256_storeu_ps(o + 16, _mm256_mul_ps(b, q2));
+      _mm256_storeu_ps(o + 24, _mm256_mul_ps(b, q3));
+    }
   });
 #else
   dequant_scalar<F>(blk, out);

@@ -79,7 +79,7 @@ struct Problem {
   const uint16_t* d;    // block formats: fp16 bits [N, K/32]
   const uint16_t* m;    // q4_1 only
   const float* scale;   // int8 only: [N]
-  const float* xsum;    // q4_1 only: [M, K/32] block sums of x
+  const float* xsum;    // q4_1, q5_1, q4_k, q5_k: [M, K/32] sums of x over 32-weight groups
   const float* bias;    // [N] or null
   float* out;           // [M, N]
 };
@@ -193,35 +193,37 @@ inline void int8_row(const Problem& p, int64_t n, int64_t t0) {
   }
 }
 
-// MT rows of x times weight row n for GGUF's raw block formats: each 32-weight group is
-// decoded exactly into registers once (gguf_blocks.h) and multiplied with the MT rows.
-// Up to two rows of x keep four accumulators each, so the FMAs of consecutive groups do
-// not wait on one another.
+// MT rows of x times weight row n for GGUF's raw block formats: each 32-weight group's
+// integers are taken apart into registers once (gguf_blocks.h) and multiplied with the MT
+// rows; the group's scales go on the partial sums and its additive term (minimum) through
+// the group sums of x (p.xsum), as block_row does for q4_1.
 template <int64_t F, int MT>
 inline void raw_row(const Problem& p, int64_t n, int64_t t0) {
-  constexpr int A = MT <= 2 ? 4 : 2;
   const int64_t K = p.K, nb = K / gguf_blocks::block_weights(F), bb = gguf_blocks::block_bytes(F);
+  const int64_t groups_per_row = K / 32;
   const uint8_t* q = p.qs + n * row_bytes(F, K);
-  __m256 acc[MT * A];
-  for (int i = 0; i < MT * A; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 acc0[MT], acc1[MT];
+  float extra[MT];
+  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm256_setzero_ps(), extra[t] = 0.f;
   const float* x = p.x + t0 * K;
   for (int64_t b = 0; b < nb; ++b) {
-    const float* xb = x + b * gguf_blocks::block_weights(F);
-    gguf_blocks::groups<F>(q + b * bb, [&](int g, __m256 w0, __m256 w1, __m256 w2, __m256 w3) {
-      const float* xg = xb + 32 * g;
+    const int64_t g0 = b * (gguf_blocks::block_weights(F) / 32);
+    gguf_blocks::groups<F>(q + b * bb, [&](int g, float s0, float s1, float add, __m256 q0, __m256 q1, __m256 q2,
+                                           __m256 q3) {
+      const float* xg = x + (g0 + g) * 32;
+      const __m256 a = _mm256_set1_ps(s0), c = _mm256_set1_ps(s1);
       _Pragma("GCC unroll 4") for (int t = 0; t < MT; ++t) {
         const float* xt = xg + t * K;
-        acc[t * A + 0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), acc[t * A + 0]);
-        acc[t * A + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + 8), acc[t * A + 1]);
-        acc[t * A + 2 % A] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xt + 16), acc[t * A + 2 % A]);
-        acc[t * A + 3 % A] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xt + 24), acc[t * A + 3 % A]);
+        const __m256 lo = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xt + 8), _mm256_mul_ps(q0, _mm256_loadu_ps(xt)));
+        const __m256 hi = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xt + 24), _mm256_mul_ps(q2, _mm256_loadu_ps(xt + 16)));
+        acc0[t] = _mm256_fmadd_ps(a, lo, acc0[t]);
+        acc1[t] = _mm256_fmadd_ps(c, hi, acc1[t]);
+        if constexpr (gguf_blocks::has_add(F)) extra[t] += add * p.xsum[(t0 + t) * groups_per_row + g0 + g];
       }
     });
   }
   for (int t = 0; t < MT; ++t) {
-    __m256 s = acc[t * A];
-    for (int i = 1; i < A; ++i) s = _mm256_add_ps(s, acc[t * A + i]);
-    float y = hsum(s);
+    float y = hsum(_mm256_add_ps(acc0[t], acc1[t])) + extra[t];
     if (p.bias) y += p.bias[n];
     p.out[(t0 + t) * p.N + n] = y;
   }
@@ -672,11 +674,28 @@ void scalar_row(const Problem& p, int64_t fmt, int64_t n, int64_t t, const float
   p.out[t * p.N + n] = y;
 }
 
+// Bytes ahead of the current weight row that raw_rows_range asks for (software prefetch:
+// decode streams each row once, and the hardware prefetcher alone leaves a thread waiting
+// on memory; the AVX-512 tiles measured the same, see rows_range512).
+constexpr int64_t kRawPrefetchBytes = 4096;
+
 // Output rows [n0, n1) for GGUF's raw block formats.
 template <int64_t F>
 void raw_rows_range(const Problem& p, int64_t n0, int64_t n1) {
 #ifdef LIVELM_QUANT_AVX2
+  const int64_t rb = row_bytes(F, p.K);
+  const char* base = reinterpret_cast<const char*>(p.qs);
+  const char* end = base + n1 * rb;
+#ifndef LIVELM_NO_RAW_PREFETCH
+  for (const char* c = base + n0 * rb; c < std::min(end, base + n0 * rb + kRawPrefetchBytes); c += 64)
+    _mm_prefetch(c, _MM_HINT_T0);
+#endif
   for (int64_t n = n0; n < n1; ++n) {
+#ifndef LIVELM_NO_RAW_PREFETCH
+    // This row's bytes, kRawPrefetchBytes further on (one row of lines per row).
+    const char* ahead = base + n * rb + kRawPrefetchBytes;
+    for (const char* c = ahead; c < std::min(end, ahead + rb); c += 64) _mm_prefetch(c, _MM_HINT_T0);
+#endif
     int64_t t0 = 0;
     for (; t0 + 4 <= p.M; t0 += 4) raw_row<F, 4>(p, n, t0);
     switch (p.M - t0) {
@@ -793,6 +812,18 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, std::optional<
     p.scale = reinterpret_cast<const float*>(d->data_ptr<int32_t>());
   } else if (has_scales(fmt)) {
     p.d = reinterpret_cast<const uint16_t*>(d->data_ptr<int16_t>());
+  }
+  if (fmt == kQ5_1 || fmt == kQ4_K || fmt == kQ5_K) {
+    // Sums of x over each 32-weight group, for the raw formats' additive terms (decode).
+    xsum = torch::empty({M, K / kBlock}, x.options());
+    float* xs = xsum.data_ptr<float>();
+    const float* xp = x.data_ptr<float>();
+    for (int64_t i = 0; i < M * (K / kBlock); ++i) {
+      float s = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) s += xp[i * kBlock + j];
+      xs[i] = s;
+    }
+    p.xsum = xs;
   }
   if (fmt == kQ4_1) {
     p.m = reinterpret_cast<const uint16_t*>(m->data_ptr<int16_t>());
