@@ -33,6 +33,7 @@ class KVCacheStats(NamedTuple):
     num_session_pins_dropped: int
     num_session_pins_closed: int
     num_touched_blocks: int
+    num_evicted_tokens: int = 0  # tokens whose blocks sinks requests rolled out of their window
 
 
 class KVCacheManager:
@@ -52,6 +53,7 @@ class KVCacheManager:
         self.sessions: SessionPins = TtlSessionPins(self.pool)
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
+        self.num_evicted_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -85,6 +87,7 @@ class KVCacheManager:
             num_session_pins_dropped=sessions.num_dropped,
             num_session_pins_closed=sessions.num_closed,
             num_touched_blocks=pool.num_touched_blocks,
+            num_evicted_tokens=self.num_evicted_tokens,
         )
 
     # -------------------------------------------------------------------- reuse
@@ -96,8 +99,8 @@ class KVCacheManager:
         prompt logprobs get no hit: the skipped tokens would have none (as in vLLM).
         Returns how many tokens need no computing.
         """
-        if request.wants_prompt_logprobs:
-            return 0
+        if request.wants_prompt_logprobs or request.kv_floor:
+            return 0  # (a preempted sinks request recomputes its kept window itself)
         cached = self.prefix_cache.match(request)
         pinned, pinned_tokens = self.sessions.match(request, self.block_size)
         if pinned_tokens > len(cached) * self.block_size:
@@ -106,6 +109,7 @@ class KVCacheManager:
             blocks, num_tokens = pinned, pinned_tokens
         else:
             self.pool.release(reversed(pinned))
+            request.num_evicted_blocks = 0  # the session pin's layout, if it set one, lost
             blocks, num_tokens = cached, len(cached) * self.block_size
         request.block_ids = list(blocks)
         request.num_computed_tokens = num_tokens
@@ -122,21 +126,92 @@ class KVCacheManager:
         self.prefix_cache.claim(request)
 
     def commit(self, request: Request) -> None:
-        """Record newly computed tokens (their full blocks join the prefix cache)."""
-        self.prefix_cache.commit(request)
+        """Record newly computed tokens (their full blocks join the prefix cache).
+
+        A sinks request stops committing once it has rolled blocks out: its table no
+        longer maps text blocks one to one, and a prefix hit needs every block from the
+        first one on. What it cached before (its first blocks, keyed with its policy in
+        the salt) stays valid for requests of the same policy and prefix."""
+        if not request.num_evicted_blocks:
+            self.prefix_cache.commit(request)
+
+    def roll(self, request: Request) -> int:
+        """Release the blocks of a sinks request that no later query can see: whole
+        non-sink blocks that end before the window of its next token (one block earlier,
+        so that a generation forked from it can recompute its partial last block; an
+        input stream keeps ``window`` tokens more, so that a replace may revise its last
+        ``window`` tokens). Tokens of a block only partly out are masked by attention, not
+        freed. Returns how many blocks were released."""
+        if not request.rolling:
+            return 0
+        policy, bs = request.kv_policy, self.block_size
+        nsb = policy.num_sink_blocks(bs)
+        keep_from = policy.window_start(request.num_computed_tokens, request.kv_floor) - bs
+        if request.input_only:
+            keep_from -= policy.window
+        first = nsb + request.num_evicted_blocks
+        count = keep_from // bs - first
+        if count <= 0:
+            return 0
+        if not request.num_evicted_blocks:
+            self.prefix_cache.forget(request)  # it commits no more: drop its claims
+        dropped = request.block_ids[nsb : nsb + count]
+        del request.block_ids[nsb : nsb + count]
+        self.pool.release(reversed(dropped))
+        request.num_evicted_blocks += count
+        request.num_evicted_tokens += count * bs
+        self.num_evicted_tokens += count * bs
+        return count
+
+    def keep_floor(self, request: Request) -> None:
+        """Before a sinks request that rolled blocks out is preempted: remember where its
+        kept window begins, so that it is recomputed from what it keeps (its sinks, then
+        from there on) rather than from its whole text."""
+        if request.rolling and request.num_evicted_blocks:
+            nsb = request.kv_policy.num_sink_blocks(self.block_size)
+            request.kv_floor = (nsb + request.num_evicted_blocks) * self.block_size
+
+    def skip_to_floor(self, request: Request) -> bool:
+        """A recomputing sinks request whose sinks are computed jumps to its floor: the
+        blocks in between are never allocated (its table skips them). True if it jumped."""
+        floor = request.kv_floor
+        computed = request.num_computed_tokens
+        if not floor or computed >= floor or computed < request.kv_policy.num_sink_tokens:
+            return False
+        nsb = request.kv_policy.num_sink_blocks(self.block_size)
+        self.prefix_cache.forget(request)  # it commits no more (its table skips blocks)
+        request.num_evicted_blocks = floor // self.block_size - nsb
+        request.num_computed_tokens = floor
+        return True
 
     def fork(self, child: Request, parent: Request, num_tokens: int) -> int:
         """Let ``child`` reuse the full blocks of ``parent`` covering its first ``num_tokens``.
 
         Only whole blocks are shared (they are never written again), so no copy-on-write
         is needed; the child recomputes the tokens of the partial last block itself.
-        Returns how many tokens the child now has computed.
+        Returns how many tokens the child now has computed. A child of another KV policy
+        shares nothing (the layouts differ); a sinks child takes the parent's logical table
+        (sink blocks, then the window's blocks) when the shared part ends in the window.
         """
-        shared = parent.block_ids[: num_tokens // self.block_size]
+        bs = self.block_size
+        child.cache_chain = []
+        if child.kv_policy != parent.kv_policy:
+            child.block_ids = []
+            return 0
+        full = num_tokens // bs
+        evicted = parent.num_evicted_blocks
+        nsb = parent.kv_policy.num_sink_blocks(bs)
+        if evicted and full > nsb:
+            if full < nsb + evicted:  # ends where the parent keeps nothing: only the sinks
+                full, evicted = nsb, 0
+            shared = parent.block_ids[: full - evicted]
+        else:
+            evicted = 0
+            shared = parent.block_ids[:full]
         self.pool.share(shared)
         child.block_ids = list(shared)
-        child.cache_chain = []
-        return len(shared) * self.block_size
+        child.num_evicted_blocks = evicted
+        return full * bs
 
     def fork_all(self, child: Request, parent: Request) -> tuple[int, int] | None:
         """Let ``child`` share all of ``parent``'s computed KV (a running request forked into
@@ -171,15 +246,25 @@ class KVCacheManager:
         block's first tokens into a fresh one.
         """
         bs = self.block_size
+        computed = min(request.num_computed_tokens, num_tokens)
+        evicted = request.num_evicted_blocks
+        if evicted:
+            # A sinks request can only recompute from where its window still has the keys.
+            first_kept = (request.kv_policy.num_sink_blocks(bs) + evicted) * bs
+            if request.kv_policy.window_start(computed - computed % bs, request.kv_floor) < first_kept:
+                raise ValueError(
+                    f"the revision starts at token {num_tokens}, before the KV window of this "
+                    f"kv_policy 'sinks' request (its keys from token {first_kept} on are kept): "
+                    "a replace may revise only the last kv_window tokens"
+                )
         self.prefix_cache.forget(request)  # its claims were keyed by the old tokens
         del request.block_hashes[num_tokens // bs :]
-        computed = min(request.num_computed_tokens, num_tokens)
-        keep = blocks_needed(computed, bs)
+        keep = blocks_needed(computed, bs) - evicted  # physical blocks kept
         if computed % bs:
             head = request.block_ids[keep - 1]
             if self.pool.ref_count(head) > 1:
                 keep -= 1
-                computed = keep * bs
+                computed = (keep + evicted) * bs
             else:
                 self.pool.uncache(head)
         self.pool.release(reversed(request.block_ids[keep:]))
@@ -233,21 +318,25 @@ class KVCacheManager:
         self.pool.release(reversed(request.block_ids))
         request.block_ids = []
         request.cache_chain = []
+        request.num_evicted_blocks = 0
 
     def pin_session(self, request: Request, expires_at: float) -> None:
         """Hand a finished request's computed KV to its session's pin until ``expires_at``."""
         num_tokens = request.num_computed_tokens
-        keep = blocks_needed(num_tokens, self.block_size)
+        evicted = request.num_evicted_blocks
+        keep = blocks_needed(num_tokens, self.block_size) - evicted
         self.prefix_cache.forget(request)
         self.pool.release(reversed(request.block_ids[keep:]))
         if keep == 0 or request.session_id is None:
             self.pool.release(reversed(request.block_ids[:keep]))
         else:
             self.sessions.pin(request.session_id, request.block_ids[:keep],
-                              request.all_token_ids[:num_tokens], request.cache_salt, expires_at)
+                              request.all_token_ids[:num_tokens], request.cache_salt, expires_at,
+                              num_evicted_blocks=evicted)
         request.block_ids = []
         request.cache_chain = []
+        request.num_evicted_blocks = 0
 
     def _extra_blocks(self, request: Request, num_new_tokens: int) -> int:
         needed = blocks_needed(request.num_computed_tokens + num_new_tokens, self.block_size)
-        return max(0, needed - len(request.block_ids))
+        return max(0, needed - request.num_evicted_blocks - len(request.block_ids))

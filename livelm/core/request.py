@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from livelm.core.kv_policy import FULL, KVPolicy
 from livelm.sampling_params import SamplingParams
 
 
@@ -65,6 +66,10 @@ class Request:
     tenant: str = ""
     ttft_slo: float | None = None
     tpot_slo: float | None = None
+    # What the request keeps in its KV (core/kv_policy.py). Under ``sinks`` the block table
+    # is logical: ``block_ids`` holds the sink blocks, then the blocks from text block
+    # ``num_sink_blocks + num_evicted_blocks`` on (see ``physical_block``).
+    kv_policy: KVPolicy = FULL
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -80,6 +85,14 @@ class Request:
     # whose KV this request holds and the cache knows.
     block_hashes: list[int] = field(default_factory=list)
     cache_chain: list[int] = field(default_factory=list)
+    # Non-sink blocks rolled out of the window (released to the pool), and their tokens
+    # over the request's life (a metric; preemption starts the count of blocks again).
+    num_evicted_blocks: int = 0
+    num_evicted_tokens: int = 0
+    # A sinks request preempted after rolling: the text position its kept window began at.
+    # It is recomputed from what it kept (its sinks, then from here on), so tokens between
+    # the sinks and this position are gone for good (core/kv_policy.py).
+    kv_floor: int = 0
 
     # Set from ``sampling_params`` once, so the scheduler's per-step checks stay plain
     # attribute reads. Streaming input (engine/input_stream.py): an input-only request
@@ -93,11 +106,22 @@ class Request:
         params = self.sampling_params
         self.input_only = params is None
         self.wants_prompt_logprobs = params is not None and params.prompt_logprobs is not None
+        self.rolling = self.kv_policy.is_sinks
+        # Keeps a sinks request's KV apart from other layouts in the prefix cache and pins.
+        self.cache_salt = self.kv_policy.salt(self.cache_salt)
 
     @classmethod
-    def input_stream(cls, stream_id: str, token_ids: list[int], cache_salt: str | None = None) -> Request:
+    def input_stream(cls, stream_id: str, token_ids: list[int], cache_salt: str | None = None,
+                     kv_policy: KVPolicy = FULL) -> Request:
         """The input-only request that reads an input stream into KV (its input stays open)."""
-        return cls(stream_id, list(token_ids), None, input_closed=False, cache_salt=cache_salt)
+        return cls(stream_id, list(token_ids), None, input_closed=False, cache_salt=cache_salt, kv_policy=kv_policy)
+
+    def physical_block(self, text_block: int, block_size: int) -> int:
+        """The pool block holding text block ``text_block`` (the logical table of a sinks
+        request; the identity for ``full``)."""
+        if text_block < self.kv_policy.num_sink_blocks(block_size):
+            return self.block_ids[text_block]
+        return self.block_ids[text_block - self.num_evicted_blocks]
 
     @property
     def ttft_deadline(self) -> float | None:

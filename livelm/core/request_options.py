@@ -1,12 +1,14 @@
 """What a request asks of the engine beyond sampling: its session and cache salt (the KV
-cache), its priority, tenant and latency targets (the scheduler).
+cache), its KV policy (``full``, or attention sinks + a rolling window: core/kv_policy.py),
+its priority, tenant and latency targets (the scheduler).
 
 Parsed and checked once, where a request enters the engine (``LLM.generate``/``chat``,
 ``AsyncEngine.generate``, ``InputStream.generate``), then passed down as typed fields to
 :class:`~livelm.core.request.Request`. The public spelling stays
-``SamplingParams.extra["session_id" / "session_ttl" / "cache_salt" / "priority" /
-"tenant" / "ttft_slo_ms" / "tpot_slo_ms"]`` (the HTTP fields, docs/sessions.md and
-docs/scheduling.md); :meth:`RequestOptions.from_extra` reads it.
+``SamplingParams.extra["session_id" / "session_ttl" / "cache_salt" / "kv_policy" /
+"num_sink_tokens" / "kv_window" / "priority" / "tenant" / "ttft_slo_ms" / "tpot_slo_ms"]``
+(the HTTP fields, docs/sessions.md, docs/attention_sinks.md and docs/scheduling.md);
+:meth:`RequestOptions.from_extra` reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from livelm.core.kv_policy import FULL, KVPolicy, parse_kv_policy
 
 # The longest a request may pin its session's KV (7 days, in seconds): a pin's expiry is a
 # deadline the engine loop waits on, and a wait must stay a finite, representable time.
@@ -66,6 +70,8 @@ class RequestOptions:
     tenant: str | None = None
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
+    # What the request keeps in its KV cache (core/kv_policy.py): every token by default.
+    kv_policy: KVPolicy = FULL
 
     def __post_init__(self) -> None:
         self._check_scheduling()
@@ -79,6 +85,8 @@ class RequestOptions:
             raise ValueError(
                 f"session_ttl must be a number of seconds >= 0 and <= {MAX_SESSION_TTL_S:g} (7 days), got {ttl!r:.40}"
             )
+        if not isinstance(self.kv_policy, KVPolicy):
+            raise ValueError(f"kv_policy must be a KVPolicy, got {type(self.kv_policy).__name__}")
         if salt is not None and not isinstance(salt, str):
             raise ValueError(f"cache_salt must be a string, got {salt!r}")
         if ttl is not None:
@@ -111,6 +119,7 @@ class RequestOptions:
             tenant=extra.get("tenant"),
             ttft_slo_ms=extra.get("ttft_slo_ms"),
             tpot_slo_ms=extra.get("tpot_slo_ms"),
+            kv_policy=parse_kv_policy(extra.get("kv_policy"), extra.get("num_sink_tokens"), extra.get("kv_window")),
         )
 
 

@@ -182,7 +182,7 @@ class Scheduler:
                 budget = self._admit_waiting(chunks, budget, limit, now, before=self.policy.rank(req))
                 if budget <= 0:
                     break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = _chunk_len(req, budget)
             if n > 1:
                 n = limit.allow(req.num_computed_tokens, n)
                 if n == 0:
@@ -263,14 +263,17 @@ class Scheduler:
                     skipped.append(req)  # a running request is computing the prefix it shares
                     continue
                 reused = self.kv.match(req)
+                self.kv.skip_to_floor(req)  # no sinks to recompute first
             remaining = req.num_tokens - req.num_computed_tokens
             # Admit only if the whole remaining prompt fits now: a request admitted on its
-            # first chunk alone would soon be preempted again, wasting the work.
-            n = min(remaining, budget)
+            # first chunk alone would soon be preempted again, wasting the work. A sinks
+            # request never holds more than its window (and a chunk) at once.
+            peak = _peak_tokens(req, remaining + 1, self.block_size)
+            n = _chunk_len(req, budget)
             if n > 1:
                 n = limit.allow(req.num_computed_tokens, n)
             fits = n > 0 or remaining == 0
-            fits = fits and self.kv.make_room(req, remaining + 1)
+            fits = fits and self.kv.make_room(req, peak)
             while n > 0 and not fits and (victim := self.policy.may_preempt_for(req, self.running)) is not None:
                 # The priority policy: a lower-priority request yields its KV to this one.
                 self.running.remove(victim)
@@ -281,7 +284,7 @@ class Scheduler:
                 if undone is not None:
                     budget += undone.num_tokens
                 num_seqs -= not victim.input_only
-                fits = self.kv.make_room(req, remaining + 1)
+                fits = self.kv.make_room(req, peak)
             if not fits:
                 self.kv.free(req)
                 req.num_computed_tokens = 0
@@ -340,9 +343,13 @@ class Scheduler:
             output_token_ids=req.output_token_ids,
             seed_offset=req.index,
             want_prompt_logprobs=want_prompt_lp,
+            kv_policy=req.kv_policy if req.rolling else None,
+            num_evicted_blocks=req.num_evicted_blocks,
+            kv_floor=req.kv_floor,
         )
 
     def _preempt(self, req: Request) -> None:
+        self.kv.keep_floor(req)  # a sinks request is recomputed from what it keeps
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
@@ -364,7 +371,9 @@ class Scheduler:
             req.num_computed_tokens += chunk.num_tokens
             self.num_computed_tokens += chunk.num_tokens
             self.kv.commit(req)
+            self.kv.skip_to_floor(req)
             self.policy.account(req, 0 if chunk.is_decode else chunk.num_tokens, 1 if chunk.sample else 0)
+            self.kv.roll(req)
             prompt_lp = result.prompt_logprobs.get(req.request_id)
             if not chunk.sample:
                 if req.input_only and req.num_computed_tokens == req.num_tokens:
@@ -404,7 +413,7 @@ class Scheduler:
                 return
         max_tokens = params.max_tokens
         if (max_tokens is not None and num_out >= max_tokens) or (
-            req.num_tokens >= self.config.max_model_len
+            req.num_tokens >= self.config.max_model_len and not req.rolling  # a window never fills up
         ):
             self._mark_finished(req, FinishReason.LENGTH, None)
 
@@ -516,6 +525,8 @@ class Scheduler:
             raise ValueError(f"request {parent_id!r} is not running: only a running request can fork")
         if parent.input_only or parent.status == RequestStatus.SUSPENDED:
             raise ValueError(f"request {parent_id!r} cannot fork (an input stream, or forked already)")
+        if parent.rolling:
+            raise ValueError(f"request {parent_id!r} has kv_policy 'sinks': fork/join needs kv_policy 'full'")
         for child in children:
             if child.request_id in self.requests:
                 raise ValueError(f"request id {child.request_id!r} is already in use")
@@ -628,6 +639,30 @@ class _PrefillLimit:
     def predicted(self) -> float:
         """The cost model's seconds for the step as planned (0 without a target)."""
         return self.scheduler.step_cost.predict(self.shape) if self.active else 0.0
+
+
+def _chunk_len(req: Request, budget: int) -> int:
+    """Tokens ``req`` computes this step: what it lacks, within the budget (a sinks request
+    at most a window at once, so its blocks stay bounded by about two windows)."""
+    n = min(req.num_tokens - req.num_computed_tokens, budget)
+    if not req.rolling:
+        return n
+    sinks = req.kv_policy.num_sink_tokens
+    if req.kv_floor > sinks > req.num_computed_tokens:
+        n = min(n, sinks - req.num_computed_tokens)  # recomputing: the sinks, then the floor
+    return min(n, req.kv_policy.window)
+
+
+def _peak_tokens(req: Request, num_tokens: int, block_size: int) -> int:
+    """Token slots ``req`` needs at once to compute ``num_tokens`` more: all of them, but
+    for a sinks request no more than its window, a chunk and the slack blocks it keeps."""
+    if not req.rolling:
+        return num_tokens
+    policy = req.kv_policy
+    bound = policy.num_sink_blocks(block_size) * block_size + 2 * policy.window + 3 * block_size
+    if req.input_only:
+        bound += policy.window
+    return min(num_tokens, bound)
 
 
 def _is_fresh(req: Request) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from livelm.core.kv_policy import KVPolicy
 from livelm.core.request import FinishReason
 from livelm.sampling_params import SamplingParams
 
@@ -35,6 +36,11 @@ class ScheduledChunk:
     output_token_ids: list[int]
     seed_offset: int = 0
     want_prompt_logprobs: bool = False
+    # A sinks request (core/kv_policy.py): its policy, and how many non-sink blocks its
+    # logical ``block_ids`` skip (text block i >= sink blocks is ``block_ids[i - that]``).
+    kv_policy: KVPolicy | None = None
+    num_evicted_blocks: int = 0
+    kv_floor: int = 0  # text positions from the sinks up to here are gone (Request.kv_floor)
 
     @property
     def num_tokens(self) -> int:

@@ -27,6 +27,8 @@ class Pin:
     token_ids: list[int]
     salt: str | None
     expires_at: float
+    # A sinks request's logical table (core/kv_policy.py): blocks rolled out before the pin.
+    num_evicted_blocks: int = 0
 
 
 class SessionPins(Protocol):
@@ -47,7 +49,7 @@ class SessionPins(Protocol):
         ...
 
     def pin(self, session_id: str, block_ids: list[int], token_ids: list[int], salt: str | None,
-            expires_at: float) -> None:
+            expires_at: float, num_evicted_blocks: int = 0) -> None:
         """Take over the references to ``block_ids`` (replacing the session's older pin)."""
         ...
 
@@ -106,10 +108,11 @@ class TtlSessionPins:
         return self._pins.get(session_id)
 
     def pin(self, session_id: str, block_ids: list[int], token_ids: list[int], salt: str | None,
-            expires_at: float) -> None:
+            expires_at: float, num_evicted_blocks: int = 0) -> None:
         """See :meth:`SessionPins.pin`."""
         self.release(session_id)
-        self._pins[session_id] = Pin(session_id, list(block_ids), list(token_ids), salt, expires_at)
+        self._pins[session_id] = Pin(session_id, list(block_ids), list(token_ids), salt, expires_at,
+                                     num_evicted_blocks)
         self._holders.update(block_ids)
 
     def match(self, request: Request, block_size: int) -> tuple[list[int], int]:
@@ -119,12 +122,25 @@ class TtlSessionPins:
         block, which is safe only while nobody else can read it (the pin is its only holder
         and it is not a full block of the prefix cache). Otherwise the hit stops at the
         block's start. The request's last token is never covered.
+
+        A pin of a sinks request that rolled blocks out (``num_evicted_blocks``) is taken
+        whole or not at all: only its end has the window the next token needs. It sets
+        the request's ``num_evicted_blocks`` to the pin's.
         """
         pin = self._pins.get(request.session_id) if request.session_id else None
         if pin is None or pin.salt != request.cache_salt:
             return [], 0
         limit = min(len(pin.token_ids), request.num_tokens - 1)
         common = common_prefix_len(pin.token_ids, request.all_token_ids, limit)
+        if pin.num_evicted_blocks:
+            last = pin.block_ids[-1]
+            if common < len(pin.token_ids) or (
+                common % block_size and (self.pool.ref_count(last) != 1 or self.pool.is_cached(last))
+            ):
+                return [], 0
+            self.pool.share(pin.block_ids)
+            request.num_evicted_blocks = pin.num_evicted_blocks
+            return list(pin.block_ids), common
         full, rest = divmod(common, block_size)
         blocks = pin.block_ids[:full]
         num_tokens = full * block_size

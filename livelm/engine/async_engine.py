@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from livelm.core.kv_policy import FULL, KVPolicy
 from livelm.core.request_options import RequestOptions
 from livelm.engine.engine import Engine, EngineStats, make_engine_config
 from livelm.engine.engine_commands import (
@@ -176,7 +177,7 @@ class AsyncEngine:
         """
         options = RequestOptions.from_extra(params.extra, session_id, session_ttl)
         if isinstance(prompt, AsyncIterable):
-            async with self.open_stream(cache_salt=options.cache_salt) as stream:
+            async with self.open_stream(cache_salt=options.cache_salt, kv_policy=options.kv_policy) as stream:
                 async for chunk in prompt:
                     stream.append(chunk)
                 stream.close_input()
@@ -241,11 +242,14 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ input streams
 
-    def open_stream(self, stream_id: str | None = None, cache_salt: str | None = None) -> InputStream:
+    def open_stream(self, stream_id: str | None = None, cache_salt: str | None = None,
+                    kv_policy: KVPolicy = FULL) -> InputStream:
         """Open a streamed prompt (call from a running event loop); see :class:`InputStream`.
+        Under ``kv_policy`` "sinks" the stream keeps its sink tokens and a rolling window
+        and runs without end (docs/attention_sinks.md); replies to it share its policy.
 
-        Raises ValueError when ``max_input_streams`` streams are already open or the id is
-        taken. Close it (``await stream.close()`` or ``async with``) to free its KV; an
+        Raises ValueError when ``max_input_streams`` streams are already open, the id is
+        taken or the engine cannot serve ``kv_policy``. Close it (``await stream.close()`` or ``async with``) to free its KV; an
         idle stream is closed after ``stream_idle_timeout_s`` seconds.
         """
         if self._stopping:
@@ -259,9 +263,10 @@ class AsyncEngine:
         sid = stream_id or f"stream-{next(self._stream_ids)}"
         if sid in self._input_streams:
             raise ValueError(f"input stream id {sid!r} is already in use")
-        stream = InputStream(self, sid, cache_salt)
+        self._engine.check_kv_policy(kv_policy)  # reads the configuration only: any thread
+        stream = InputStream(self, sid, cache_salt, kv_policy)
         self._input_streams[sid] = stream
-        self._commands.send(OpenStream(sid, cache_salt))
+        self._commands.send(OpenStream(sid, cache_salt, kv_policy))
         return stream
 
     def get_stream(self, stream_id: str) -> InputStream | None:
@@ -280,9 +285,13 @@ class AsyncEngine:
         large schema compiles there and the engine thread finds it in the cache."""
         self._engine.check_structured(structured)
 
-    def check_stream_input(self, token_ids: list[int]) -> None:
+    def check_kv_policy(self, policy: KVPolicy) -> None:
+        """ValueError unless the engine can serve ``policy`` (reads the configuration only)."""
+        self._engine.check_kv_policy(policy)
+
+    def check_stream_input(self, token_ids: list[int], kv_policy: KVPolicy = FULL) -> None:
         """ValueError unless a stream may hold ``token_ids`` (vocabulary and length)."""
-        self._engine.check_stream_input(token_ids)
+        self._engine.check_stream_input(token_ids, kv_policy)
 
     def update_stream(self, stream_id: str, keep: int, append: list[int], close: bool) -> None:
         """An input stream's change, sent on by :class:`InputStream` (use its methods)."""
@@ -515,8 +524,8 @@ class AsyncEngine:
                                    options=options)
                 except Exception as e:  # validation errors go back to the caller
                     self._deliver(rid, _Failure(e))
-            case OpenStream(sid, salt):
-                engine.open_input_stream(sid, salt)
+            case OpenStream(sid, salt, kv_policy):
+                engine.open_input_stream(sid, salt, kv_policy)
                 self._open_in_core[sid] = 0
             case UpdateStream(sid, keep, append, close):
                 if sid in self._open_in_core:

@@ -25,6 +25,7 @@ import torch
 
 from livelm.config import CacheConfig, EngineConfig, SchedulerConfig
 from livelm.core.kv_manager import blocks_needed
+from livelm.core.kv_policy import FULL, KVPolicy
 from livelm.core.request import FinishReason, Request, RequestStatus
 from livelm.core.request_options import NO_OPTIONS, RequestOptions, check_priority
 from livelm.core.scheduler import Scheduler
@@ -39,6 +40,7 @@ from livelm.layers.attention.kv_format import check_kv_format, kv_format_name, k
 from livelm.models.loader import load_model
 from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
+from livelm.models.rope import attention_factor
 from livelm.models.weight_transfer import WeightReceiver
 from livelm.models.weight_update import (
     StagedUpdate,
@@ -60,6 +62,9 @@ logger = logging.getLogger("livelm")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_ROPE_TABLE = 131072
+# Rotary types whose rotation of a query/key pair depends only on their distance, which
+# kv_policy "sinks" needs (positions by place in the cache; layers/attention/sinks.py).
+SINKS_ROPE_TYPES = ("default", "linear", "llama3")
 _CONFIG_FIELDS = {f.name for f in fields(EngineConfig)}
 
 
@@ -96,6 +101,11 @@ class EngineStats:
     # what it holds in memory) and the bytes of one block.
     num_touched_blocks: int = 0
     kv_block_bytes: int = 0
+    # kv_policy "sinks" (docs/attention_sinks.md): tokens whose blocks were rolled out of a
+    # window over the engine's life, and the fill of the windows of those holding KV now
+    # (tokens kept / (sinks + window), 0..1; 0 without such requests).
+    num_evicted_tokens: int = 0
+    kv_window_occupancy: float = 0.0
     # Liveness: unix time of the last completed step (0 before the first), and whether the
     # step loop still runs (AsyncEngine sets False once its engine thread stopped).
     last_step_time: float = 0.0
@@ -260,13 +270,16 @@ class Engine:
             raise ValueError("the prompt is empty: give at least one token")
         check_vocab_range(prompt_token_ids, self.model_config.vocab_size, "prompt")
         max_tokens = params.max_tokens if params.max_tokens is not None else 1
-        if n + max_tokens > self.max_model_len:
+        rolling = options.kv_policy.is_sinks
+        if rolling:  # a rolling window: any length fits, in bounded KV (core/kv_policy.py)
+            self.check_kv_policy(options.kv_policy)
+        if not rolling and n + max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
                 f"context length of {self.max_model_len} tokens: shorten the prompt or lower max_tokens"
             )
         capacity = self.scheduler.kv_capacity_tokens
-        if n + max_tokens > capacity:
+        if not rolling and n + max_tokens > capacity:
             raise ValueError(
                 f"prompt + max_tokens = {n + max_tokens} tokens cannot fit in the KV cache "
                 f"({capacity} tokens): raise kv_cache_gib or lower max_tokens"
@@ -275,7 +288,7 @@ class Engine:
             raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
         if options.priority is not None:
             check_priority(options.priority, self.config.max_priority)
-        if params.max_tokens is None and n + params.min_tokens > self.max_model_len:
+        if not rolling and params.max_tokens is None and n + params.min_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + min_tokens ({params.min_tokens}) exceeds the context length "
                 f"of {self.max_model_len} tokens: lower min_tokens"
@@ -284,6 +297,33 @@ class Engine:
         check_engine_limits(params, max_n=self.config.max_n, max_num_seqs=self.config.max_num_seqs,
                             vocab_size=max(self.model_config.vocab_size, len(self.tokenizer)))
         self.check_structured(params.structured)
+
+    def check_kv_policy(self, policy: KVPolicy) -> None:
+        """ValueError unless this engine can serve ``policy`` (core/kv_policy.py): a window of
+        at least a block and at most the context, a rotary type whose rotation depends on
+        the distance between positions only, and a pool that holds the request's peak."""
+        if not policy.is_sinks:
+            return
+        bs = self.config.block_size
+        if policy.window < bs:
+            raise ValueError(f"kv_window ({policy.window}) must be at least one KV block ({bs} tokens)")
+        if policy.num_sink_tokens + policy.window > self.max_model_len:
+            raise ValueError(
+                f"kv_window + num_sink_tokens = {policy.num_sink_tokens + policy.window} exceeds the "
+                f"context length of {self.max_model_len} tokens: lower kv_window"
+            )
+        rope = self.model_config.rope
+        if rope.rope_type not in SINKS_ROPE_TYPES or attention_factor(rope) != 1.0:
+            raise ValueError(
+                f"kv_policy 'sinks' needs a rotary embedding that depends on relative positions only "
+                f"({', '.join(SINKS_ROPE_TYPES)}, no attention factor); this model's is {rope.rope_type!r}"
+            )
+        peak = blocks_needed(policy.num_sink_tokens, bs) + blocks_needed(3 * policy.window, bs) + 3
+        if peak > self.cache_config.num_blocks:
+            raise ValueError(
+                f"kv_window {policy.window} needs up to {peak} KV blocks at once, the KV cache has "
+                f"{self.cache_config.num_blocks}: lower kv_window or raise kv_cache_gib"
+            )
 
     def check_structured(self, structured: StructuredOutput | None) -> None:
         """ValueError (llguidance's message) unless ``structured`` compiles for this model.
@@ -317,7 +357,9 @@ class Engine:
         self.validate(ids, params, options)
         queued = params
         if params.max_tokens is None:
-            queued = replace(params, max_tokens=max(self.max_model_len - len(ids), max(1, params.min_tokens)))
+            # A sinks request is not bounded by the context: a context's worth by default.
+            room = self.max_model_len if options.kv_policy.is_sinks else self.max_model_len - len(ids)
+            queued = replace(params, max_tokens=max(room, max(1, params.min_tokens)))
         stream = self.scheduler.requests.get(fork_from or "")
         if stream is not None and stream.input_only and stream.input_closed:
             # A reply to a closed stream does not wait for the stream's prefill to finish:
@@ -341,6 +383,7 @@ class Engine:
                     tenant=options.tenant or DEFAULT_TENANT,
                     ttft_slo=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,
                     tpot_slo=None if options.tpot_slo_ms is None else options.tpot_slo_ms / 1000,
+                    kv_policy=options.kv_policy,
                 )
             )
         state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer, arrival)
@@ -648,10 +691,12 @@ class Engine:
 
     # ------------------------------------------------------------ input streams
 
-    def open_input_stream(self, stream_id: str, cache_salt: str | None = None) -> None:
+    def open_input_stream(self, stream_id: str, cache_salt: str | None = None, kv_policy: KVPolicy = FULL) -> None:
         """Start reading a stream's input into KV (see engine/input_stream.py); it is freed
-        by ``scheduler.finish_request(stream_id)``."""
-        self.scheduler.add_request(Request.input_stream(stream_id, [], cache_salt))
+        by ``scheduler.finish_request(stream_id)``. Under ``kv_policy`` "sinks" the stream
+        never ends: old input rolls out of its window (docs/attention_sinks.md)."""
+        self.check_kv_policy(kv_policy)
+        self.scheduler.add_request(Request.input_stream(stream_id, [], cache_salt, kv_policy))
 
     def update_input_stream(self, stream_id: str, keep: int, append: list[int], close: bool = False) -> None:
         """Keep the stream's first ``keep`` input tokens and append ``append`` (ValueError
@@ -659,12 +704,15 @@ class Engine:
         req = self.scheduler.requests.get(stream_id)
         if req is None or not req.input_only:
             raise ValueError(f"no open input stream {stream_id!r}")
-        self.check_stream_input(req.all_token_ids[:keep] + append)
+        self.check_stream_input(req.all_token_ids[:keep] + append, req.kv_policy)
         self.scheduler.update_input(stream_id, keep, append, close)
 
-    def check_stream_input(self, token_ids: list[int]) -> None:
-        """ValueError unless a stream may hold ``token_ids`` (vocabulary, context, KV)."""
+    def check_stream_input(self, token_ids: list[int], kv_policy: KVPolicy = FULL) -> None:
+        """ValueError unless a stream may hold ``token_ids`` (vocabulary, context, KV; a
+        ``sinks`` stream any length)."""
         check_vocab_range(token_ids, self.model_config.vocab_size, "input")
+        if kv_policy.is_sinks:
+            return
         capacity = self.scheduler.kv_capacity_tokens
         limit = min(self.max_model_len, capacity) - 1
         if len(token_ids) > limit:
@@ -679,6 +727,17 @@ class Engine:
         return self.scheduler.requests[stream_id].num_computed_tokens
 
     # -------------------------------------------------------------------- load
+
+    def _window_occupancy(self) -> float:
+        """Tokens the running sinks requests keep over what their windows may hold."""
+        kept = capacity = 0
+        for req in self.scheduler.running:
+            if req.rolling:
+                policy, computed = req.kv_policy, req.num_computed_tokens
+                kept += min(computed, policy.num_sink_tokens) + min(max(0, computed - policy.num_sink_tokens),
+                                                                    policy.window)
+                capacity += policy.num_sink_tokens + policy.window
+        return kept / capacity if capacity else 0.0
 
     def stats(self) -> EngineStats:
         """Current load of the engine."""
@@ -707,6 +766,8 @@ class Engine:
             num_computed_tokens=s.num_computed_tokens,
             num_touched_blocks=kv.num_touched_blocks,
             kv_block_bytes=self.kv_block_bytes,
+            num_evicted_tokens=kv.num_evicted_tokens,
+            kv_window_occupancy=self._window_occupancy(),
             last_step_time=self.last_step_time,
             num_tpot_slo_misses=s.slo.num_tpot_misses,
             num_ttft_slo_misses=s.slo.num_ttft_misses,

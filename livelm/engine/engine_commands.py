@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from livelm.core.kv_policy import FULL, KVPolicy
 from livelm.core.request_options import RequestOptions
 from livelm.engine.fork import Branch
 from livelm.models.weight_update import StagedUpdate
@@ -40,6 +41,7 @@ class OpenStream:
 
     stream_id: str
     cache_salt: str | None
+    kv_policy: KVPolicy = FULL
 
 
 @dataclass(frozen=True, slots=True)

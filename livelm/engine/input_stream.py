@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from livelm.config import EngineConfig
+from livelm.core.kv_policy import FULL, KVPolicy
 from livelm.core.request_options import RequestOptions
 from livelm.core.token_ids import common_prefix_len
 from livelm.engine.incremental_tokenizer import InputUpdate, StreamingTextInput
@@ -41,7 +42,7 @@ class StreamEngine(Protocol):
         """A request id unique within the engine."""
         ...
 
-    def check_stream_input(self, token_ids: list[int]) -> None:
+    def check_stream_input(self, token_ids: list[int], kv_policy: KVPolicy = FULL) -> None:
         """ValueError unless a stream may hold ``token_ids`` (vocabulary and length)."""
         ...
 
@@ -121,10 +122,12 @@ class InputStream:
     the change to the engine thread. Use it from one event loop.
     """
 
-    def __init__(self, engine: StreamEngine, stream_id: str, cache_salt: str | None) -> None:
+    def __init__(self, engine: StreamEngine, stream_id: str, cache_salt: str | None,
+                 kv_policy: KVPolicy = FULL) -> None:
         self._engine = engine
         self.stream_id = stream_id
         self.cache_salt = cache_salt
+        self.kv_policy = kv_policy  # core/kv_policy.py; its replies share it
         self._text: StreamingTextInput | None = None  # set by the first text chunk
         self._ids: list[int] = []  # committed input tokens, as sent to the engine
         self._mode: str | None = None  # "text" or "tokens", fixed by the first chunk
@@ -227,6 +230,8 @@ class InputStream:
             options = RequestOptions.from_extra(params.extra)
         if self.cache_salt is not None:  # the reply's own blocks join the stream's salt
             options = dataclasses.replace(options, cache_salt=self.cache_salt)
+        # A reply forks the stream's KV, whose layout its policy fixes.
+        options = dataclasses.replace(options, kv_policy=self.kv_policy)
         # The engine lets a reply to closed input compute what the stream has not yet.
         self._prefill_handed_over = self._prefill_handed_over or after_close
         self._generations.add(rid)
@@ -353,11 +358,25 @@ class InputStream:
         self._mode = "tokens"
         return ids
 
+    def _check_window(self, keep: int) -> None:
+        """A sinks stream keeps only its last ``window`` tokens revisable: a revision from
+        further back would need KV that has rolled out."""
+        window = self.kv_policy.window
+        if keep < len(self._ids) and keep < len(self._ids) - window:
+            raise ValueError(
+                f"this replace revises the input from token {keep}, {len(self._ids) - keep} tokens back; "
+                f"with kv_policy 'sinks' only the last kv_window={window} tokens may be revised"
+            )
+
     def _apply(self, update: InputUpdate, undo=None, close: bool = False) -> None:
         """Check the revised input against the limits, then hand it to the engine."""
         new_ids = self._ids[: update.keep] + update.append
         try:
-            self._engine.check_stream_input(new_ids)
+            if self.kv_policy.is_sinks:
+                self._engine.check_stream_input(new_ids, self.kv_policy)
+                self._check_window(update.keep)
+            else:
+                self._engine.check_stream_input(new_ids)
             limit = self._engine.config.max_stream_pending_tokens
             pending = len(new_ids) - min(self._num_computed, update.keep)
             if pending > limit:

@@ -30,6 +30,13 @@ def prefill_attention_kernels() -> ModuleType | None:
 
 
 @functools.cache
+def sinks_attention_kernels() -> ModuleType | None:
+    """``csrc/sinks_attention.cpp``: attention of a kv_policy "sinks" chunk
+    (``sinks_attention``: keys rotated by cache position as they are read), fp32."""
+    return build_extension("livelm_sinks_attention", "sinks_attention.cpp", "sinks attention", ("-ffp-contract=off",))
+
+
+@functools.cache
 def fused_ops_kernels() -> ModuleType | None:
     """``csrc/fused_ops.cpp``: RMSNorm, residual add + RMSNorm, SiLU-and-multiply and
     in-place rotary, fp32."""

@@ -19,8 +19,10 @@ from livelm.layers.attention import (
     select_attention_backend,
 )
 from livelm.layers.attention.kv_format import kv_row_bytes, kv_row_width
+from livelm.layers.attention.sinks import sinks_segment
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
+from livelm.models.rope import rotary_tables
 from livelm.models.weight_update import StagedUpdate
 from livelm.runner.kv_cache import allocate_kv_cache
 from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
@@ -68,6 +70,9 @@ class ModelRunner:
         self.eos_token_ids = set(eos_token_ids)
         self._generators: dict[str, torch.Generator] = {}
         self.structured = StructuredDecoding(structured) if structured is not None else None
+        # cos/sin for sinks requests' cache positions (layers/attention/sinks.py): the model's
+        # tables, grown on demand past them (only position-independent rotary types run sinks).
+        self._rope_cos, self._rope_sin = model.rotary.cos, model.rotary.sin
 
     @staticmethod
     def kv_bytes_per_block(model_config, block_size: int, dtype: torch.dtype) -> int:
@@ -86,8 +91,9 @@ class ModelRunner:
             self.structured.drop(sched.finished_request_ids)
         if sched.is_empty:
             return ModelRunnerOutput(sampled={})
-        # Decodes first: they share one batched attention call; prefills follow one by one.
-        chunks = sorted(sched.chunks, key=lambda c: not c.is_decode)
+        # Decodes first: they share one batched attention call; prefills (and every chunk of
+        # a sinks request) follow one by one.
+        chunks = sorted(sched.chunks, key=lambda c: not (c.is_decode and c.kv_policy is None))
         sample_chunks = [c for c in chunks if c.sample]
         masks = self._start_masks(sample_chunks)
         try:
@@ -154,11 +160,21 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefill_specs: list[tuple[int, int, int, list[int]]] = []
+        sinks_specs: list[tuple[int, ScheduledChunk]] = []
         for c in chunks:
             start_row = len(ids)
             ids.extend(c.token_ids)
             end = c.start_position + c.num_tokens
             positions = range(c.start_position, end)
+            if c.kv_policy is not None:
+                # q and k leave the model unrotated (position 0 rotates by exactly nothing);
+                # the sinks path rotates them by their cache positions.
+                pos.extend([0] * c.num_tokens)
+                slot_of = _logical_slots(c, bs)
+                slots.extend(slot_of(p) for p in positions)
+                row_of[c.request_id] = (start_row, len(ids))
+                sinks_specs.append((start_row, c))
+                continue
             pos.extend(positions)
             table = c.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in positions)
@@ -193,10 +209,24 @@ class ModelRunner:
             tbl = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=dev)
             ctx_slots = tbl[offsets // bs] * bs + offsets % bs
             meta.prefills.append(PrefillSegment(start_row, n, ctx_slots, None))
+        for start_row, c in sinks_specs:
+            policy = c.kv_policy
+            meta.sinks.append(sinks_segment(policy.num_sink_tokens, policy.window, start_row, c.start_position,
+                                            c.num_tokens, _logical_slots(c, bs), self._rope_rows, dev,
+                                            c.kv_floor))
         self.attn_backend.prepare(meta, self.dtype)  # what only this backend reads
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions_t = torch.tensor(pos, dtype=torch.long, device=dev)
         return input_ids, positions_t, meta, row_of
+
+    def _rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, half] at ``positions`` in the activations' dtype (tables grown as needed)."""
+        need = int(positions.max()) + 1
+        if need > self._rope_cos.shape[0]:
+            cfg = self.model.config
+            cos, sin = rotary_tables(cfg.head_dim, max(need, 2 * self._rope_cos.shape[0]), cfg.rope)
+            self._rope_cos, self._rope_sin = cos.to(self.device), sin.to(self.device)
+        return self._rope_cos[positions].to(self.dtype), self._rope_sin[positions].to(self.dtype)
 
     # ----------------------------------------------------------------- sampling
 
@@ -360,3 +390,16 @@ class ModelRunner:
             top_logprobs=top_lp.tolist(),
         )
 
+
+
+def _logical_slots(chunk: ScheduledChunk, block_size: int):
+    """Text position -> cache slot through a sinks request's logical block table (its sink
+    blocks, then the blocks from ``num_evicted_blocks`` past them)."""
+    table, evicted = chunk.block_ids, chunk.num_evicted_blocks
+    nsb = chunk.kv_policy.num_sink_blocks(block_size)
+
+    def slot_of(p: int) -> int:
+        i = p // block_size
+        return table[i if i < nsb else i - evicted] * block_size + p % block_size
+
+    return slot_of

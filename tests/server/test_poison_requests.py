@@ -157,6 +157,23 @@ POISON = [
     (C, _body('"tpot_slo_ms": Infinity'), "tpot_slo_ms", None),
     (C, _body('"tpot_slo_ms": 0'), "tpot_slo_ms", "> 0"),
     (C, _body('"tpot_slo_ms": "fast"'), "tpot_slo_ms", None),
+    # Attention sinks (issue 17): kv_policy, num_sink_tokens, kv_window.
+    (C, _body('"kv_policy": "sinks", "kv_window": NaN'), "kv_window", None),
+    (C, _body('"kv_policy": "sinks", "kv_window": Infinity'), "kv_window", None),
+    (C, _body('"kv_policy": "sinks", "kv_window": -64'), "kv_window", None),
+    (C, _body('"kv_policy": "sinks", "kv_window": 99999999999999999999999'), "kv_window", None),
+    (C, _body('"kv_policy": "sinks", "kv_window": 64.5'), "kv_window", None),
+    (C, _body('"kv_policy": "sinks", "kv_window": "64"'), "kv_window", None),
+    (CHAT, _chat('"kv_policy": "sinks", "kv_window": true'), "kv_window", None),
+    (C, _body('"kv_policy": "sinks", "kv_window": 8'), "kv_window", "one KV block"),
+    (C, _body('"kv_policy": "sinks", "kv_window": 100000'), "kv_window", "context length"),
+    (C, _body('"kv_policy": "sinks"'), "kv_window", "required"),
+    (C, _body('"kv_policy": "sinks", "kv_window": 64, "num_sink_tokens": 65'), "num_sink_tokens", "exceed"),
+    (C, _body('"kv_policy": "sinks", "kv_window": 64, "num_sink_tokens": -1'), "num_sink_tokens", None),
+    (C, _body('"kv_policy": "sinks", "kv_window": 64, "num_sink_tokens": NaN'), "num_sink_tokens", None),
+    (C, _body('"kv_policy": "rolling", "kv_window": 64'), "kv_policy", None),
+    (CHAT, _chat('"kv_policy": 1, "kv_window": 64'), "kv_policy", None),
+    (C, _body('"kv_window": 64'), None, "kv_policy 'sinks'"),
     (C, '{"prompt": [' + ", ".join(["[5]"] * 1000) + '], "max_tokens": 1}', None, "sequences"),
     # Structured output and tools (issue 15): every new field gets its poison.
     (CHAT, _chat('"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
@@ -236,6 +253,8 @@ LEGITIMATE = [
     _body('"session_id": "poison-ok", "session_ttl": 604800'),
     _body('"top_k": 1000000000000000000000000000000, "temperature": 1'),
     _body('"priority": -10, "tenant": "t", "ttft_slo_ms": 86400000, "tpot_slo_ms": 0.001'),
+    _body('"kv_policy": "sinks", "kv_window": 16, "num_sink_tokens": 0'),
+    _body('"kv_policy": "full"'),
     _body('"user": "' + "u" * 10_000 + '", "tenant": ""'),  # a long user names a tenant, cut
 ]
 

@@ -29,6 +29,7 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
+    StrictInt,
     Tag,
     model_serializer,
     model_validator,
@@ -245,6 +246,11 @@ class SamplingRequest(OpenAIModel):
     tenant: Text | None = None
     ttft_slo_ms: Float | None = None
     tpot_slo_ms: Float | None = None
+    # What the request keeps in its KV (docs/attention_sinks.md): "full" (the default) or
+    # "sinks": the first num_sink_tokens (default 4) and the last kv_window tokens.
+    kv_policy: Literal["full", "sinks"] | None = None
+    num_sink_tokens: StrictInt | None = None  # strict: "32" or 32.0 is a 400, not a window
+    kv_window: StrictInt | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
 

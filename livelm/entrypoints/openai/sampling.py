@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from livelm.core.kv_policy import parse_kv_policy
 from livelm.core.request_options import MAX_TENANT_CHARS, RequestOptions
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
 from livelm.entrypoints.openai.protocol import (
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
     from livelm.entrypoints.openai.streaming_protocol import SessionGenerateRequest
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-_OPTION_FIELDS = {f.name: f.name for f in dataclasses.fields(RequestOptions)}
+_OPTION_FIELDS = {f.name: f.name for f in dataclasses.fields(RequestOptions)} | {
+    "num_sink_tokens": "num_sink_tokens", "kv_window": "kv_window"}
+_KV_POLICY_FIELDS = ("kv_policy", "num_sink_tokens", "kv_window")
 
 
 def _unsupported(param: str, what: str) -> OpenAIError:
@@ -54,6 +57,9 @@ def _common_kwargs(req: SamplingRequest) -> dict:
                 ("session_id", req.session_id),
                 ("session_ttl", req.session_ttl),
                 ("cache_salt", req.cache_salt),
+                ("kv_policy", req.kv_policy),
+                ("num_sink_tokens", req.num_sink_tokens),
+                ("kv_window", req.kv_window),
                 ("user", req.user),
                 ("priority", req.priority),
                 ("tenant", _tenant(req)),
@@ -79,7 +85,8 @@ def _check_common(req: SamplingRequest) -> None:
     try:  # the engine parses the same options again, after a stream may have started
         RequestOptions(session_id=req.session_id or None, session_ttl=req.session_ttl,
                        cache_salt=req.cache_salt, priority=req.priority, tenant=_tenant(req),
-                       ttft_slo_ms=req.ttft_slo_ms, tpot_slo_ms=req.tpot_slo_ms)
+                       ttft_slo_ms=req.ttft_slo_ms, tpot_slo_ms=req.tpot_slo_ms,
+                       kv_policy=parse_kv_policy(req.kv_policy, req.num_sink_tokens, req.kv_window))
     except ValueError as exc:
         raise bad_request_from_value_error(exc, _OPTION_FIELDS, "prompt") from exc
     if req.session_id and req.n > 1:
@@ -206,13 +213,13 @@ def stream_reply_sampling_params(req: SessionGenerateRequest) -> SamplingParams:
     The reply forks the input stream's KV, so the per-request session and salt fields do
     not apply (the salt is the stream's, set when it opens).
     """
-    _check_common(req)
-    for param in ("session_id", "session_ttl", "cache_salt"):
+    for param in ("session_id", "session_ttl", "cache_salt", *_KV_POLICY_FIELDS):
         if getattr(req, param) is not None:
             raise OpenAIError(
                 f"{param} does not apply to a reply to streamed input (it shares the input "
-                "session's KV; give cache_salt when opening the session)", 400, param=param,
+                "session's KV; give cache_salt or kv_policy when opening the session)", 400, param=param,
             )
+    _check_common(req)
     if getattr(req, "echo", False):
         raise _unsupported("echo", "echo in a reply to streamed input")
     extra = req.model_extra or {}

@@ -179,11 +179,13 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     if plan.offered:
         size += len(json.dumps(plan.tools))
     prompt_ids = await off_loop_if_large(size, lambda: chat_prompt_ids(state, req.messages, plan))
-    state.check_context(len(prompt_ids), None, "messages")
-    params = chat_sampling_params(req, state.max_model_len - len(prompt_ids), plan)
+    rolling = req.kv_policy == "sinks"  # a rolling window: not bounded by the context
+    state.check_context(len(prompt_ids), None, "messages", rolling)
+    room = state.max_model_len if rolling else state.max_model_len - len(prompt_ids)
+    params = chat_sampling_params(req, room, plan)
     state.check_params(params)
     await state.check_structured(params, constraint_param(req, plan))
-    state.check_context(len(prompt_ids), params.max_tokens, "messages")
+    state.check_context(len(prompt_ids), params.max_tokens, "messages", rolling)
     response_id = random_id("chatcmpl")
     ticket = state.admission.admit(params.n)
     tracker = RequestTracker(state.metrics, response_id, "/v1/chat/completions",

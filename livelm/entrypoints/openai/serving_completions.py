@@ -160,7 +160,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     prompt_ids = await off_loop_if_large(sum(len(p) for p in prompts),
                                          lambda: [state.prompt_ids(p) for p in prompts])
     for ids in prompt_ids:
-        state.check_context(len(ids), params.max_tokens, "prompt")
+        state.check_context(len(ids), params.max_tokens, "prompt", rolling=req.kv_policy == "sinks")
     response_id = random_id("cmpl")
     ticket = state.admission.admit(params.n * len(prompts))
     tracker = RequestTracker(state.metrics, response_id, "/v1/completions", state.model_name,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from livelm.config import EngineConfig
+from livelm.core.request_options import RequestOptions
 from livelm.entrypoints.openai.admission import AdmissionControl
 from livelm.entrypoints.openai.config import ServerConfig
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
@@ -105,6 +106,14 @@ class ServerState:
             raise bad_request_from_value_error(
                 exc, {"n": n_param, "stop_token_ids": "stop_token_ids"}, "prompt"
             ) from exc
+        check_policy = getattr(self.engine, "check_kv_policy", None)
+        if check_policy is not None:
+            try:  # the window against the model (block size, context, rotary type, pool)
+                check_policy(RequestOptions.from_extra(params.extra).kv_policy)
+            except ValueError as exc:
+                raise bad_request_from_value_error(
+                    exc, {"kv_window": "kv_window", "num_sink_tokens": "num_sink_tokens", "kv_policy": "kv_policy"},
+                    "prompt") from exc
 
     async def check_structured(self, params: SamplingParams, param: str) -> None:
         """400 naming ``param`` for an output constraint that does not compile (an invalid
@@ -131,8 +140,12 @@ class ServerState:
         encode = getattr(self.engine, "encode", None)
         return list(encode(prompt) if encode else self.tokenizer(prompt).input_ids)
 
-    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-        """400 with the numbers when prompt + completion cannot fit the context."""
+    def check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str,
+                      rolling: bool = False) -> None:
+        """400 with the numbers when prompt + completion cannot fit the context (never for a
+        ``rolling`` request, kv_policy "sinks": its window rolls on past the context)."""
+        if rolling:
+            return
         limit = self.max_model_len
         wanted = num_prompt_tokens + (max_tokens or 0)
         if num_prompt_tokens < limit and wanted <= limit:

@@ -15,8 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, StrictInt, ValidationError
 
+from livelm.core.kv_policy import FULL, KVPolicy, parse_kv_policy
 from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.entrypoints.openai.errors import (
     OpenAIError,
@@ -36,6 +37,7 @@ from livelm.entrypoints.openai.sampling import constraint_param, stream_reply_sa
 from livelm.entrypoints.openai.state import ServerState
 from livelm.sampling_params import SamplingParams
 
+_POLICY_PARAMS = {"kv_policy": "kv_policy", "num_sink_tokens": "num_sink_tokens", "kv_window": "kv_window"}
 # Session ids travel in URLs: keep them to characters that need no escaping, and not "."
 # or ".." (clients resolve those path segments away, so the session could not be named).
 _SESSION_ID = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$")
@@ -46,6 +48,18 @@ class SessionOpenRequest(OpenAIModel):
 
     session_id: Text | None = None  # default: a random id (ids are not secrets, but unguessable)
     cache_salt: Text | None = None  # sessions with different salts never share KV
+    # "sinks": the session keeps its first num_sink_tokens and a rolling kv_window and runs
+    # without end (docs/attention_sinks.md); default "full".
+    kv_policy: Literal["full", "sinks"] | None = None
+    num_sink_tokens: StrictInt | None = None  # strict: "32" or 32.0 is a 400, not a window
+    kv_window: StrictInt | None = None
+
+    def policy(self) -> KVPolicy:
+        """The session's KV policy (400 naming the field when malformed)."""
+        try:
+            return parse_kv_policy(self.kv_policy, self.num_sink_tokens, self.kv_window)
+        except ValueError as exc:
+            raise bad_request_from_value_error(exc, _POLICY_PARAMS, "kv_window") from exc
 
 
 class SessionInputRequest(OpenAIModel):
@@ -70,8 +84,10 @@ class SessionGenerateRequest(StructuredFields, SamplingRequest):
     id: Text | None = None  # WebSocket: names the reply in its delta/done events
 
 
-def open_session(state: ServerState, session_id: str | None, cache_salt: str | None) -> InputStream:
-    """Open an input stream: 409 if the id is taken, 429 past ``max_input_streams``."""
+def open_session(state: ServerState, session_id: str | None, cache_salt: str | None,
+                 kv_policy: KVPolicy = FULL) -> InputStream:
+    """Open an input stream: 409 if the id is taken, 429 past ``max_input_streams``, 400 for
+    a ``kv_policy`` the engine cannot serve."""
     engine = state.engine
     if not hasattr(engine, "open_stream"):
         raise OpenAIError("this engine does not take streamed input", 501, "server_error")
@@ -87,12 +103,14 @@ def open_session(state: ServerState, session_id: str | None, cache_salt: str | N
         raise _too_many(f"too many open input sessions ({limit}, the server's "
                         "--max-input-streams): close one first")
     try:
-        return engine.open_stream(sid, cache_salt)
+        return engine.open_stream(sid, cache_salt, kv_policy) if kv_policy.is_sinks else engine.open_stream(sid, cache_salt)
     except RuntimeError as exc:  # shutting down
         raise OpenAIError(str(exc), 503, "server_error") from exc
     except ValueError as exc:
         if "too many" in str(exc):
             raise _too_many(str(exc)) from exc
+        if kv_policy.is_sinks and str(exc).split(" ", 1)[0] in _POLICY_PARAMS:
+            raise bad_request_from_value_error(exc, _POLICY_PARAMS, "kv_window") from exc
         raise OpenAIError(str(exc), 400, param="session_id") from exc
 
 
@@ -203,7 +221,7 @@ async def prepare_reply(state: ServerState, stream: InputStream,
     if not ids:
         raise OpenAIError("the session has no input yet: append some before generating", 400,
                           code="empty_input")
-    state.check_context(len(ids), params.max_tokens, "prompt")
+    state.check_context(len(ids), params.max_tokens, "prompt", rolling=stream.kv_policy.is_sinks)
     return PreparedReply(params, req.suffix or None, ids)
 
 

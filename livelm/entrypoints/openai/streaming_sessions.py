@@ -52,7 +52,7 @@ def add_session_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/sessions")
     async def open_input_session(req: SessionOpenRequest) -> dict:
         """Open a session (an input stream); returns its state."""
-        return open_session(state, req.session_id, req.cache_salt).state().as_dict()
+        return open_session(state, req.session_id, req.cache_salt, req.policy()).state().as_dict()
 
     @app.get("/v1/sessions/{session_id}")
     async def input_session_state(session_id: str) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 
+from livelm.core.kv_policy import FULL, KVPolicy
 from livelm.engine.input_stream import InputStream
 from livelm.entrypoints.openai.auth import invalid_api_key, key_matches
 from livelm.entrypoints.openai.errors import OpenAIError
@@ -158,7 +159,7 @@ class StreamSocket:
                 raise OpenAIError("this socket's session is already open (one per socket)",
                                   409, code="already_open")
             req = parse_model(SessionOpenRequest, _fields(event))
-            await self._open(req.session_id, req.cache_salt)
+            await self._open(req.session_id, req.cache_salt, req.policy())
         elif kind in ("append", "replace", "close_input"):
             await self._on_input(event)
         elif kind == "generate":
@@ -173,8 +174,9 @@ class StreamSocket:
             await self._close_socket(1000, "session closed")
             raise _Stop
 
-    async def _open(self, session_id: str | None, cache_salt: str | None) -> InputStream:
-        stream = open_session(self.state, session_id, cache_salt)
+    async def _open(self, session_id: str | None, cache_salt: str | None,
+                    kv_policy: KVPolicy = FULL) -> InputStream:
+        stream = open_session(self.state, session_id, cache_salt, kv_policy)
         self.stream = stream
         await self._send({"type": "session", "session_id": stream.stream_id})
         await self._send_state(stream.state().as_dict())

@@ -12,7 +12,9 @@ from types import ModuleType
 
 import torch
 
+from livelm.kernels.extensions import sinks_attention_kernels
 from livelm.layers.attention.metadata import AttentionMetadata
+from livelm.layers.attention.sinks import sinks_attention, sinks_attention_kernel
 from livelm.layers.attention.torch_ops import (
     add_causal_masks,
     add_decode_gather,
@@ -87,4 +89,12 @@ class CpuKernelAttention:
                 prefill.prefill_attention(q[s : s + n], k_cache, v_cache, slots, out[s : s + n], scale)
                 continue
             prefill_attention(q, k, v, k_cache, v_cache, seg, scale, out)
+        if meta.sinks:  # kv_policy "sinks" requests (layers/attention/sinks.py)
+            # Built on first use: most engines never serve such a request.
+            kernel = sinks_attention_kernels() if q.dtype == torch.float32 else None
+            for sseg in meta.sinks:
+                if kernel is not None:
+                    sinks_attention_kernel(kernel, q, k_cache, v_cache, sseg, scale, out)
+                else:
+                    sinks_attention(q, k_cache, v_cache, sseg, scale, out)
         return out

@@ -10,13 +10,14 @@ read without copies. A token at position p of a request lives in slot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from livelm.layers.attention.backend import AttentionBackend
+    from livelm.layers.attention.sinks import SinksSegment
 
 
 @dataclass
@@ -51,3 +52,5 @@ class AttentionMetadata:
     # The torch decode path's (the C++ kernel reads the block tables in place):
     decode_slots: torch.Tensor | None = None  # [D, Lmax] context slots of each decoding request
     decode_bias: torch.Tensor | None = None  # [1, D, 1, Lmax] float: 0 for real keys, -inf for padding
+    # Chunks of kv_policy "sinks" requests (layers/attention/sinks.py), after the decodes.
+    sinks: list[SinksSegment] = field(default_factory=list)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from livelm.layers.attention.kv_format import decode_kv, encode_kv, indexable
 from livelm.layers.attention.metadata import AttentionMetadata, PrefillSegment
+from livelm.layers.attention.sinks import sinks_attention
 
 
 class TorchAttention:
@@ -43,6 +44,8 @@ class TorchAttention:
             decode_attention(q, k_cache, v_cache, meta, scale, out)
         for seg in meta.prefills:
             prefill_attention(q, k, v, k_cache, v_cache, seg, scale, out)
+        for sseg in meta.sinks:  # kv_policy "sinks" requests (layers/attention/sinks.py)
+            sinks_attention(q, k_cache, v_cache, sseg, scale, out)
         return out
 
 
