@@ -156,6 +156,31 @@ def full_decode_ms(llm: LLM, text_ids: list[int], n: int, reply: int) -> float:
     return 1000 * statistics.median(steps[-(reply - 3):])
 
 
+def perplexities(llm: LLM, text_ids: list[int], sinks: int, window: int, stride: int) -> dict:
+    """(a), (b) and (c) over the text; prints them, returns the record's part."""
+    size = sinks + window
+    t0 = time.perf_counter()
+    nll_a = recompute_nll(llm, text_ids, size, stride)
+    t_a = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    nll_b = rolling_nll(llm, text_ids, 0, size)
+    t_b = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    nll_c = rolling_nll(llm, text_ids, sinks, window)
+    t_c = time.perf_counter() - t0
+    past = size - 1  # NLL index i scores token i + 1: from here on the window has rolled
+    arms = {"a_dense_recompute": (nll_a, t_a), "b_window_no_sinks": (nll_b, t_b), "c_sinks_window": (nll_c, t_c)}
+    ref = ppl(nll_a[past:])
+    print(f"\nperplexity (past the first {size} tokens / all), ratio to (a):")
+    record: dict = {}
+    for name, (nll, secs) in arms.items():
+        p_past, p_all = ppl(nll[past:]), ppl(nll)
+        print(f"  {name:18s} {p_past:8.3f} / {p_all:8.3f}   {p_past / ref:5.3f}x   ({secs:.0f} s)")
+        record[name] = {"ppl_past_window": p_past, "ppl_all": p_all, "ratio": p_past / ref, "seconds": secs}
+
+    return record
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -167,6 +192,8 @@ def main() -> int:
     ap.add_argument("--reply", type=int, default=32, help="tokens of each reply (decode latency)")
     ap.add_argument("--tokens", type=int, default=None,
                     help="use the text's first N tokens (a smoke run; the figures need >= 20k)")
+    ap.add_argument("--skip-perplexity", action="store_true", help="the streaming part only")
+    ap.add_argument("--skip-stream", action="store_true", help="the perplexity part only")
     ap.add_argument("--points", default=None, help="comma-separated stream lengths (default 1000,10000,100000)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,35 +216,19 @@ def main() -> int:
     if args.tokens is None:
         assert len(text_ids) >= 20000, "the perplexity text must have at least 20k tokens"
 
-    t0 = time.perf_counter()
-    nll_a = recompute_nll(llm, text_ids, size, stride)
-    t_a = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    nll_b = rolling_nll(llm, text_ids, 0, size)
-    t_b = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    nll_c = rolling_nll(llm, text_ids, args.sinks, args.window)
-    t_c = time.perf_counter() - t0
-    past = size - 1  # NLL index i scores token i + 1: from here on the window has rolled
-    arms = {"a_dense_recompute": (nll_a, t_a), "b_window_no_sinks": (nll_b, t_b), "c_sinks_window": (nll_c, t_c)}
-    ref = ppl(nll_a[past:])
-    print(f"\nperplexity (past the first {size} tokens / all), ratio to (a):")
-    record_ppl = {}
-    for name, (nll, secs) in arms.items():
-        p_past, p_all = ppl(nll[past:]), ppl(nll)
-        print(f"  {name:18s} {p_past:8.3f} / {p_all:8.3f}   {p_past / ref:5.3f}x   ({secs:.0f} s)")
-        record_ppl[name] = {"ppl_past_window": p_past, "ppl_all": p_all, "ratio": p_past / ref, "seconds": secs}
-
-    print(f"\nstream with {args.sinks} sinks + {args.window} window, a {args.reply}-token reply at each point:")
-    policy = KVPolicy("sinks", args.sinks, args.window)
-    stream = stream_points(llm, text_ids, policy, points, args.reply)
-    full_1k = full_decode_ms(llm, text_ids, 1000, args.reply)
-    full_w = full_decode_ms(llm, text_ids, min(size, len(text_ids)), args.reply)
-    print(f"  for scale, kv_policy full: decode {full_1k:.1f} ms/token at 1000 tokens, {full_w:.1f} at {size}")
-    if len(stream) >= 3:
-        print(f"  decode at {stream[-1]['tokens']} / at {stream[1]['tokens']}: "
-              f"{stream[-1]['decode_ms'] / stream[1]['decode_ms']:.3f}x; "
-              f"KV {stream[-1]['kv_bytes'] / stream[1]['kv_bytes']:.3f}x")
+    record_ppl = perplexities(llm, text_ids, args.sinks, args.window, stride) if not args.skip_perplexity else {}
+    stream, full_1k, full_w = [], None, None
+    if not args.skip_stream:
+        print(f"\nstream with {args.sinks} sinks + {args.window} window, a {args.reply}-token reply at each point:")
+        policy = KVPolicy("sinks", args.sinks, args.window)
+        stream = stream_points(llm, text_ids, policy, points, args.reply)
+        full_1k = full_decode_ms(llm, text_ids, 1000, args.reply)
+        full_w = full_decode_ms(llm, text_ids, min(size, len(text_ids)), args.reply)
+        print(f"  for scale, kv_policy full: decode {full_1k:.1f} ms/token at 1000 tokens, {full_w:.1f} at {size}")
+        if len(stream) >= 3:
+            print(f"  decode at {stream[-1]['tokens']} / at {stream[1]['tokens']}: "
+                  f"{stream[-1]['decode_ms'] / stream[1]['decode_ms']:.3f}x; "
+                  f"KV {stream[-1]['kv_bytes'] / stream[1]['kv_bytes']:.3f}x")
     load_end = os.getloadavg()
     print(f"\nload average: {load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
     append_jsonl(RESULTS_FILE, {"date": utc_now(), "commit": git_commit(), "machine": info, "quick": args.quick,
