@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from livelm.core.request_options import MAX_SESSION_TTL_S, PRIORITY_LIMIT, check_slo_ms
 from livelm.core.scheduling_policy import SCHEDULING_POLICIES
+from livelm.core.speculative.config import SpeculativeConfig
 
 # Values of EngineConfig.quantization (the formats are those of livelm.quant.formats).
 QUANTIZATION_CHOICES: tuple[str, ...] = ("auto", "none", "q8_0", "q4_0", "q4_1", "int8", "q5_0", "q5_1")
@@ -129,6 +130,12 @@ class EngineConfig:
 
     ``max_n`` is the most sequences one request may ask for (``n``; it must also be at most
     ``max_num_seqs``): a larger ``n`` is refused when the request is added.
+
+    Speculative decoding (docs/speculative_decoding.md): ``speculative_method`` is None
+    (off unless a request asks), ``"ngram"`` (prompt lookup) or ``"suffix"``
+    (SuffixDecoding); at most ``num_speculative_tokens`` tokens are drafted per request and
+    step, fewer as ``speculative_adaptive`` follows each request's acceptance; a step with
+    more than ``speculative_max_batch_decodes`` decoding requests does not speculate.
     """
 
     model: str | None = None
@@ -158,6 +165,10 @@ class EngineConfig:
     ttft_slo_ms: float | None = None
     min_prefill_tokens: int = 32
     max_priority: int = 10
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 5
+    speculative_adaptive: bool = True
+    speculative_max_batch_decodes: int = 16
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tpot_slo_ms, self.ttft_slo_ms, self.min_prefill_tokens,
@@ -192,6 +203,22 @@ class EngineConfig:
             raise ValueError(f"max_stream_pending_tokens must be >= 1, got {self.max_stream_pending_tokens}")
         if isinstance(self.max_n, bool) or not isinstance(self.max_n, int) or self.max_n < 1:
             raise ValueError(f"max_n must be an integer >= 1, got {self.max_n!r}")
+        if not isinstance(self.speculative_adaptive, bool):
+            raise ValueError(f"speculative_adaptive must be a bool, got {self.speculative_adaptive!r:.60}")
+        b = self.speculative_max_batch_decodes
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"speculative_max_batch_decodes must be an integer >= 1, got {b!r:.60}")
+        self.speculative  # noqa: B018 - the method's and length's checks (named as these fields)
         # Reuse the smaller configs' checks.
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 1)
         CacheConfig(self.block_size, session_ttl_s=self.session_ttl_s)
+
+    @property
+    def speculative(self) -> SpeculativeConfig:
+        """The speculative decoding these fields ask for (ValueError naming a bad one)."""
+        return SpeculativeConfig(
+            method=self.speculative_method,
+            num_speculative_tokens=self.num_speculative_tokens,
+            adaptive=self.speculative_adaptive,
+            max_batch_decodes=self.speculative_max_batch_decodes,
+        )

@@ -311,6 +311,14 @@ class KVCacheManager:
 
     # ----------------------------------------------------------------- freeing
 
+    def drop_slots_after(self, request: Request, num_tokens: int) -> None:
+        """Give back the blocks past those ``num_tokens`` tokens need (slots of drafted
+        tokens that were rejected: no one else holds or caches them)."""
+        keep = blocks_needed(num_tokens, self.block_size)
+        if len(request.block_ids) > keep:
+            self.pool.release(reversed(request.block_ids[keep:]))
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Give back every block the request holds (shared ones stay with their holders)."""
         self.prefix_cache.forget(request)

@@ -70,6 +70,10 @@ class Request:
     # is logical: ``block_ids`` holds the sink blocks, then the blocks from text block
     # ``num_sink_blocks + num_evicted_blocks`` on (see ``physical_block``).
     kv_policy: KVPolicy = FULL
+    # Speculative decoding overrides (core/speculative/): None takes the engine's choice;
+    # "off" never drafts for this request.
+    speculative_method: str | None = None
+    num_speculative_tokens: int | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

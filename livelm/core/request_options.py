@@ -6,8 +6,9 @@ Parsed and checked once, where a request enters the engine (``LLM.generate``/``c
 ``AsyncEngine.generate``, ``InputStream.generate``), then passed down as typed fields to
 :class:`~livelm.core.request.Request`. The public spelling stays
 ``SamplingParams.extra["session_id" / "session_ttl" / "cache_salt" / "kv_policy" /
-"num_sink_tokens" / "kv_window" / "priority" / "tenant" / "ttft_slo_ms" / "tpot_slo_ms"]``
-(the HTTP fields, docs/sessions.md, docs/attention_sinks.md and docs/scheduling.md);
+"num_sink_tokens" / "kv_window" / "priority" / "tenant" / "ttft_slo_ms" / "tpot_slo_ms" /
+"speculative_method" / "num_speculative_tokens"]`` (the HTTP fields, docs/sessions.md,
+docs/attention_sinks.md, docs/scheduling.md and docs/speculative_decoding.md);
 :meth:`RequestOptions.from_extra` reads it.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from livelm.core.kv_policy import FULL, KVPolicy, parse_kv_policy
+from livelm.core.speculative.config import REQUEST_METHODS, check_method, check_num_tokens
 
 # The longest a request may pin its session's KV (7 days, in seconds): a pin's expiry is a
 # deadline the engine loop waits on, and a wait must stay a finite, representable time.
@@ -61,6 +63,9 @@ class RequestOptions:
     fair policy balances; the server fills it from the API key when the request does not
     name one), ``ttft_slo_ms`` / ``tpot_slo_ms`` (this request's latency targets in
     milliseconds, overriding the engine's).
+    ``speculative_method`` (``"ngram"``, ``"suffix"`` or ``"off"``) and
+    ``num_speculative_tokens`` (1..64) override the engine's speculative decoding for this
+    request (docs/speculative_decoding.md); None keeps the engine's.
     """
 
     session_id: str | None = None
@@ -72,6 +77,8 @@ class RequestOptions:
     tpot_slo_ms: float | None = None
     # What the request keeps in its KV cache (core/kv_policy.py): every token by default.
     kv_policy: KVPolicy = FULL
+    speculative_method: str | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self._check_scheduling()
@@ -89,6 +96,10 @@ class RequestOptions:
             raise ValueError(f"kv_policy must be a KVPolicy, got {type(self.kv_policy).__name__}")
         if salt is not None and not isinstance(salt, str):
             raise ValueError(f"cache_salt must be a string, got {salt!r}")
+        if self.speculative_method is not None:
+            check_method(self.speculative_method, REQUEST_METHODS)
+        if self.num_speculative_tokens is not None:
+            check_num_tokens(self.num_speculative_tokens)
         if ttl is not None:
             object.__setattr__(self, "session_ttl", float(ttl))
         if salt == "":
@@ -120,6 +131,8 @@ class RequestOptions:
             ttft_slo_ms=extra.get("ttft_slo_ms"),
             tpot_slo_ms=extra.get("tpot_slo_ms"),
             kv_policy=parse_kv_policy(extra.get("kv_policy"), extra.get("num_sink_tokens"), extra.get("kv_window")),
+            speculative_method=extra.get("speculative_method"),
+            num_speculative_tokens=extra.get("num_speculative_tokens"),
         )
 
 

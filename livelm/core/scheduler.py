@@ -8,15 +8,18 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from livelm.config import CacheConfig, SchedulerConfig
-from livelm.core.kv_manager import KVCacheManager, KVCacheStats
+from livelm.core.kv_manager import KVCacheManager, KVCacheStats, blocks_needed
 from livelm.core.request import FinishReason, Request, RequestStatus
 from livelm.core.scheduler_output import (
     ModelRunnerOutput,
+    SampledToken,
     ScheduledChunk,
     SchedulerOutput,
     SequenceUpdate,
 )
 from livelm.core.scheduling_policy import FcfsPolicy, SchedulingPolicy, make_policy
+from livelm.core.speculative.config import SpeculativeConfig
+from livelm.core.speculative.speculator import SpeculativeStats, Speculator
 from livelm.core.step_cost import StepCostModel, StepShape
 from livelm.core.token_ids import common_prefix_len
 
@@ -31,6 +34,7 @@ class SchedulerStats(NamedTuple):
     num_computed_tokens: int
     kv: KVCacheStats
     slo: SloStats | None = None
+    spec: SpeculativeStats | None = None
 
 
 class SloStats(NamedTuple):
@@ -60,6 +64,10 @@ class Scheduler:
     waiting request is admitted first, which prefill takes the budget first, who yields.
     With a TPOT target, the prefill of a step that also decodes is cut to what the cost
     model (core/step_cost.py, learnt from ``observe_step``) says fits in the target.
+    Speculative decoding (``speculative``, and requests' own overrides): a decoding
+    request may also compute tokens its drafter guessed, counted in the token budget, if
+    the KV pool has room for them without reclaiming anything; :meth:`update` keeps the
+    tokens the runner accepted and gives back the blocks only rejected tokens used.
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         clock: Callable[[], float] = time.monotonic,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
@@ -101,6 +110,7 @@ class Scheduler:
         self.num_ttft_misses = 0
         self.num_capped_steps = 0
         self.num_floor_steps = 0
+        self.speculator = Speculator(speculative or SpeculativeConfig())
 
     # ----------------------------------------------------------------- admission
 
@@ -149,6 +159,7 @@ class Scheduler:
             kv=self.kv.stats(),
             slo=SloStats(self.num_tpot_misses, self.num_ttft_misses, self.num_capped_steps, self.num_floor_steps,
                          self._predicted, self._measured),
+            spec=self.speculator.stats(),
         )
 
     # ------------------------------------------------------------------ schedule
@@ -171,6 +182,9 @@ class Scheduler:
         catching_up_ids = {r.request_id for r in catching_up} if self._reorders else set()
         self._step_target = self._tpot_target(decoding)
         limit = _PrefillLimit(self, self._step_target)
+        # A batch of many decodes is compute-bound: verifying drafts would cost more than
+        # the weight reads it saves.
+        speculate = len(decoding) <= self.speculator.config.max_batch_decodes
         for req in decoding + catching_up:
             if budget <= 0:
                 break
@@ -186,6 +200,13 @@ class Scheduler:
             if n > 1:
                 n = limit.allow(req.num_computed_tokens, n)
                 if n == 0:
+                    continue
+            if speculate and n == 1 and budget > 1:
+                draft = self._draft(req, budget - 1)
+                if draft:
+                    chunks[req.request_id] = self._chunk(req, 1, draft)
+                    limit.add(req.num_computed_tokens, 1 + len(draft))
+                    budget -= 1 + len(draft)
                     continue
             while not self.kv.allocate_slots(req, n):
                 victim = self.policy.victim(self.running)  # the newest request, under fcfs
@@ -325,7 +346,27 @@ class Scheduler:
         child.num_computed_tokens = self.kv.fork(child, parent, shared)
         return True
 
-    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+    def _draft(self, req: Request, budget: int) -> tuple[int, ...]:
+        """Tokens drafted for decoding request ``req`` (at most ``budget``), their slots
+        allocated; empty when it does not speculate now or the pool has no free room."""
+        params = req.sampling_params
+        if params is None or params.structured is not None or not req.input_closed or req.rolling:
+            return ()  # a sinks request's rolling block table is not rolled back here
+        limit = min(budget, self.config.max_model_len - req.num_tokens)
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens - req.num_output_tokens - 1)
+        if limit < 1 or self.speculator.method_of(req) is None:
+            return ()
+        draft = self.speculator.propose(req, limit)
+        if not draft:
+            return ()
+        # Only free blocks: drafts never cost a session pin, let alone a preemption.
+        needed = blocks_needed(req.num_computed_tokens + 1 + len(draft), self.block_size) - len(req.block_ids)
+        if needed > self.kv.num_free_blocks or not self.kv.allocate_slots(req, 1 + len(draft)):
+            return ()
+        return tuple(draft)
+
+    def _chunk(self, req: Request, n: int, draft: tuple[int, ...] = ()) -> ScheduledChunk:
         start = req.num_computed_tokens
         want_prompt_lp = (
             req.wants_prompt_logprobs
@@ -334,7 +375,7 @@ class Scheduler:
         )
         return ScheduledChunk(
             request_id=req.request_id,
-            token_ids=req.all_token_ids[start : start + n],
+            token_ids=req.all_token_ids[start : start + n] + list(draft),
             start_position=start,
             block_ids=req.block_ids,
             sample=start + n == req.num_tokens and req.input_closed and not req.input_only,
@@ -346,6 +387,7 @@ class Scheduler:
             kv_policy=req.kv_policy if req.rolling else None,
             num_evicted_blocks=req.num_evicted_blocks,
             kv_floor=req.kv_floor,
+            draft_token_ids=draft,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -367,6 +409,9 @@ class Scheduler:
         for chunk in scheduled.chunks:
             req = self.requests.get(chunk.request_id)
             if req is None or req.is_finished:
+                continue
+            if chunk.draft_token_ids:
+                outputs.append(self._update_speculative(req, chunk, result.spec_sampled[req.request_id]))
                 continue
             req.num_computed_tokens += chunk.num_tokens
             self.num_computed_tokens += chunk.num_tokens
@@ -400,6 +445,32 @@ class Scheduler:
         deadline = req.ttft_deadline
         if deadline is not None and now > deadline:
             self.num_ttft_misses += 1
+
+    def _update_speculative(self, req: Request, chunk: ScheduledChunk, tokens: list[SampledToken]) -> SequenceUpdate:
+        """Keep the drafted tokens the runner accepted and the one it sampled after them,
+        up to the first that ends the request; the KV of the rest is dropped."""
+        kept: list[SampledToken] = []
+        for tok in tokens:
+            req.append_output(tok.token_id)
+            kept.append(tok)
+            self._check_stop(req, tok.token_id)
+            if req.is_finished:
+                break
+        # The last kept token has no KV yet (as after a plain decode); every other one
+        # was computed as the draft it equals.
+        req.num_computed_tokens = chunk.start_position + len(kept)
+        self.num_computed_tokens += chunk.num_tokens
+        self.speculator.record(req, len(chunk.draft_token_ids), len(tokens) - 1)
+        self.kv.drop_slots_after(req, req.num_tokens)
+        self.kv.commit(req)
+        self.policy.account(req, 0, len(kept))
+        lps = kept if req.sampling_params.logprobs is not None else None
+        update = self._output(req, [t.token_id for t in kept], lps, None)
+        if req.sampling_params.sampling_logprobs:
+            update.sampling_logprobs = [t.sampling_logprob for t in kept]
+        if req.is_finished:
+            self._release(req)
+        return update
 
     def _check_stop(self, req: Request, token_id: int) -> None:
         params = req.sampling_params
@@ -451,6 +522,7 @@ class Scheduler:
         return req
 
     def _release(self, req: Request) -> None:
+        self.speculator.finish(req)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:

@@ -41,6 +41,10 @@ class ScheduledChunk:
     kv_policy: KVPolicy | None = None
     num_evicted_blocks: int = 0
     kv_floor: int = 0  # text positions from the sinks up to here are gone (Request.kv_floor)
+    # Speculative decoding: tokens drafted to follow the request's last known token. They
+    # end ``token_ids`` (counted in the step's budget); the runner verifies them and
+    # reports the tokens it accepted, plus one more, in ``ModelRunnerOutput.spec_sampled``.
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -96,13 +100,16 @@ class PromptLogprobs:
 
 @dataclass(frozen=True)
 class ModelRunnerOutput:
-    """Per request id: the sampled token, and prompt logprobs when asked; ``failed`` holds
-    the requests the runner could not serve this step (nothing sampled for them) and the
-    error each one ends with."""
+    """Per request id: the sampled token (``spec_sampled``: the tokens, for a chunk with
+    drafts), and prompt logprobs when asked; ``failed`` holds the requests the runner could
+    not serve this step (nothing sampled for them) and the error each one ends with."""
 
     sampled: dict[str, SampledToken]
     prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
     failed: dict[str, Exception] = field(default_factory=dict)
+    # Chunks with drafted tokens: the drafts accepted, then the token that follows them
+    # (the target's correction or bonus token), in order.
+    spec_sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
 
 
 @dataclass

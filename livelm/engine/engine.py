@@ -120,6 +120,22 @@ class EngineStats:
     num_slo_floor_steps: int = 0
     predicted_step_seconds: float = 0.0
     measured_step_seconds: float = 0.0
+    # Speculative decoding (docs/speculative_decoding.md), over the engine's life:
+    # verification steps with a draft, tokens drafted, drafted tokens accepted.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Drafted tokens accepted / drafted (0.0 before any draft)."""
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens one verification step yields on average: 1 + accepted drafts per draft
+        (0.0 before any draft)."""
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else 0.0
 
 
 def make_engine_config(model: str | None, kwargs: dict) -> EngineConfig:
@@ -193,6 +209,7 @@ class Engine:
                 min_prefill_tokens=config.min_prefill_tokens, max_priority=config.max_priority,
             ),
             self.cache_config,
+            speculative=config.speculative,
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         # Constrained decoding (docs/structured_output.md); its costly parts start on first use.
@@ -384,6 +401,8 @@ class Engine:
                     ttft_slo=None if options.ttft_slo_ms is None else options.ttft_slo_ms / 1000,
                     tpot_slo=None if options.tpot_slo_ms is None else options.tpot_slo_ms / 1000,
                     kv_policy=options.kv_policy,
+                    speculative_method=options.speculative_method,
+                    num_speculative_tokens=options.num_speculative_tokens,
                 )
             )
         state = RequestState(request_id, prompt if isinstance(prompt, str) else None, ids, params, self.tokenizer, arrival)
@@ -775,4 +794,7 @@ class Engine:
             num_slo_floor_steps=s.slo.num_floor_steps,
             predicted_step_seconds=s.slo.predicted_step_s,
             measured_step_seconds=s.slo.measured_step_s,
+            spec_num_drafts=s.spec.num_drafts,
+            spec_num_draft_tokens=s.spec.num_draft_tokens,
+            spec_num_accepted_tokens=s.spec.num_accepted_tokens,
         )

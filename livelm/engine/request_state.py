@@ -104,6 +104,8 @@ class RequestState:
         seq = self.seqs[out.index]
         if seq.finish_reason is not None:
             return StepResult(None)
+        if seq.stop_matcher is not None and len(out.new_token_ids) > 1:
+            return self._process_each(out, weight_version)
         if out.new_token_ids:
             now = time.perf_counter()
             if self.first_token_time is None:
@@ -148,6 +150,30 @@ class RequestState:
             sampling_logprobs=None if seq.sampling_logprobs is None else list(slps or []),
         )
         return StepResult(delta, stop_matched)
+
+    def _process_each(self, out: SequenceUpdate, weight_version: int) -> StepResult:
+        """Several new tokens (accepted speculative drafts) and stop strings: fold them
+        one at a time, so the output ends at the token where a stop string appeared, as
+        plain decoding's would; the deltas are merged into one."""
+        last = len(out.new_token_ids) - 1
+        merged: CompletionOutput | None = None
+        result = StepResult(None)
+        for i, tok in enumerate(out.new_token_ids):
+            one = SequenceUpdate(
+                request_id=out.request_id,
+                parent_id=out.parent_id,
+                index=out.index,
+                new_token_ids=[tok],
+                new_logprobs=out.new_logprobs[i : i + 1] if out.new_logprobs else None,
+                finish_reason=out.finish_reason if i == last else None,
+                stop_reason=out.stop_reason if i == last else None,
+                sampling_logprobs=out.sampling_logprobs[i : i + 1] if out.sampling_logprobs else None,
+            )
+            result = self.process(one, weight_version)
+            merged = result.delta if merged is None else _merge_deltas(merged, result.delta)
+            if result.stop_matched is not None:
+                break
+        return StepResult(merged, result.stop_matched)
 
     def add_context(self, token_ids: list[int]) -> None:
         """Tokens a join appended to the context (not output): the detokenizer reads them,
@@ -247,3 +273,18 @@ class RequestState:
             self.prompt_logprobs[idx] = self._position(
                 self.prompt_token_ids[idx], lp, rank, plp.top_ids[j], plp.top_logprobs[j]
             )
+
+
+def _merge_deltas(a: CompletionOutput, b: CompletionOutput) -> CompletionOutput:
+    """One delta holding ``a`` then ``b`` (consecutive deltas of one sequence)."""
+    return CompletionOutput(
+        index=a.index,
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        cumulative_logprob=b.cumulative_logprob,
+        logprobs=None if a.logprobs is None else a.logprobs + (b.logprobs or []),
+        finish_reason=b.finish_reason,
+        stop_reason=b.stop_reason,
+        weight_versions=a.weight_versions + b.weight_versions,
+        sampling_logprobs=None if a.sampling_logprobs is None else a.sampling_logprobs + (b.sampling_logprobs or []),
+    )

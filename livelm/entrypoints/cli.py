@@ -9,6 +9,7 @@ import sys
 
 from livelm.config import KV_CACHE_DTYPE_CHOICES
 from livelm.entrypoints.scheduling_args import add_scheduling_args, scheduling_kwargs
+from livelm.entrypoints.speculative_args import add_speculative_args, speculative_kwargs
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV of shared prompt prefixes (on by default)")
     add_scheduling_args(p)
+    add_speculative_args(p)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -50,6 +52,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     if args.kv_cache_gib is not None:
         kw["kv_cache_gib"] = args.kv_cache_gib
     kw.update(scheduling_kwargs(args))
+    kw.update(speculative_kwargs(args))
     return kw
 
 

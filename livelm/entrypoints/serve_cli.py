@@ -7,6 +7,7 @@ import os
 
 from livelm.config import KV_CACHE_DTYPE_CHOICES
 from livelm.entrypoints.scheduling_args import add_scheduling_args
+from livelm.entrypoints.speculative_args import add_speculative_args
 
 
 def _non_negative_seconds(value: str) -> float:
@@ -79,6 +80,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds a session's KV stays pinned after a turn "
                              "(default 30; requests may set session_ttl)")
     add_scheduling_args(parser.add_argument_group("scheduling (docs/scheduling.md)"))
+    add_speculative_args(engine)
     streams = parser.add_argument_group("streaming input (/v1/stream, /v1/sessions)")
     streams.add_argument("--max-input-streams", dest="max_input_streams", type=int, default=None,
                          help="input sessions open at once; more get 429 (default 64)")

@@ -28,6 +28,7 @@ from livelm.runner.kv_cache import allocate_kv_cache
 from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
 from livelm.runner.sampling.guard import NonFiniteLogits, RowFailure
 from livelm.runner.sampling.token_mask import TokenMask
+from livelm.runner.speculative import DraftRows, verify_drafts
 from livelm.runner.structured import GrammarBackend, StepMasks, StructuredDecoding
 from livelm.runner.structured.step import MaskJob
 
@@ -69,6 +70,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.eos_token_ids = set(eos_token_ids)
         self._generators: dict[str, torch.Generator] = {}
+        # Seeded generators' states at the start of the last step, so a failed step can be
+        # re-run from them (a speculative step draws a varying count of numbers).
+        self._generator_states: dict[str, torch.Tensor] = {}
         self.structured = StructuredDecoding(structured) if structured is not None else None
         # cos/sin for sinks requests' cache positions (layers/attention/sinks.py): the model's
         # tables, grown on demand past them (only position-independent rotary types run sinks).
@@ -94,7 +98,9 @@ class ModelRunner:
         # Decodes first: they share one batched attention call; prefills (and every chunk of
         # a sinks request) follow one by one.
         chunks = sorted(sched.chunks, key=lambda c: not (c.is_decode and c.kv_policy is None))
-        sample_chunks = [c for c in chunks if c.sample]
+        sample_chunks = [c for c in chunks if c.sample and not c.draft_token_ids]
+        spec_chunks = [c for c in chunks if c.draft_token_ids]
+        self._snapshot_generators(chunks)
         masks = self._start_masks(sample_chunks)
         try:
             input_ids, positions, meta, row_of = self._prepare(chunks)
@@ -106,11 +112,40 @@ class ModelRunner:
                 rows = torch.tensor([row_of[c.request_id][1] - 1 for c in sample_chunks], device=self.device)
                 logits = self._logits(hidden.index_select(0, rows))
                 sampled = self._sample(logits, sample_chunks, failed, masks.result() if masks else None)
+            spec_sampled = self._verify(spec_chunks, hidden, row_of, failed) if spec_chunks else {}
             prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
         finally:
             if masks is not None:
                 masks.wait()  # the worker is done with the matchers before anyone else runs
-        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed)
+        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed,
+                                 spec_sampled=spec_sampled)
+
+    def _verify(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, row_of: dict[str, tuple[int, int]],
+                failed: dict[str, Exception]) -> dict[str, list]:
+        """Verify the drafts of ``chunks`` from the logits at every drafted position
+        (runner/speculative.py)."""
+        drafts: list[DraftRows] = []
+        rows: list[int] = []
+        for c in chunks:
+            try:
+                gen = self._generator(c)
+            except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+                failed[c.request_id] = ValueError(f"seed {c.sampling_params.seed} cannot seed a random generator "
+                                                  f"({e}): use a 64-bit seed")
+                continue
+            drafts.append(DraftRows(c, len(rows), gen))
+            rows.extend(range(*row_of[c.request_id]))
+        if not drafts:
+            return {}
+        logits = self._logits(hidden.index_select(0, torch.tensor(rows, device=self.device)))
+        return verify_drafts(self.sampler, logits, drafts, self.eos_token_ids, failed)
+
+    def _snapshot_generators(self, chunks: list[ScheduledChunk]) -> None:
+        """Remember where the step's seeded generators stand before anything is drawn."""
+        self._generator_states = {
+            c.request_id: gen.get_state() for c in chunks
+            if c.sample and (gen := self._generators.get(c.request_id)) is not None
+        }
 
     def _start_masks(self, sample_chunks: list[ScheduledChunk]) -> MaskJob | None:
         """Start filling the bitmask of the step's constrained sequences (None: none)."""
@@ -130,11 +165,13 @@ class ModelRunner:
         generators: each is set back first to where it stood before that step.
         """
         sampled: dict[str, SampledToken] = {}
+        spec_sampled: dict[str, list[SampledToken]] = {}
         prompt_lps: dict[str, PromptLogprobs] = {}
         failed: dict[str, Exception] = {}
+        states = self._generator_states
         for chunk in sched.chunks:
             try:
-                self._rewind_generator(chunk)
+                self._rewind_generator(chunk, states)
                 out = self.execute(SchedulerOutput(chunks=[chunk]))
             except Exception as e:  # noqa: BLE001 - this chunk's own failure
                 error = RuntimeError(f"the engine step failed for this request: {type(e).__name__}: {e}")
@@ -142,9 +179,11 @@ class ModelRunner:
                 failed[chunk.request_id] = error
                 continue
             sampled.update(out.sampled)
+            spec_sampled.update(out.spec_sampled)
             prompt_lps.update(out.prompt_logprobs)
             failed.update(out.failed)
-        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed)
+        return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed,
+                                 spec_sampled=spec_sampled)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tied_head is not None:
@@ -280,16 +319,15 @@ class ModelRunner:
             self._generators[chunk.request_id] = gen
         return gen
 
-    def _rewind_generator(self, chunk: ScheduledChunk) -> None:
-        """Set a seeded request's generator back to where it stood before this step: its
-        seed, then one number drawn per token it sampled so far (the sampler draws one per
-        row and step), drawn the same way."""
-        if self._generators.pop(chunk.request_id, None) is None:
-            return
-        gen = self._generator(chunk)
-        one = torch.empty(1, device=self.device)
-        for _ in range(len(chunk.output_token_ids)):
-            one.uniform_(generator=gen)
+    def _rewind_generator(self, chunk: ScheduledChunk, states: dict[str, torch.Tensor]) -> None:
+        """Set a seeded request's generator back to where it stood before the failed step
+        (``states``, taken then); one the step created starts again from its seed."""
+        state = states.get(chunk.request_id)
+        gen = self._generators.get(chunk.request_id)
+        if state is not None and gen is not None:
+            gen.set_state(state)
+        else:
+            self._generators.pop(chunk.request_id, None)
 
     @staticmethod
     def _token_mask(chunks: list[ScheduledChunk], masks: StepMasks | None) -> TokenMask | None:

@@ -44,6 +44,7 @@ from livelm.entrypoints.openai.tool_parsers import resolve_tool_parser
 from livelm.entrypoints.openai.web import add_template_route, add_web_ui_routes
 from livelm.entrypoints.openai.websocket_stream import add_websocket_route
 from livelm.entrypoints.scheduling_args import scheduling_kwargs
+from livelm.entrypoints.speculative_args import speculative_kwargs
 
 logger = logging.getLogger("livelm.server")
 
@@ -231,6 +232,7 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if getattr(args, "no_prefix_caching", False):
         kwargs["enable_prefix_caching"] = False
+    kwargs.update(speculative_kwargs(args))
     for name in ("max_input_streams", "stream_idle_timeout_s", "max_stream_pending_tokens"):
         if getattr(args, name, None) is not None:  # streaming-input limits
             kwargs[name] = getattr(args, name)

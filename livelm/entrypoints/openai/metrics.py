@@ -58,6 +58,7 @@ class _LiveGauges(Collector):
         )
         yield from _stream_metrics(stats)
         yield from _cache_metrics(stats)
+        yield from _speculative_metrics(stats)
         yield from _liveness_metrics(stats)
         yield from _slo_metrics(stats)
 
@@ -110,6 +111,23 @@ def _stream_metrics(stats: Any) -> Iterator[Any]:
         yield CounterMetricFamily("livelm_computed_tokens", "Tokens whose KV the model computed "
                                   "(prompts, streamed input, generated tokens).",
                                   value=stats.num_computed_tokens)
+
+
+def _speculative_metrics(stats: Any) -> Iterator[Any]:
+    """Speculative decoding (absent from stats of engines without it)."""
+    if not hasattr(stats, "spec_num_drafts"):
+        return
+    yield CounterMetricFamily("livelm_spec_decode_drafts", "Verification steps that checked drafted tokens.",
+                              value=stats.spec_num_drafts)
+    yield CounterMetricFamily("livelm_spec_decode_draft_tokens", "Tokens drafted for speculative decoding.",
+                              value=stats.spec_num_draft_tokens)
+    yield CounterMetricFamily("livelm_spec_decode_accepted_tokens", "Drafted tokens the model accepted.",
+                              value=stats.spec_num_accepted_tokens)
+    yield GaugeMetricFamily("livelm_spec_decode_acceptance_rate", "Drafted tokens accepted / drafted, "
+                            "over the engine's life.", value=stats.spec_acceptance_rate)
+    yield GaugeMetricFamily("livelm_spec_decode_mean_accepted_length", "Tokens a verification step "
+                            "yields on average (1 + accepted per draft), over the engine's life.",
+                            value=stats.spec_mean_accepted_length)
 
 
 def _cache_metrics(stats: Any) -> Iterator[Any]:

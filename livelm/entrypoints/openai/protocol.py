@@ -4,7 +4,8 @@ Requests accept unknown fields and ignore them (clients send fields of newer API
 except the documented livelm extras: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``,
 ``include_stop_str_in_output``, ``session_id``, ``session_ttl``, ``cache_salt``, the
-scheduling fields (``priority``, ``tenant``, ``ttft_slo_ms``, ``tpot_slo_ms``) and the
+scheduling fields (``priority``, ``tenant``, ``ttft_slo_ms``, ``tpot_slo_ms``),
+``speculative_method``, ``num_speculative_tokens`` and the
 structured-output fields (``structured_outputs`` and vLLM's legacy ``guided_json``,
 ``guided_regex``, ``guided_choice``, ``guided_grammar``). Value ranges are checked by
 :class:`~livelm.sampling_params.SamplingParams`, so the API and the Python engine agree.
@@ -251,6 +252,10 @@ class SamplingRequest(OpenAIModel):
     kv_policy: Literal["full", "sinks"] | None = None
     num_sink_tokens: StrictInt | None = None  # strict: "32" or 32.0 is a 400, not a window
     kv_window: StrictInt | None = None
+    # Speculative decoding for this request (docs/speculative_decoding.md): "ngram",
+    # "suffix" or "off", and the most tokens drafted per step; None keeps the server's.
+    speculative_method: Text | None = None
+    num_speculative_tokens: Int | None = None
     stream: Bool = False
     stream_options: StreamOptions | None = None
 

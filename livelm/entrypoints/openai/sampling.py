@@ -60,6 +60,8 @@ def _common_kwargs(req: SamplingRequest) -> dict:
                 ("kv_policy", req.kv_policy),
                 ("num_sink_tokens", req.num_sink_tokens),
                 ("kv_window", req.kv_window),
+                ("speculative_method", req.speculative_method),
+                ("num_speculative_tokens", req.num_speculative_tokens),
                 ("user", req.user),
                 ("priority", req.priority),
                 ("tenant", _tenant(req)),
@@ -86,7 +88,9 @@ def _check_common(req: SamplingRequest) -> None:
         RequestOptions(session_id=req.session_id or None, session_ttl=req.session_ttl,
                        cache_salt=req.cache_salt, priority=req.priority, tenant=_tenant(req),
                        ttft_slo_ms=req.ttft_slo_ms, tpot_slo_ms=req.tpot_slo_ms,
-                       kv_policy=parse_kv_policy(req.kv_policy, req.num_sink_tokens, req.kv_window))
+                       kv_policy=parse_kv_policy(req.kv_policy, req.num_sink_tokens, req.kv_window),
+                       speculative_method=req.speculative_method,
+                       num_speculative_tokens=req.num_speculative_tokens)
     except ValueError as exc:
         raise bad_request_from_value_error(exc, _OPTION_FIELDS, "prompt") from exc
     if req.session_id and req.n > 1:
