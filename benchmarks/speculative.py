@@ -226,13 +226,23 @@ def run_llama_cpp(prompts: list[list[int]], max_tokens: int, lookup: bool, threa
     return toks / secs if secs else None
 
 
+def _report(runner: Runner, key: str) -> None:
+    """Print one workload's figures as soon as it is done."""
+    for name, workloads in runner.summary().items():
+        r = workloads[key]
+        print(f"livelm {name:>6} {key:<24} {r['tok_s']:7.1f} tok/s  {r['ratio_vs_off']:.2f}x off  "
+              f"acceptance {r['acceptance_rate']:.2f}  mean accepted length {r['mean_accepted_length']:.2f}  "
+              f"({r['accepted']}/{r['drafted']})  identical to off: {r['tokens_identical_to_off']}  "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens (a smoke run)")
     ap.add_argument("--num-speculative-tokens", type=int, default=5)
     ap.add_argument("--no-llama-cpp", action="store_true")
     args = ap.parse_args()
-    n_single, max_tokens, turns, rounds = (3, 64, 4, 1) if args.quick else (6, 128, 8, 2)
+    n_single, max_tokens, turns, rounds = (3, 64, 4, 1) if args.quick else (4, 96, 6, 1)
     grounded = grounded_tasks(8)
     open_ended = open_ended_tasks(8)
     agent = agent_turns(turns)
@@ -240,16 +250,16 @@ def main() -> None:
     print(f"load average at start: {load_start}", flush=True)
     runner = Runner(METHODS, args.num_speculative_tokens, max_tokens)
     runner.single("grounded_single", grounded[:n_single])
+    _report(runner, "grounded_single")
     runner.concurrent("grounded_concurrent8", grounded, rounds)
+    _report(runner, "grounded_concurrent8")
     runner.single("open_ended_single", open_ended[:n_single])
+    _report(runner, "open_ended_single")
     runner.concurrent("open_ended_concurrent8", open_ended, rounds)
+    _report(runner, "open_ended_concurrent8")
     runner.single("agent_single", agent)
+    _report(runner, "agent_single")
     summary = runner.summary()
-    for name, workloads in summary.items():
-        for key, r in workloads.items():
-            print(f"livelm {name:>6} {key:<24} {r['tok_s']:7.1f} tok/s  {r['ratio_vs_off']:.2f}x off  "
-                  f"acceptance {r['acceptance_rate']:.2f}  mean accepted length {r['mean_accepted_length']:.2f}  "
-                  f"({r['accepted']}/{r['drafted']})  identical to off: {r['tokens_identical_to_off']}", flush=True)
     llama = {}
     if not args.no_llama_cpp:
         chat_ids = runner.engines["off"].engine.chat_ids
