@@ -209,7 +209,9 @@ def run_llama_cpp(prompts: list[list[int]], max_tokens: int, lookup: bool, threa
     except ImportError:
         return None
     draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None
-    llm = Llama(str(default_gguf_path()), n_ctx=4096, n_threads=threads, verbose=False, draft_model=draft)
+    # A draft model needs the logits of every position (llama-cpp-python fails without it).
+    llm = Llama(str(default_gguf_path()), n_ctx=4096, n_threads=threads, verbose=False, draft_model=draft,
+                logits_all=lookup)
     llm.create_completion(prompts[0], max_tokens=8, temperature=0.0)  # warm-up
     toks = secs = 0.0
     for p in prompts:
