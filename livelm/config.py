@@ -49,7 +49,7 @@ class SchedulerConfig:
     policy: str = "fcfs"
     tpot_slo_ms: float | None = None
     ttft_slo_ms: float | None = None
-    min_prefill_tokens: int = 32
+    min_prefill_tokens: int = 8
     max_priority: int = 10
 
     def __post_init__(self) -> None:
@@ -163,7 +163,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     tpot_slo_ms: float | None = None
     ttft_slo_ms: float | None = None
-    min_prefill_tokens: int = 32
+    min_prefill_tokens: int = 8
     max_priority: int = 10
     speculative_method: str | None = None
     num_speculative_tokens: int = 5

@@ -24,7 +24,7 @@ def add_scheduling_args(group: argparse._ActionsContainer) -> None:
                        help="default time-to-first-token target (the deadline policy orders by "
                             "it; misses are counted; requests may set ttft_slo_ms)")
     group.add_argument("--min-prefill-tokens", type=int, default=None,
-                       help="prefill tokens every step still runs under --tpot-slo-ms (default 32)")
+                       help="prefill tokens every step still runs under --tpot-slo-ms (default 8)")
     group.add_argument("--max-priority", type=int, default=None,
                        help="request priorities lie in [-N, N] (default 10)")
 

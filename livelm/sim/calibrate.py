@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 
 
 def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[StepCostModel, list[tuple[StepShape, float]]]:
-    """Fit a StepCostModel to ``engine``'s measured steps over a staggered workload:
-    a request (prompt 16-768 tokens, 4-64 output tokens) joins every other step, so steps
-    mix 0-30 decodes with prefill chunks up to the token budget. Returns the model and
-    the (shape, seconds) samples."""
+    """Fit a StepCostModel to ``engine``'s measured steps: batches of 1-32 requests that
+    decode alone, then a staggered workload where a request (prompt 16-768 tokens, 4-64
+    output tokens) joins every other step, so steps mix decodes with prefill chunks up to
+    the token budget. Returns the model and the (shape, seconds) samples."""
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     samples: list[tuple[StepShape, float]] = []
@@ -38,6 +38,15 @@ def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[St
         while engine.scheduler.has_unfinished():
             engine.step()
         samples.clear()  # the first steps pay for one-time set-up
+        # Decode-only steps at several batch sizes first: they separate the per-sequence
+        # cost from the per-token one, which mixed steps alone leave confounded.
+        for batch in (1, 2, 4, 8, 16, 32):
+            for i in range(batch):
+                prompt = [rng.randrange(3, vocab) for _ in range(32)]
+                engine.add(f"calibrate-decode-{batch}-{i}", prompt,
+                           SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+            while engine.scheduler.has_unfinished():
+                engine.step()
         pending = num_requests
         step = 0
         while pending or engine.scheduler.has_unfinished():
@@ -57,9 +66,9 @@ def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[St
     return model, samples
 
 
-def save_cost_model(model: StepCostModel, path: str | Path, **info) -> None:
+def save_cost_model(cost_model: StepCostModel, path: str | Path, **info) -> None:
     """Write the fitted coefficients (and ``info``: model, host, date) as JSON."""
-    Path(path).write_text(json.dumps({**model.to_dict(), **info}, indent=2) + "\n")
+    Path(path).write_text(json.dumps({**cost_model.to_dict(), **info}, indent=2) + "\n")
 
 
 def load_cost_model(path: str | Path) -> StepCostModel:
