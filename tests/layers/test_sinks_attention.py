@@ -11,11 +11,11 @@ from livelm.kernels.build import KernelBuildUnavailable, compile_extension
 from livelm.kernels.extensions import sinks_attention_kernels
 from livelm.layers.attention.kv_format import decode_kv, encode_kv
 from livelm.layers.attention.sinks import (
-    rotate,
     sinks_attention,
     sinks_attention_kernel,
     sinks_segment,
 )
+from livelm.layers.rotary import apply_rotary as rotate
 
 BLOCK = 16
 

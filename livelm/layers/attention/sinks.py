@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from livelm.layers.attention.kv_format import decode_kv, indexable
+from livelm.layers.rotary import apply_rotary
 
 
 @dataclass
@@ -87,19 +88,6 @@ def sinks_segment(
                         (wc[:, None], wsn[:, None]), (sc[:, None], ssn[:, None]), mask, ranges)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the last dim of ``x`` in "rotate half" layout (partial rotary when ``cos`` is
-    narrower than half of it), with the arithmetic of models/rope.py's ``apply_rotary``."""
-    half = cos.shape[-1]
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    out = torch.empty_like(x)
-    torch.mul(x1, cos, out=out[..., :half]).sub_(x2 * sin)
-    torch.mul(x2, cos, out=out[..., half : 2 * half]).add_(x1 * sin)
-    if 2 * half < x.shape[-1]:
-        out[..., 2 * half :] = x[..., 2 * half :]
-    return out
-
-
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """cache[:, slots] widened to ``dtype`` [Hkv, len(slots), D] (as the torch path gathers)."""
     rows = indexable(cache).index_select(1, slots)
@@ -125,12 +113,12 @@ def sinks_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[0]
     group = num_heads // num_kv_heads
-    keys = rotate(_gather(k_cache, seg.key_slots, q.dtype), *seg.key_rope)  # [Hkv, L, D]
+    keys = apply_rotary(_gather(k_cache, seg.key_slots, q.dtype), *seg.key_rope)  # [Hkv, L, D]
     values = _gather(v_cache, seg.key_slots, q.dtype)
     qs = q[s : s + n]
     # [n, Hq, D] -> [Hkv, G, n, D]: query heads sharing a KV head side by side.
-    q_win = rotate(qs, *seg.window_rope).view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-    q_sink = rotate(qs, *seg.sink_rope).view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q_win = apply_rotary(qs, *seg.window_rope).view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q_sink = apply_rotary(qs, *seg.sink_rope).view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     m = seg.num_sink_keys
     scores = torch.cat(
         [torch.matmul(q_sink, keys[:, None, :m].transpose(-1, -2)),
