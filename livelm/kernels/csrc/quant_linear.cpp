@@ -794,6 +794,20 @@ const float* bias_data(const std::optional<torch::Tensor>& bias, int64_t N, torc
   return keep->data_ptr<float>();
 }
 
+// Sums of x over each 32-weight group (the q4_1 minimum's and the raw formats' additive
+// terms). Plain loops: a torch reduction would cost more than the sums (decode is ~1 row).
+torch::Tensor group_sums(const torch::Tensor& x, int64_t M, int64_t K) {
+  torch::Tensor xsum = torch::empty({M, K / kBlock}, x.options());
+  float* xs = xsum.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < M * (K / kBlock); ++i) {
+    float s = 0.f;
+    for (int64_t j = 0; j < kBlock; ++j) s += xp[i * kBlock + j];
+    xs[i] = s;
+  }
+  return xsum;
+}
+
 }  // namespace
 
 // x [M, K] fp32 times the quantized weight [N, K] transposed (+ bias) -> [M, N] fp32.
@@ -814,30 +828,14 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qs, std::optional<
     p.d = reinterpret_cast<const uint16_t*>(d->data_ptr<int16_t>());
   }
   if (fmt == kQ5_1 || fmt == kQ4_K || fmt == kQ5_K) {
-    // Sums of x over each 32-weight group, for the raw formats' additive terms (decode).
-    xsum = torch::empty({M, K / kBlock}, x.options());
-    float* xs = xsum.data_ptr<float>();
-    const float* xp = x.data_ptr<float>();
-    for (int64_t i = 0; i < M * (K / kBlock); ++i) {
-      float s = 0.f;
-      for (int64_t j = 0; j < kBlock; ++j) s += xp[i * kBlock + j];
-      xs[i] = s;
-    }
-    p.xsum = xs;
+    xsum = group_sums(x, M, K);
+    p.xsum = xsum.data_ptr<float>();
   }
   if (fmt == kQ4_1) {
     p.m = reinterpret_cast<const uint16_t*>(m->data_ptr<int16_t>());
 #ifndef LIVELM_QUANT_AVX512
-    // Plain loops: a torch reduction here would cost more than the sums (decode is ~1 row).
-    xsum = torch::empty({M, K / kBlock}, x.options());
-    float* xs = xsum.data_ptr<float>();
-    const float* xp = x.data_ptr<float>();
-    for (int64_t i = 0; i < M * (K / kBlock); ++i) {
-      float s = 0.f;
-      for (int64_t j = 0; j < kBlock; ++j) s += xp[i * kBlock + j];
-      xs[i] = s;
-    }
-    p.xsum = xs;
+    xsum = group_sums(x, M, K);
+    p.xsum = xsum.data_ptr<float>();
 #endif
   }
   torch::Tensor b;
