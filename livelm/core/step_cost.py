@@ -54,10 +54,13 @@ class StepShape:
     @classmethod
     def of_chunks(cls, chunks: Iterable[tuple[int, int]]) -> StepShape:
         """The shape of chunks given as (start position, number of tokens)."""
-        shape = cls()
-        for start, n in chunks:
-            shape = shape.with_chunk(start, n)
-        return shape
+        sequences = tokens = 0
+        attention = 0.0
+        for start, n in chunks:  # one object per step, not one per chunk (every step calls this)
+            sequences += 1
+            tokens += n
+            attention += chunk_attention(start, n)
+        return cls(sequences, tokens, attention)
 
 
 def chunk_attention(start: int, num_tokens: int) -> float:
