@@ -169,6 +169,9 @@ class EngineConfig:
     num_speculative_tokens: int = 5
     speculative_adaptive: bool = True
     speculative_max_batch_decodes: int = 16
+    # Engine replicas behind one server (docs/distributed.md): 1 is this engine alone;
+    # more needs livelm.serving.DataParallelEngine (``livelm serve --data-parallel-size``).
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tpot_slo_ms, self.ttft_slo_ms, self.min_prefill_tokens,
@@ -208,6 +211,9 @@ class EngineConfig:
         b = self.speculative_max_batch_decodes
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"speculative_max_batch_decodes must be an integer >= 1, got {b!r:.60}")
+        d = self.data_parallel_size
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"data_parallel_size must be an integer >= 1, got {d!r:.60}")
         self.speculative  # noqa: B018 - the method's and length's checks (named as these fields)
         # Reuse the smaller configs' checks.
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 1)

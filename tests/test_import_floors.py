@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("models",),
     ("runner",),
     ("engine",),
-    ("entrypoints", "bench", "sim", "__init__"),
+    ("entrypoints", "bench", "sim", "serving", "__init__"),
 ]
 FLOOR_OF = {name: level for level, names in enumerate(FLOORS) for name in names}
 # Packages of one floor that still must not import each other.

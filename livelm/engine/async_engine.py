@@ -118,7 +118,11 @@ class AsyncEngine:
     """
 
     def __init__(self, model: str | None = None, served_model_name: str | None = None, **kwargs) -> None:
-        self._engine = Engine(make_engine_config(model, kwargs), served_model_name)
+        config = make_engine_config(model, kwargs)
+        if config.data_parallel_size > 1:
+            raise ValueError("AsyncEngine is one engine: for data_parallel_size > 1 use "
+                             "livelm.serving.DataParallelEngine (or livelm.serving.make_async_engine)")
+        self._engine = Engine(config, served_model_name)
         self.tokenizer = self._engine.tokenizer
         self.model_name = self._engine.model_name
         self.max_model_len = self._engine.max_model_len
@@ -145,6 +149,22 @@ class AsyncEngine:
         self._thread.start()
 
     # ---------------------------------------------------------------- public API
+
+    @property
+    def model_dir(self) -> str:
+        """The local directory the model (and its tokenizer) was loaded from."""
+        return str(self._engine.model_dir)
+
+    @property
+    def token_id_limit(self) -> int:
+        """Token ids the engine accepts are below this (the larger of the model's
+        embedding rows and the tokenizer's vocabulary, as ``Engine.validate`` checks)."""
+        return max(self._engine.model_config.vocab_size, len(self.tokenizer))
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV cache holds."""
+        return self._engine.scheduler.kv_capacity_tokens
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Prompt token ids of a conversation, through the model's chat template."""

@@ -125,6 +125,11 @@ class EngineStats:
     spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    # Load in tokens (what the data-parallel router balances, docs/distributed.md): input
+    # tokens the waiting requests have yet to compute, and the context tokens of the
+    # running ones (each decode step attends over them).
+    num_waiting_tokens: int = 0
+    num_running_tokens: int = 0
 
     @property
     def spec_acceptance_rate(self) -> float:
@@ -797,4 +802,6 @@ class Engine:
             spec_num_drafts=s.spec.num_drafts,
             spec_num_draft_tokens=s.spec.num_draft_tokens,
             spec_num_accepted_tokens=s.spec.num_accepted_tokens,
+            num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting),
+            num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
         )

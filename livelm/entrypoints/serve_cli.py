@@ -79,6 +79,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--session-ttl", dest="session_ttl_s", type=float, default=None,
                         help="seconds a session's KV stays pinned after a turn "
                              "(default 30; requests may set session_ttl)")
+    engine.add_argument("--threads", type=int, default=None,
+                        help="CPU threads in all (default: torch's); shared out between replicas")
+    distributed = parser.add_argument_group("data parallelism (docs/distributed.md)")
+    distributed.add_argument("--data-parallel-size", dest="data_parallel_size", type=int, default=None,
+                             help="engine replicas, each in its own process, behind this one server "
+                                  "(default 1)")
+    distributed.add_argument("--router", default="cache_aware", choices=["cache_aware", "round_robin"],
+                             help="how requests are spread over replicas: cache_aware (session, then "
+                                  "cached prefix within a load cap, then least load; default) or "
+                                  "round_robin")
     add_scheduling_args(parser.add_argument_group("scheduling (docs/scheduling.md)"))
     add_speculative_args(engine)
     streams = parser.add_argument_group("streaming input (/v1/stream, /v1/sessions)")

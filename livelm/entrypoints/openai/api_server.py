@@ -68,6 +68,10 @@ def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         config.max_running or _engine_max_running(engine), config.max_waiting, config.retry_after_s
     )
     metrics = ServerMetrics(engine.stats, admission)
+    if hasattr(engine, "replica_health"):  # data-parallel replicas (docs/distributed.md)
+        from livelm.serving.metrics import DataParallelCollector
+
+        metrics.registry.register(DataParallelCollector(engine))
     state = ServerState(
         engine=engine,
         config=config,
@@ -130,9 +134,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health", response_model=None)
     async def health() -> dict | JSONResponse:
         """Liveness (open without a key): 200 while the engine's step loop runs, 503 with
-        why once it stopped (an engine without ``is_alive`` counts as alive)."""
+        why once it stopped (an engine without ``is_alive`` counts as alive). With
+        data-parallel replicas, each replica's status, pid, restarts and load too."""
+        replicas = getattr(state.engine, "replica_health", None)
         if getattr(state.engine, "is_alive", True):
-            return {"status": "ok"}
+            return {"status": "ok"} if replicas is None else {"status": "ok", "replicas": replicas()}
         reason = getattr(state.engine, "dead_reason", None) or "the engine stopped"
         return JSONResponse({"status": "error", "message": reason}, status_code=503)
 
@@ -237,6 +243,10 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name, None) is not None:  # streaming-input limits
             kwargs[name] = getattr(args, name)
     kwargs.update(scheduling_kwargs(args))
+    if getattr(args, "data_parallel_size", None) is not None:
+        kwargs["data_parallel_size"] = args.data_parallel_size
+    if getattr(args, "threads", None) is not None:
+        kwargs["num_threads"] = args.threads
     return kwargs
 
 
@@ -244,13 +254,17 @@ def run_server(args: argparse.Namespace) -> None:
     """Load the engine, serve until SIGINT/SIGTERM, then drain and stop cleanly."""
     import uvicorn
 
-    from livelm.engine.async_engine import AsyncEngine
     from livelm.entrypoints.openai.drain import FLUSH_TIMEOUT_S, DrainingServer
+    from livelm.serving import make_async_engine
 
     configure_logging(args.log_level)
     engine_kwargs = engine_kwargs_from_args(args)
+    data_parallel = engine_kwargs.get("data_parallel_size", 1) > 1
+    if data_parallel and getattr(args, "enable_rl_api", False):
+        raise SystemExit("--enable-rl-api needs one engine: it cannot be combined with --data-parallel-size > 1")
     logger.info("loading %s", args.model or "the default model")
-    engine = AsyncEngine(args.model, served_model_name=args.served_model_name, **engine_kwargs)
+    extra = {"router": args.router, "log_level": args.log_level.upper()} if data_parallel else {}
+    engine = make_async_engine(args.model, served_model_name=args.served_model_name, **extra, **engine_kwargs)
     app = build_app(engine, server_config_from_args(args))
     uv_config = uvicorn.Config(
         app,

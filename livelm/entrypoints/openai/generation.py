@@ -40,7 +40,7 @@ class ServerShutdown(RuntimeError):
 
 def engine_stopped(exc: EngineDeadError) -> OpenAIError:
     """The 503 of a request the engine cannot serve because its thread stopped."""
-    return OpenAIError(str(exc), 503, "service_unavailable", code="engine_stopped")
+    return OpenAIError(str(exc), 503, "service_unavailable", code=getattr(exc, "code", "engine_stopped"))
 
 
 def stream_error(exc: Exception) -> OpenAIError:
