@@ -58,3 +58,5 @@ class RequestOutput:
     # time.perf_counter() stamps: arrival_time, first_token_time, last_token_time, and
     # num_generated_tokens (see engine/request_state.py: RequestState.metrics).
     metrics: dict[str, float] = field(default_factory=dict)
+    # Prompt tokens whose KV was reused (prefix cache or session pin), not computed.
+    num_cached_tokens: int = 0

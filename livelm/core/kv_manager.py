@@ -119,6 +119,8 @@ class KVCacheManager:
         """Bookkeeping once a request starts running with ``num_reused`` tokens reused."""
         self.num_queried_tokens += request.num_tokens
         self.num_hit_tokens += num_reused
+        if request.num_cached_tokens is None:  # a preempted request's recompute does not count
+            request.num_cached_tokens = num_reused
         if request.session_id is not None:
             # The new turn supersedes the session's older pin (its blocks, if reused, are
             # now held by the request itself).

@@ -84,6 +84,9 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None  # on the scheduler's clock
+    # Prompt tokens whose KV was found (prefix cache or session pin) when the request was
+    # first admitted (None before): the usage's cached tokens.
+    num_cached_tokens: int | None = None
     # The prefix cache's bookkeeping: chained hashes of the full blocks of
     # ``all_token_ids`` (extended lazily), and the cache content ids of the leading blocks
     # whose KV this request holds and the cache knows.

@@ -505,6 +505,7 @@ class Scheduler:
             prompt_logprobs=prompt_lp,
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason,
+            num_cached_tokens=req.num_cached_tokens or 0,
         )
 
     # ------------------------------------------------------------------- finish

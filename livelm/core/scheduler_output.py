@@ -127,6 +127,7 @@ class SequenceUpdate:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     sampling_logprobs: list[float] | None = None  # see SamplingParams.sampling_logprobs
+    num_cached_tokens: int = 0  # prompt tokens whose KV was reused at admission
 
     @property
     def finished(self) -> bool:

@@ -87,6 +87,7 @@ class RequestState:
             for i in range(params.n)
         ]
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
+        self.num_cached_tokens = 0  # prompt tokens reused from the cache (the first sequence's)
         self.error: Exception | None = None  # why the request failed (see fail())
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = [None] * len(prompt_token_ids)
@@ -101,6 +102,8 @@ class RequestState:
         ``weight_version`` is the version of the weights that computed it."""
         if out.prompt_logprobs is not None and self.prompt_logprobs is not None:
             self._add_prompt_logprobs(out.prompt_logprobs)
+        if out.index == 0:
+            self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         seq = self.seqs[out.index]
         if seq.finish_reason is not None:
             return StepResult(None)
@@ -212,6 +215,7 @@ class RequestState:
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
             metrics=self.metrics(),
+            num_cached_tokens=self.num_cached_tokens,
         )
 
     def metrics(self) -> dict[str, float]:
@@ -248,6 +252,7 @@ class RequestState:
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
             metrics=self.metrics(),
+            num_cached_tokens=self.num_cached_tokens,
         )
 
     # ----------------------------------------------------------------- logprobs

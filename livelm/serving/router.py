@@ -179,7 +179,9 @@ class Router:
             rerouted = True
         if rerouted:
             self.stats.reroutes += 1
-        target = min(live, key=lambda i: (loads[i], i))
+        # Ties (idle replicas) in turn, so sequential traffic spreads too.
+        start = next(self._rr)
+        target = min(live, key=lambda i: (loads[i], (i - start) % self.num_replicas))
         return Route(target, "load", self._leading_hits(target, keys), rerouted)
 
     def _leading_hits(self, replica: int, keys: list[int]) -> int:

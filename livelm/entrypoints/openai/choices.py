@@ -36,6 +36,7 @@ class ResponseState:
         self.n = n
         self.choices = [ChoiceState(i) for i in range(num_prompts * n)]
         self.prompt_tokens = [0] * num_prompts
+        self.cached_tokens = [0] * num_prompts  # of those, reused from the cache
         self.seen_prompt = [False] * num_prompts
 
     def choice_index(self, prompt_index: int, delta: CompletionOutput) -> int:
@@ -44,6 +45,7 @@ class ResponseState:
 
     def first_sight(self, prompt_index: int, out: RequestOutput) -> bool:
         """Record the prompt's size the first time its request reports; True that once."""
+        self.cached_tokens[prompt_index] = max(self.cached_tokens[prompt_index], out.num_cached_tokens)
         if self.seen_prompt[prompt_index]:
             return False
         self.seen_prompt[prompt_index] = True

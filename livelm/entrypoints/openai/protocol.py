@@ -405,12 +405,20 @@ class DetokenizeRequest(OpenAIModel):
 # ----------------------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens: those whose KV was reused from the prefix
+    cache or a session's pin (not computed again)."""
+
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     """Token counts of one response."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -24,6 +24,7 @@ from livelm.entrypoints.openai.protocol import (
     ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
+    PromptTokensDetails,
     UsageInfo,
     random_id,
 )
@@ -151,7 +152,8 @@ class _ChatStream:
         prompt = self.resp.prompt_tokens[0]
         completion = self.resp.completion_tokens
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                         total_tokens=prompt + completion)
+                         total_tokens=prompt + completion,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=self.resp.cached_tokens[0]))
 
     def whole(self) -> ChatCompletionResponse:
         """The non-streamed response."""

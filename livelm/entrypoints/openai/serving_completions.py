@@ -16,6 +16,7 @@ from livelm.entrypoints.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptTokensDetails,
     UsageInfo,
     random_id,
 )
@@ -128,7 +129,8 @@ class _CompletionStream:
         prompt = sum(self.resp.prompt_tokens)
         completion = self.resp.completion_tokens
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                         total_tokens=prompt + completion)
+                         total_tokens=prompt + completion,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.resp.cached_tokens)))
 
     def whole(self) -> CompletionResponse:
         """The non-streamed response."""
