@@ -14,7 +14,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import time
 
 import httpx
 import psutil
