@@ -28,7 +28,7 @@ GREEDY = {"temperature": 0.0}
 PROMPTS = [f"Request number {i} asks about {'cats' if i % 2 else 'the weather'} today" for i in range(10)]
 
 
-def _pids_gone(pids: list[int], timeout: float = 15.0) -> bool:
+def _pids_gone(pids: list[int], timeout: float = 60.0) -> bool:
     def gone() -> bool:
         return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                        for p in pids)
@@ -44,6 +44,21 @@ def dp(llama_dir):
     yield engine
     asyncio.run(engine.shutdown())
     assert _pids_gone(pids + [engine.replica(i).pid for i in range(2)]), "a replica outlived shutdown"
+    # No orphan of any kind: every process this test started as a replica (the first ones,
+    # their restarts, and anything they spawned) is gone, checked in the process table.
+    assert wait_until(lambda: not _replica_children(), 60.0), f"orphans: {_replica_children()}"
+
+
+def _replica_children() -> list[str]:
+    """Command lines of live (non-zombie) descendants of this process that run livelm code."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+                out.append(" ".join(child.cmdline()))
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +91,7 @@ def replicas_idle_after_test(request):
             s = client.call_sync("stats")  # noqa: B023 - polled at once
             return (s.num_running == 0 and s.num_waiting == 0
                     and s.num_total_blocks - s.num_free_blocks <= s.num_pinned_blocks)
-        assert wait_until(idle, 10.0), f"replica {i} still holds requests or unpinned KV"
+        assert wait_until(idle, 60.0), f"replica {i} still holds requests or unpinned KV"
 
 
 def _reference(engine, prompt: str, max_tokens: int) -> str:
@@ -171,6 +186,13 @@ def test_input_stream_lives_on_one_replica(dp, single):
     assert wait_until(lambda: dp.num_input_streams == 0)
 
 
+def test_orphan_probe_sees_live_replicas(dp):
+    """The after-shutdown orphan check can fail: while the engine runs, it finds every replica."""
+    pids = {dp.replica(i).pid for i in range(dp.num_replicas)}
+    live = {c.pid for c in psutil.Process().children(recursive=True)}
+    assert pids <= live and len(_replica_children()) >= len(pids)
+
+
 def test_health_and_metrics_list_replicas(server, dp):
     health = httpx.get(f"{server.url}/health", timeout=10).json()
     assert health["status"] == "ok"
@@ -209,21 +231,27 @@ def test_killed_replica_fails_only_its_requests_and_comes_back(server, dp):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         streams = [pool.submit(streamed, i) for i in range(6)]
         wholes = [pool.submit(whole, i) for i in range(2)]
-        assert wait_until(lambda: dp.replica(0).num_in_flight >= 2 and dp.replica(1).num_in_flight >= 2, 60,
+        # Condition, not a sleep: both replicas hold >= 2 requests (each runs 480 tokens,
+        # far longer than the poll interval, so replica 0's are still in flight at the kill).
+        assert wait_until(lambda: dp.replica(0).num_in_flight >= 2 and dp.replica(1).num_in_flight >= 2, 300,
                           interval=0.005)
         os.kill(victim, signal.SIGKILL)
         results = [f.result() for f in streams]
         plain = [f.result() for f in wholes]
     failed = [r for r in results if r["error"] is not None]
     done = [r for r in results if r["error"] is None]
-    assert failed and done, results
+    plain_failed = [r for r in plain if r["status"] != 200]
+    # Which of the 8 landed on replica 0 depends on arrival order, so count both kinds: at
+    # least one failed (replica 0 held >= 2 at the kill) and at least one completed.
+    assert failed or plain_failed, (results, plain)
+    assert len(done) + len(plain) - len(plain_failed) >= 1, (results, plain)
     assert all(r["error"]["code"] == "replica_failed" and "replica 0" in r["error"]["message"] for r in failed)
     assert all(r["finish"] == "length" for r in done)
-    for r in plain:
-        if r["status"] != 200:
-            assert r["status"] == 503 and r["body"]["error"]["code"] == "replica_failed", r
+    for r in plain_failed:
+        assert r["status"] == 503 and r["body"]["error"]["code"] == "replica_failed", r
+        assert "replica 0" in r["body"]["error"]["message"], r
     # Back in rotation: a new process in slot 0, restarted once.
-    assert wait_until(lambda: dp.replica(0).alive and dp.replica(0).pid != victim and dp._router.in_rotation(0), 120)
+    assert wait_until(lambda: dp.replica(0).alive and dp.replica(0).pid != victim and dp._router.in_rotation(0), 300)
     assert dp.restarts[0] == 1
     assert _pids_gone([victim])
     health = httpx.get(f"{server.url}/health", timeout=10).json()["replicas"]
