@@ -31,6 +31,7 @@ from livelm.core.request_options import NO_OPTIONS, RequestOptions, check_priori
 from livelm.core.scheduler import Scheduler
 from livelm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from livelm.core.scheduling_policy import DEFAULT_TENANT
+from livelm.core.step_cost import StepCostModel
 from livelm.core.token_ids import check_vocab_range
 from livelm.engine.fork import MAX_FORK_BRANCHES, Branch, ForkResult, ForkState, check_branches
 from livelm.engine.request_state import RequestState
@@ -223,6 +224,8 @@ class Engine:
             model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend, self.structured,
             self.kv_dtype,
         )
+        # The TPOT budget's cost model, with the row counts where this host's kernels change.
+        self.scheduler.step_cost = StepCostModel(breakpoints=self.runner.kernel_row_breakpoints())
         self.kv_block_bytes = ModelRunner.kv_bytes_per_block(self.model_config, config.block_size, self.kv_dtype)
         self._log_kv_cache(num_blocks)
         self.states: dict[str, RequestState] = {}  # requests in flight, by id

@@ -35,10 +35,16 @@ from livelm.quant.formats import BLOCK, FORMAT_CODES, QuantizedTensor, dequantiz
 logger = logging.getLogger("livelm")
 
 
-# Rows of activations up to which the AVX2 fused kernel beats dequantize + fp32 GEMM
-# (measured with the model shapes of SmolLM2-135M, against oneDNN; docs/quantization.md).
+# Rows of activations up to which the AVX2 fused kernel beats dequantize + fp32 GEMM.
+# Measured on an AVX2-only AMD EPYC (2 threads, all linears of SmolLM2-135M, q4_1/q8_0,
+# and q4_k/q6_k/q5_0 at its shapes; docs/quantization.md): the fused kernel takes
+# 0.42-0.58x the tiles' time at 12 rows, 0.81-0.99x at 32, 0.83-0.97x at 48 and
+# 0.98-1.09x at 64 (the tiles pay a fixed dequantization of every weight per call).
 # AVX-512 builds take every row count (their GEMM path beats the tiles, see fused_max_rows).
-FUSED_MAX_ROWS_AVX2 = 12
+FUSED_MAX_ROWS_AVX2 = 48
+# Where the AVX-512 build's dispatcher changes kernel (kGemmMinRows / kPanelMinRows in
+# csrc/quant_linear.cpp): fused tiles below 20 rows, the outer-product GEMM below 128.
+_AVX512_ROW_SWITCHES = (19, 127)
 # Weights dequantized per tile of the prefill path: 1 MiB of fp32, about one L2 cache.
 _TILE_WEIGHTS = 1 << 18
 
@@ -48,6 +54,14 @@ def fused_max_rows(ext: ModuleType) -> int:
     """Rows of activations up to which ``ext.quantized_matmul`` is the faster CPU path."""
     simd = ext.simd() if hasattr(ext, "simd") else "avx2"
     return sys.maxsize if simd == "avx512" else FUSED_MAX_ROWS_AVX2
+
+
+def kernel_row_breakpoints(ext: ModuleType | None) -> tuple[int, ...]:
+    """Row counts after which a CPU quantized matmul changes kernel (the step cost model's
+    breakpoints, core/step_cost.py): none without the C++ kernels (one torch path)."""
+    if ext is None:
+        return ()
+    return _AVX512_ROW_SWITCHES if fused_max_rows(ext) == sys.maxsize else (FUSED_MAX_ROWS_AVX2,)
 
 
 def _kernel_args(qt: QuantizedTensor) -> tuple:

@@ -12,6 +12,7 @@ from livelm.core.scheduler_output import (
     ScheduledChunk,
     SchedulerOutput,
 )
+from livelm.kernels.extensions import quant_linear_kernels
 from livelm.layers.attention import (
     AttentionBackend,
     AttentionMetadata,
@@ -20,10 +21,12 @@ from livelm.layers.attention import (
 )
 from livelm.layers.attention.kv_format import kv_row_bytes, kv_row_width
 from livelm.layers.attention.sinks import sinks_segment
+from livelm.layers.quantized import QuantizedModule
 from livelm.models.llama import LlamaForCausalLM
 from livelm.models.prepare import prepare_model
 from livelm.models.rope import rotary_tables
 from livelm.models.weight_update import StagedUpdate
+from livelm.quant.matmul import kernel_row_breakpoints
 from livelm.runner.kv_cache import allocate_kv_cache
 from livelm.runner.sampling import Sampler, SamplerOutput, SamplingBatch
 from livelm.runner.sampling.guard import NonFiniteLogits, RowFailure
@@ -83,6 +86,14 @@ class ModelRunner:
         """Bytes one KV block takes across all layers, in the cache's storage type ``dtype``."""
         row = kv_row_bytes(dtype, model_config.head_dim)
         return 2 * model_config.num_layers * model_config.num_kv_heads * row * block_size
+
+    def kernel_row_breakpoints(self) -> tuple[int, ...]:
+        """Rows (a step's tokens) after which the model's matmuls change kernel, for the
+        step cost model (core/step_cost.py): the quantized CPU dispatcher's switches when
+        the model holds quantized weights on the CPU, else none."""
+        if self.device.type != "cpu" or not any(isinstance(m, QuantizedModule) for m in self.model.modules()):
+            return ()
+        return kernel_row_breakpoints(quant_linear_kernels())
 
     # ------------------------------------------------------------------ execute
 

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[StepCostModel, list[tuple[StepShape, float]]]:
-    """Fit a StepCostModel to ``engine``'s measured steps: batches of 1-32 requests that
-    decode alone, then a staggered workload where a request (prompt 16-768 tokens, 4-64
+    """Fit a StepCostModel to ``engine``'s measured steps: batches of 1-64 requests that
+    decode alone, short prompts (2-96 tokens) prefilled alone, then a staggered workload where a request (prompt 16-768 tokens, 4-64
     output tokens) joins every other step, so steps mix decodes with prefill chunks up to
     the token budget. Returns the model and the (shape, seconds) samples."""
     rng = random.Random(seed)
@@ -40,11 +40,19 @@ def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[St
         samples.clear()  # the first steps pay for one-time set-up
         # Decode-only steps at several batch sizes first: they separate the per-sequence
         # cost from the per-token one, which mixed steps alone leave confounded.
-        for batch in (1, 2, 4, 8, 16, 32):
+        # Batch sizes on both sides of the kernel breakpoints (48 rows on AVX2 hosts).
+        for batch in (1, 2, 4, 8, 16, 32, 48, 64):
             for i in range(batch):
                 prompt = [rng.randrange(3, vocab) for _ in range(32)]
                 engine.add(f"calibrate-decode-{batch}-{i}", prompt,
                            SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+            while engine.scheduler.has_unfinished():
+                engine.step()
+        # Short prefills alone (2-96 tokens, one step each): the small-row region where
+        # the kernels switch, which the staggered workload's long chunks rarely sample.
+        for i, n_in in enumerate((2, 4, 8, 12, 16, 24, 32, 40, 48, 49, 56, 64, 80, 96)):
+            prompt = [rng.randrange(3, vocab) for _ in range(n_in)]
+            engine.add(f"calibrate-short-{i}", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
             while engine.scheduler.has_unfinished():
                 engine.step()
         pending = num_requests
@@ -60,7 +68,8 @@ def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[St
             step += 1
     finally:
         del engine.scheduler.observe_step  # the instance attribute: back to the method
-    model = StepCostModel(window=max(1, len(samples)), min_observations=0)
+    model = StepCostModel(window=max(1, len(samples)), min_observations=0,
+                          breakpoints=engine.scheduler.step_cost.breakpoints)
     for shape, seconds in samples:
         model.observe(shape, seconds)
     return model, samples
@@ -76,6 +85,8 @@ def load_cost_model(path: str | Path) -> StepCostModel:
     try:
         data = json.loads(Path(path).read_text())
         coefficients = [float(c) for c in data["coefficients"]]
+        breakpoints = [int(b) for b in data.get("breakpoints", [])]
+        return StepCostModel.from_coefficients(coefficients, frozen=True, breakpoints=breakpoints)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a step cost model file (livelm simulate --calibrate writes one): {e}") from e
-    return StepCostModel.from_coefficients(coefficients, frozen=True)
+        raise ValueError(f"{path} is not a step cost model file of this livelm version "
+                         f"(livelm simulate --calibrate writes one): {e}") from e

@@ -41,8 +41,9 @@ class Replica:
         self.index = index
         self.now = 0.0
         self.scheduler = Scheduler(scheduler_config, cache_config, clock=lambda: self.now)
-        if not learn_online:  # the scheduler starts from the calibrated model, as if warmed up
-            self.scheduler.step_cost = StepCostModel.from_coefficients(host.coefficients, frozen=True)
+        # The scheduler starts from the calibrated model, as if warmed up, or (learn_online)
+        # learns it from its simulated steps as the engine does, with the host's breakpoints.
+        self.scheduler.step_cost = StepCostModel(breakpoints=host.breakpoints) if learn_online else host.frozen_copy()
         self.host = host
         self.busy = False
         self.steps = 0
@@ -168,7 +169,7 @@ def simulate(requests: Sequence[SimRequest], host: StepCostModel, num_replicas: 
     arrival, step_end = 0, 1
     for idx in sorted(range(len(requests)), key=lambda j: requests[j].arrival_s):
         heapq.heappush(events, (requests[idx].arrival_s, next(order), arrival, idx))
-    host_cost = StepCostModel.from_coefficients(host.coefficients, frozen=True)  # the host never changes
+    host_cost = host.frozen_copy()  # the host never changes
     started = time.perf_counter()
     steps = 0
     last = 0.0

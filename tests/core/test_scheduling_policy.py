@@ -202,17 +202,31 @@ def test_policies_keep_streams_and_sessions_working():
 # ----------------------------------------------------------------- cost model
 
 
+# A host linear in every feature: 4 ms a step, 0.8 ms a sequence, 4.5 ms a token, 1.2 ms
+# per 1024 query-key pairs of decode or prefill attention.
+LINEAR_HOST = (0.004, 0.0008, 0.0045, 0.0012, 0.0012, 0.0)
+# The same with the matmuls switching kernel above 12 rows (a hand-built host): 80 ms more at once, then 1.5 ms
+# a token less (an AVX2 host's fused quantized kernel against dequantized tiles).
+SWITCHING_HOST = (*LINEAR_HOST, 0.08, -0.0015)
+
+
 def _true_cost(shape: StepShape) -> float:
-    return sum(c * x for c, x in zip((0.004, 0.0008, 0.0045, 0.0012), shape.features(), strict=True))
+    return sum(c * x for c, x in zip(LINEAR_HOST, shape.base_features(), strict=True))
+
+
+def _random_shape(rng: random.Random) -> StepShape:
+    """0-23 decodes and, 60% of the time, a prefill chunk."""
+    shape = StepShape.of_chunks([(rng.randrange(10, 500), 1) for _ in range(rng.randrange(0, 24))])
+    if rng.random() < 0.6:
+        shape = shape.with_chunk(rng.randrange(0, 400), rng.randrange(8, 400))
+    return shape
 
 
 def test_cost_model_learns_a_linear_host_from_mixed_steps():
     rng = random.Random(0)
-    model = StepCostModel(prior=(1e-4, 1e-4, 1e-4, 1e-4))  # far from the truth
+    model = StepCostModel(prior=(1e-4,) * 6)  # far from the truth
     for _ in range(60):
-        shape = StepShape.of_chunks([(rng.randrange(10, 500), 1) for _ in range(rng.randrange(0, 24))])
-        if rng.random() < 0.6:
-            shape = shape.with_chunk(rng.randrange(0, 400), rng.randrange(8, 400))
+        shape = _random_shape(rng)
         if shape.tokens:
             model.observe(shape, _true_cost(shape) * rng.uniform(0.97, 1.03))
     for probe in (StepShape.of_chunks([(200, 1)] * 16), StepShape.of_chunks([(0, 256)]),
@@ -226,13 +240,75 @@ def test_cost_model_ignores_nonsense_measurements_and_validates_its_prior():
         model.observe(StepShape(1, 1, 0.1), bad)
     assert model.num_observations == 0
     with pytest.raises(ValueError, match="prior"):
-        StepCostModel(prior=(1.0, math.nan, 0.0, 0.0))
+        StepCostModel(prior=(1.0, math.nan, 0.0, 0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="prior"):
-        StepCostModel(prior=(1.0, -1.0, 0.0, 0.0))
+        StepCostModel(prior=(1.0, -1.0, 0.0, 0.0, 0.0, 0.0))
+
+
+def test_cost_model_learns_a_kernel_switch_at_its_breakpoint():
+    # A straight line through both sides of the switch misses small steps badly; with the
+    # runner's breakpoint the fit is piecewise and right on both sides.
+    rng = random.Random(1)
+    true = StepCostModel.from_coefficients(SWITCHING_HOST, breakpoints=(12,))
+    aware, blind = StepCostModel(breakpoints=(12,)), StepCostModel()
+    for i in range(300):  # as calibration runs: decode-only batches of 1-24, small steps, mixed ones
+        if i % 3 == 0:
+            shape = StepShape.of_chunks([(200, 1)] * rng.randrange(1, 25))
+        elif i % 3 == 1:
+            shape = StepShape.of_chunks([(200, 1)] * rng.randrange(0, 5)).with_chunk(rng.randrange(0, 99),
+                                                                                  rng.randrange(2, 9))
+        else:
+            shape = _random_shape(rng)
+        if shape.tokens:
+            seconds = true.predict(shape) * rng.uniform(0.97, 1.03)
+            aware.observe(shape, seconds)
+            blind.observe(shape, seconds)
+    probes = [StepShape.of_chunks([(200, 1)] * b) for b in (1, 8, 12, 13, 24)]
+    probes += [StepShape.of_chunks([(0, n)]) for n in (4, 12, 13, 64, 256)]
+    probes.append(StepShape.of_chunks([(300, 1)] * 8 + [(100, 64)]))
+    for probe in probes:
+        assert abs(aware.predict(probe) / true.predict(probe) - 1) < 0.1, probe
+    assert max(abs(blind.predict(p) / true.predict(p) - 1) for p in probes) > 0.3
+    c = aware.coefficients
+    assert len(c) == 8 and c[2] + c[7] >= 0 and aware.to_dict()["breakpoints"] == [12]
+
+
+def test_fitted_slopes_stay_physical_past_a_breakpoint():
+    # Steps past the breakpoint that cost less the more tokens they have (noise, or a host
+    # that changed): the fit never gives a token a negative cost.
+    model = StepCostModel(breakpoints=(12,), prior_weight=1e-6)
+    for n in range(13, 200, 3):
+        model.observe(StepShape.of_chunks([(0, n)]), 1.0 - n * 0.004)
+    for n in range(1, 13):
+        model.observe(StepShape.of_chunks([(0, n)]), 0.01 * n)
+    c = model.coefficients
+    assert c[7] < 0 and c[2] + c[7] >= -1e-12
+    assert model.predict(StepShape.of_chunks([(0, 10_000)])) >= 0
+
+
+@pytest.mark.parametrize("coefficients, breakpoints", [(LINEAR_HOST, ()), (SWITCHING_HOST, (12,)),
+                                                       ((*LINEAR_HOST, 0.08, -0.0015, -0.01, 0.0005), (19, 127))])
+def test_max_chunk_tokens_is_the_largest_chunk_that_fits_across_breakpoints(coefficients, breakpoints):
+    model = StepCostModel.from_coefficients(coefficients, breakpoints=breakpoints)
+    for decodes in (0, 3, 8, 16):
+        base = StepShape.of_chunks([(300, 1)] * decodes)
+        for start in (0, 100, 2048):
+            for target in (0.01, 0.05, 0.1, 0.15, 0.3, 1.0, 3.0):
+                fits = [n for n in range(1, 1500) if model.predict(base.with_chunk(start, n)) <= target]
+                assert model.max_chunk_tokens(base, start, target) == max(fits, default=0), (decodes, start, target)
+
+
+def test_malformed_breakpoints_and_priors_are_refused():
+    with pytest.raises(ValueError, match="breakpoints"):
+        StepCostModel(breakpoints=(0,))
+    with pytest.raises(ValueError, match="prior"):
+        StepCostModel(prior=(1.0, 0.0, 0.0, 0.0))  # 4 coefficients: an older model's
+    with pytest.raises(ValueError, match="prior"):
+        StepCostModel(prior=LINEAR_HOST + (0.1,), breakpoints=(12,))
 
 
 def test_max_chunk_tokens_is_the_largest_chunk_that_fits():
-    model = StepCostModel.from_coefficients((0.004, 0.0008, 0.0045, 0.0012))
+    model = StepCostModel.from_coefficients(LINEAR_HOST)
     base = StepShape.of_chunks([(300, 1)] * 8)
     n = model.max_chunk_tokens(base, 100, 0.1)
     assert model.predict(base.with_chunk(100, n)) <= 0.1 < model.predict(base.with_chunk(100, n + 1))
@@ -247,7 +323,7 @@ def test_tpot_budget_keeps_simulated_decode_steps_under_target_while_a_stream_pr
     # it from the steps it measures. 8 decoding requests and a stream arriving 33 tokens
     # per step up to 4000: without a target the stream's chunks fill the budget and decode
     # steps take over 0.2 s; with a 100 ms target every decode step stays under it.
-    true = StepCostModel.from_coefficients((0.004, 0.0008, 0.0045, 0.0012))
+    true = StepCostModel.from_coefficients(LINEAR_HOST)
 
     def run(tpot_ms):
         clock = FakeClock()
@@ -286,7 +362,7 @@ def test_tpot_budget_runs_the_minimum_prefill_when_decodes_alone_fill_the_target
     clock = FakeClock()
     s = _scheduler(budget=256, seqs=32, blocks=2048, block=16, clock=clock, tpot_slo_ms=10,
                    min_prefill_tokens=24)
-    s.step_cost = StepCostModel.from_coefficients((0.004, 0.0008, 0.0045, 0.0012))
+    s.step_cost = StepCostModel.from_coefficients(LINEAR_HOST)
     for i in range(16):
         s.add_request(_req(f"d{i}", 8, max_tokens=50))
     _run_step(s)  # prefill all (no decodes yet: no target)
@@ -302,7 +378,7 @@ def test_tpot_budget_runs_the_minimum_prefill_when_decodes_alone_fill_the_target
 
 def test_the_tightest_request_target_sizes_the_step():
     s = _scheduler(budget=512, blocks=1024, block=16, tpot_slo_ms=1000)
-    s.step_cost = StepCostModel.from_coefficients((0.004, 0.0008, 0.0045, 0.0012))
+    s.step_cost = StepCostModel.from_coefficients(LINEAR_HOST)
     s.add_request(_req("tight", 8, max_tokens=50, tpot_slo=0.05))
     _run_step(s)
     s.add_request(_req("long", 500, max_tokens=2))

@@ -25,8 +25,8 @@ from livelm.quant.gguf_repack import repack_gguf_tensor
 Q = gguf.GGMLQuantizationType
 RAW = list(RAW_LAYOUTS)
 # Row counts around every path switch: the AVX2 tiles (4 rows of x), the dispatcher's
-# FUSED_MAX_ROWS_AVX2 (12), the AVX-512 GEMM (from 20, 32-row panels) and column panels (128).
-KERNEL_MS = [1, 2, 3, 4, 5, 7, 12, 13, 20, 33, 64, 127, 128, 131, 300]
+# FUSED_MAX_ROWS_AVX2 (48), the AVX-512 GEMM (from 20, 32-row panels) and column panels (128).
+KERNEL_MS = [1, 2, 3, 4, 5, 7, 12, 13, 20, 33, 48, 49, 64, 127, 128, 131, 300]
 
 
 def _blocks(fmt: str, n: int, k: int, seed: int) -> tuple[QuantizedTensor, torch.Tensor]:
@@ -98,9 +98,10 @@ def test_dequantization_is_bit_exact(path: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", RAW)
-@pytest.mark.parametrize("m", [1, 4, 12, 13, 64, 300])
+@pytest.mark.parametrize("m", [1, 4, 13, 48, 49, 300])
 def test_linear_matches_reference(path: str, fmt: str, m: int) -> None:
-    """The dispatcher's path at decode (1-12 rows) and batched / prefill row counts."""
+    """The dispatcher's paths on each side of its switches: fused up to FUSED_MAX_ROWS_AVX2
+    (48) rows on AVX2, dequantized tiles above it; AVX-512 GEMM and panels from 20 / 128."""
     for n, k, bias in ((37, 256, False), (130, 512, True), (3, 768, False)):
         qt, ref_w = _blocks(fmt, n, k, n + k)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))

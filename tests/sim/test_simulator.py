@@ -15,8 +15,8 @@ from livelm.sampling_params import SamplingParams
 from livelm.sim.cluster import simulate
 from livelm.sim.workload import SimRequest, burstgpt_requests, synthetic_requests
 
-ONE_SECOND_PER_STEP = StepCostModel.from_coefficients((1.0, 0.0, 0.0, 0.0))
-HOST = StepCostModel.from_coefficients((0.004, 0.0008, 0.0045, 0.0012))
+ONE_SECOND_PER_STEP = StepCostModel.from_coefficients((1.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+HOST = StepCostModel.from_coefficients((0.004, 0.0008, 0.0045, 0.0012, 0.0012, 0.0))
 TRACE = "benchmarks/traces/burstgpt_synthetic.csv"
 
 
