@@ -231,7 +231,13 @@ async def _serve_async(targets: list[Target], workload: Workload, cfg: ServeConf
         return len(tokenizer(prompt).input_ids)
 
     try:
-        await run_matrix(targets, workload, cfg, arrivals, stop,
+        # Each rate of a sweep gets its own prompts (seed + index; the first run's are
+        # the workload's): the same prompts again would be prefix-cache hits.
+        def workload_for(index: int) -> Workload:
+            return workload if index == 0 else build_workload(argparse.Namespace(**{**vars(args), "seed": args.seed + index}),
+                                                              tokenizer)
+
+        await run_matrix(targets, workload_for, cfg, arrivals, stop,
                          lambda rec: records.append({**base, **rec, "loadavg_end": _loadavg()}), count_prompt,
                          args.request_timeout, ignore_eos=not args.no_ignore_eos)
     finally:

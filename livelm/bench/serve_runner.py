@@ -155,10 +155,15 @@ async def run_workload(client: OpenAIStreamClient, workload: Workload, cfg: Serv
 
 
 async def _warm_up(client: OpenAIStreamClient, workload: Workload, cfg: ServeConfig) -> None:
-    """Untimed requests first: the server's first requests pay one-time costs."""
+    """Untimed requests first: the server's first requests pay one-time costs. Each is a
+    workload prompt reversed (as long, but not one of the measured prompts: sent as it is,
+    its measured twin would be a prefix-cache hit and report a TTFT the workload never has)."""
     for n in range(min(cfg.warmup_requests, len(workload.sessions))):
         session = workload.sessions[n]
         prompt, messages = request_body(session, 0, session.turns[0], [], cfg)
+        prompt = prompt[::-1] if prompt is not None else None
+        if messages:
+            messages = [*messages[:-1], {**messages[-1], "content": str(messages[-1]["content"])[::-1]}]
         rec = await client.send(RequestRecord(0.0), prompt, messages, min(session.turns[0].output_len, 4))
         if not rec.success:
             raise RuntimeError(f"the warm-up request to {client.target.base_url} failed: {rec.error}")

@@ -52,24 +52,29 @@ def run_record(target: Target, model: str, workload: Workload, cfg: ServeConfig,
     }
 
 
-async def run_matrix(targets: list[Target], workload: Workload, cfg: ServeConfig,
+async def run_matrix(targets: list[Target], workload: Workload | Callable[[int], Workload], cfg: ServeConfig,
                      arrivals: list[ArrivalProcess], stop: asyncio.Event,
                      on_record: Callable[[dict], None],
                      count_prompt: Callable | None = None, timeout_s: float = 3600.0,
                      ignore_eos: bool = True) -> None:
     """Each target at each arrival process in turn; ``on_record`` receives each run's
     record as soon as it is measured (so an interrupted sweep keeps what it has).
-    After ``stop`` is set, the current run ends early and no further run starts."""
+    After ``stop`` is set, the current run ends early and no further run starts.
+
+    ``workload`` is one workload, or a function of the arrival process's index giving each
+    its own prompts: the same prompts at every rate of a sweep would be prefix-cache hits
+    on the same server from the second rate on (its TTFT then measures the cache)."""
     for target in targets:
         client = OpenAIStreamClient(target, timeout_s=timeout_s, ignore_eos=ignore_eos)
         try:
-            for arr in arrivals:
+            for index, arr in enumerate(arrivals):
                 if stop.is_set():
                     return
+                workload_now = workload(index) if callable(workload) else workload
                 run_cfg = dataclasses.replace(cfg, arrivals=arr,
                                               progress_desc=f"{target.name} @ {arr.describe()}")
-                result = await run_workload(client, workload, run_cfg, stop, count_prompt)
-                rec = run_record(target, client.model, workload, run_cfg, result)
+                result = await run_workload(client, workload_now, run_cfg, stop, count_prompt)
+                rec = run_record(target, client.model, workload_now, run_cfg, result)
                 on_record(rec)
                 m = result.metrics
                 print(f"{target.name} @ {arr.describe()}: {m['completed']} ok, {m['failed']} failed, "

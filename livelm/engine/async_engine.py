@@ -108,6 +108,27 @@ def _resolve(future: asyncio.Future, value: object) -> None:
         future.set_result(value)
 
 
+async def _in_own_thread(fn, *args):
+    """``fn(*args)`` on a thread of its own that ends with it (not asyncio's executor): torch
+    work there makes an OpenMP thread pool, which must not outlive the call, or every later
+    step pays for a process with more pool threads than CPUs (see AsyncEngine.__init__)."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            done.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the awaiting caller
+            done.set_exception(e)
+
+    thread = threading.Thread(target=work, name="livelm-weights", daemon=True)
+    thread.start()
+    try:
+        return await asyncio.wrap_future(done)
+    finally:
+        if done.done():
+            thread.join()
+
+
 class AsyncEngine:
     """Serve many concurrent requests from asyncio code.
 
@@ -122,15 +143,8 @@ class AsyncEngine:
         if config.data_parallel_size > 1:
             raise ValueError("AsyncEngine is one engine: for data_parallel_size > 1 use "
                              "livelm.serving.DataParallelEngine (or livelm.serving.make_async_engine)")
-        self._engine = Engine(config, served_model_name)
-        self.tokenizer = self._engine.tokenizer
-        self.model_name = self._engine.model_name
-        self.max_model_len = self._engine.max_model_len
-        self.config = self._engine.config
-        self.max_num_seqs = self.config.max_num_seqs
         self._commands = CommandQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stats = self._engine.stats()
         # Open input streams, by id: created on the caller's loop, read by the engine thread
         # (progress and idle checks), removed by whichever side closes them.
         self._input_streams: dict[str, InputStream] = {}
@@ -145,8 +159,24 @@ class AsyncEngine:
         self._update_lock = threading.Lock()
         self._paused = False
         self._pending_update: UpdateWeights | None = None
-        self._thread = threading.Thread(target=self._run, name="livelm-engine", daemon=True)
+        # The engine is built on the thread that runs its steps, so all of its torch work
+        # (load, packing, warm-up, steps) runs on one OpenMP thread pool: libgomp throttles
+        # the spin-wait of every pool once a process has more pool threads than CPUs, and a
+        # second pool made by loading on the caller's thread doubled the time of a decode
+        # step (measured: 7.2 ms on one pool, 14.5 ms with two; docs/serving.md).
+        built: concurrent.futures.Future[Engine] = concurrent.futures.Future()
+        self._start_stepping = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(config, served_model_name, built),
+                                        name="livelm-engine", daemon=True)
         self._thread.start()
+        self._engine = built.result()  # the engine's own errors (bad model, bad config) raise here
+        self.tokenizer = self._engine.tokenizer
+        self.model_name = self._engine.model_name
+        self.max_model_len = self._engine.max_model_len
+        self.config = self._engine.config
+        self.max_num_seqs = self.config.max_num_seqs
+        self._stats = self._engine.stats()
+        self._start_stepping.set()
 
     # ---------------------------------------------------------------- public API
 
@@ -391,14 +421,14 @@ class AsyncEngine:
         """
         check_mode(mode)
         self._check_alive()
-        return await asyncio.to_thread(self._update_blocking, lambda: self._engine.stage_weights(weights), mode)
+        return await _in_own_thread(self._update_blocking, lambda: self._engine.stage_weights(weights), mode)
 
     async def join_update_group(self, host: str, port: int, rank: int = 1, world_size: int = 2,
                                 backend: str = "gloo", timeout_s: float = 600.0) -> None:
         """Join a trainer's weight-update group (models/weight_transfer.py: the trainer is
         rank 0, a ``WeightSender``); returns once every rank joined."""
         self._check_alive()
-        await asyncio.to_thread(self._engine.join_update_group, host, port, rank, world_size, backend, timeout_s)
+        await _in_own_thread(self._engine.join_update_group, host, port, rank, world_size, backend, timeout_s)
 
     async def update_weights_from_group(self, mode: str = "continue") -> int:
         """Receive one update the trainer broadcasts (``WeightSender.send``) and apply it
@@ -406,7 +436,7 @@ class AsyncEngine:
         mid-broadcast raises here and leaves the weights as they were."""
         check_mode(mode)
         self._check_alive()
-        return await asyncio.to_thread(self._update_blocking, self._engine.receive_weights, mode)
+        return await _in_own_thread(self._update_blocking, self._engine.receive_weights, mode)
 
     def _update_blocking(self, stage, mode: str) -> int:
         with self._update_lock:
@@ -664,9 +694,17 @@ class AsyncEngine:
                 soonest = left
         return soonest
 
-    def _run(self) -> None:
-        """The engine thread: the step loop until Stop; should it ever end otherwise,
-        everyone in flight gets an error at once and new requests are refused."""
+    def _run(self, config, served_model_name: str | None, built: concurrent.futures.Future) -> None:
+        """The engine thread: build the engine (its error goes to the constructor), then
+        the step loop until Stop; should it ever end otherwise, everyone in flight gets an
+        error at once and new requests are refused."""
+        try:
+            engine = Engine(config, served_model_name)
+        except BaseException as e:  # noqa: BLE001 - raised again by the constructor
+            built.set_exception(e)
+            return
+        built.set_result(engine)
+        self._start_stepping.wait()
         try:
             self._loop()
             reason = "the engine shut down"

@@ -179,7 +179,6 @@ class Engine:
 
     def __init__(self, config: EngineConfig, served_name: str | None = None) -> None:
         self.config = config
-        Engine.live_instances.add(self)
         self.model_dir: Path = resolve_model_path(config.model)
         self.model_name = served_name or (config.model and Path(config.model).name) or self.model_dir.name
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -242,6 +241,7 @@ class Engine:
         self._weight_layout: WeightLayout | None = None
         self.update_receiver: WeightReceiver | None = None
         self.forks: dict[str, ForkState] = {}  # open forks, by parent request id
+        Engine.live_instances.add(self)  # last: an engine that failed to build is not live
 
     def _num_kv_blocks(self) -> int:
         """Blocks in the KV pool: ``num_kv_blocks`` when given; else what ``kv_cache_gib``

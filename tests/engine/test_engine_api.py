@@ -262,3 +262,41 @@ def test_async_engine_streams_deltas_and_aborts(llama_dir, llm):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_async_engine_builds_and_steps_its_engine_on_one_thread(llama_dir, monkeypatch, tmp_path):
+    """All of the engine's torch work runs on the engine thread (one OpenMP pool: a second
+    pool made by loading on the caller's thread doubled decode step times), and an error
+    building the engine still raises from the constructor, on the caller's side."""
+    import threading
+
+    import livelm.engine.async_engine as async_engine_module
+
+    seen: dict[str, str] = {}
+
+    class RecordingEngine(async_engine_module.Engine):
+        def __init__(self, *args, **kwargs):
+            seen["built_on"] = threading.current_thread().name
+            super().__init__(*args, **kwargs)
+
+        def step(self):
+            seen["stepped_on"] = threading.current_thread().name
+            return super().step()
+
+    monkeypatch.setattr(async_engine_module, "Engine", RecordingEngine)
+
+    async def main():
+        engine = AsyncEngine(str(llama_dir))
+        try:
+            async for _ in engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)):
+                pass
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    assert seen == {"built_on": "livelm-engine", "stepped_on": "livelm-engine"}
+    assert threading.current_thread().name != "livelm-engine"
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        AsyncEngine(str(llama_dir), max_num_seqs=0)
+    with pytest.raises((ValueError, FileNotFoundError, OSError)):
+        AsyncEngine(str(tmp_path / "no-such-model"))
