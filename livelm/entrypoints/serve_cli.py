@@ -89,6 +89,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              help="how requests are spread over replicas: cache_aware (session, then "
                                   "cached prefix within a load cap, then least load; default) or "
                                   "round_robin")
+    distributed.add_argument("--data-parallel-backend", dest="data_parallel_backend", default="local",
+                             choices=["local", "ray"],
+                             help="where replicas run: local (child processes; default) or ray (Ray "
+                                  "actors in a placement group; pip install 'livelm[ray]')")
+    distributed.add_argument("--ray-address", dest="ray_address", default=None,
+                             help="the Ray cluster to place replicas on (e.g. auto or HOST:6379; "
+                                  "default: RAY_ADDRESS, else a local cluster started by the server)")
+    distributed.add_argument("--ray-placement-strategy", dest="ray_placement_strategy", default="PACK",
+                             choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                             help="how the replicas' bundles spread over Ray nodes (default PACK; "
+                                  "STRICT_SPREAD: one replica per node)")
     add_scheduling_args(parser.add_argument_group("scheduling (docs/scheduling.md)"))
     add_speculative_args(engine)
     streams = parser.add_argument_group("streaming input (/v1/stream, /v1/sessions)")

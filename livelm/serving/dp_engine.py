@@ -35,6 +35,7 @@ from livelm.engine.tokenizer import chat_prompt_ids, encode_prompt, load_tokeniz
 from livelm.outputs import RequestOutput
 from livelm.sampling_params import SamplingParams
 from livelm.serving import messages as m
+from livelm.serving.ray_replicas import RayReplicas
 from livelm.serving.replica_client import ReplicaClient
 from livelm.serving.router import Route, Router, RouterConfig, RouteRequest
 from livelm.serving.supervisor import ReplicaSpec, Supervisor, start_replica
@@ -43,6 +44,7 @@ from livelm.structured_output import StructuredOutput
 logger = logging.getLogger("livelm.serving")
 
 _START_TIMEOUT_S = 600.0
+DATA_PARALLEL_BACKENDS = ("local", "ray")
 _STOP_GRACE_S = 30.0  # after the drain, how long a replica may take to exit before a kill
 # EngineStats fields that are not summed over replicas.
 _MEAN_FIELDS = frozenset({"kv_usage", "kv_window_occupancy"})
@@ -79,16 +81,30 @@ class DataParallelEngine:
 
     Keyword arguments are :class:`livelm.config.EngineConfig` fields, for every replica;
     ``num_threads`` is split between them. ``router`` is ``cache_aware`` (session, then
-    prefix affinity within a load cap, then least load) or ``round_robin``.
+    prefix affinity within a load cap, then least load) or ``round_robin``. ``backend`` is
+    ``local`` (child processes of this one) or ``ray`` (Ray actors in a placement group, on
+    the cluster at ``ray_address``, or RAY_ADDRESS, or a local one started here; each
+    replica's bundle has its share of ``num_threads`` as CPUs, and a GPU with
+    ``device="cuda"``; docs/distributed.md).
     """
 
     def __init__(self, model: str | None = None, served_model_name: str | None = None, *,
                  router: str = "cache_aware", router_config: RouterConfig | None = None,
-                 restart_backoff_s: float = 0.5, log_level: str = "WARNING", **kwargs: Any) -> None:
+                 restart_backoff_s: float = 0.5, log_level: str = "WARNING", backend: str = "local",
+                 ray_address: str | None = None, ray_placement_strategy: str = "PACK", **kwargs: Any) -> None:
+        if backend not in DATA_PARALLEL_BACKENDS:
+            raise ValueError(f"unknown data-parallel backend {backend!r}; use one of {', '.join(DATA_PARALLEL_BACKENDS)}")
+        if ray_address is not None and backend != "ray":
+            raise ValueError("ray_address needs backend='ray'")
         config = make_engine_config(model, kwargs)  # validates every option once, here
         self.num_replicas = config.data_parallel_size
-        replica_kwargs = dict(kwargs, data_parallel_size=1,
-                              num_threads=split_threads(config.num_threads, self.num_replicas))
+        threads = split_threads(config.num_threads, self.num_replicas)
+        replica_kwargs = dict(kwargs, data_parallel_size=1, num_threads=threads)
+        self.backend = backend
+        self._ray: RayReplicas | None = None
+        if backend == "ray":
+            self._ray = RayReplicas(self.num_replicas, threads, 1 if config.device == "cuda" else 0,
+                                    ray_address, ray_placement_strategy)
         if served_model_name is not None:
             replica_kwargs["served_model_name"] = served_model_name
         self._served_name = served_model_name
@@ -118,6 +134,8 @@ class DataParallelEngine:
                 if client is not None:
                     client.stop()
                     client.join(_STOP_GRACE_S)
+            if self._ray is not None:
+                self._ray.close()
             raise errors[0]
         first = self._replicas[0].info
         self.tokenizer = self._tokenizer
@@ -132,8 +150,8 @@ class DataParallelEngine:
     # -------------------------------------------------------------- replicas
 
     def _start(self, index: int) -> ReplicaClient:
-        return start_replica(self._specs[index], self._tokenizer_for, self.new_request_id,
-                             self._on_death, _START_TIMEOUT_S)
+        start = start_replica if self._ray is None else self._ray.start
+        return start(self._specs[index], self._tokenizer_for, self.new_request_id, self._on_death, _START_TIMEOUT_S)
 
     def _tokenizer_for(self, info: m.ReplicaInfo) -> Any:
         with self._tokenizer_lock:
@@ -402,4 +420,6 @@ class DataParallelEngine:
         for client in clients:
             client.stop(drain_timeout_s)
         await asyncio.gather(*(asyncio.to_thread(c.join, drain_timeout_s + _STOP_GRACE_S) for c in clients))
+        if self._ray is not None:
+            await asyncio.to_thread(self._ray.close)
         self._stopped = True

@@ -207,7 +207,7 @@ async def _watch_parent(parent_pid: int, server: ReplicaServer) -> None:
             return
 
 
-async def _serve(conn: Any, model: str | None, engine_kwargs: dict, parent_pid: int) -> None:
+async def _serve(conn: Any, model: str | None, engine_kwargs: dict, parent_pid: int | None) -> None:
     loop = asyncio.get_running_loop()
     outbox = _Outbox(conn, loop)
     try:
@@ -230,17 +230,19 @@ async def _serve(conn: Any, model: str | None, engine_kwargs: dict, parent_pid: 
     outbox.flush()
     threading.Thread(target=_read_forever, args=(conn, loop, server), name="livelm-replica-reader",
                      daemon=True).start()
-    background = [asyncio.ensure_future(server.report_load_forever()),
-                  asyncio.ensure_future(_watch_parent(parent_pid, server))]
+    background = [asyncio.ensure_future(server.report_load_forever())]
+    if parent_pid is not None:  # a Ray actor's parent is Ray's: its socket's end stops it
+        background.append(asyncio.ensure_future(_watch_parent(parent_pid, server)))
     await server.stopped.wait()
     for task in background:
         task.cancel()
     outbox.flush()
 
 
-def replica_main(conn: Any, index: int, model: str | None, engine_kwargs: dict, parent_pid: int,
+def replica_main(conn: Any, index: int, model: str | None, engine_kwargs: dict, parent_pid: int | None,
                  log_level: str = "WARNING") -> None:
-    """The replica process: serve one engine over ``conn`` until told to stop."""
+    """The replica process: serve one engine over ``conn`` until told to stop (or until
+    process ``parent_pid``, the server, is gone; None: only the connection's end)."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s replica-{index} %(name)s: %(message)s")
     asyncio.run(_serve(conn, model, engine_kwargs, parent_pid))
     conn.close()

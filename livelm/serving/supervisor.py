@@ -55,10 +55,20 @@ def start_replica(spec: ReplicaSpec, tokenizer_for: Callable[[m.ReplicaInfo], An
                           args=(theirs, spec.index, spec.model, spec.engine_kwargs, os.getpid(), spec.log_level))
     process.start()
     theirs.close()  # the child holds the only other end: its death is our EOF
+    return await_ready(spec, process, ours, tokenizer_for, new_request_id, on_death, timeout_s)
+
+
+def await_ready(spec: ReplicaSpec, process: Any, conn: Any, tokenizer_for: Callable[[m.ReplicaInfo], Any],
+                new_request_id: Callable[[], str], on_death: Callable[[ReplicaClient], None],
+                timeout_s: float) -> ReplicaClient:
+    """The client of a started replica once it said Ready on ``conn`` (ReplicaStartError
+    if it fails, dies or takes longer than ``timeout_s``; ``process`` is then gone).
+    ``process`` is a ``multiprocessing.Process`` or anything with its join / is_alive /
+    kill / exitcode (a Ray actor's handle, serving/ray_replicas.py)."""
     try:
-        if not ours.poll(timeout_s):
+        if not conn.poll(timeout_s):
             raise ReplicaStartError(f"replica {spec.index} did not load its engine in {timeout_s:.0f}s")
-        first = ours.recv()[0]
+        first = conn.recv()[0]
     except (EOFError, OSError) as exc:
         process.join(5.0)
         _reap(process)
@@ -70,7 +80,7 @@ def start_replica(spec: ReplicaSpec, tokenizer_for: Callable[[m.ReplicaInfo], An
         _reap(process)
         raise ReplicaStartError(f"replica {spec.index} could not start: {first.reason}")
     assert isinstance(first, m.Ready), first
-    return ReplicaClient(spec.index, process, ours, first.info, tokenizer_for(first.info), new_request_id, on_death)
+    return ReplicaClient(spec.index, process, conn, first.info, tokenizer_for(first.info), new_request_id, on_death)
 
 
 def _reap(process: Any) -> None:

@@ -1,5 +1,5 @@
-"""Data parallelism in local-process mode: two replica processes (one thread each) behind
-one OpenAI server, on the tiny Llama.
+"""Data parallelism: two replicas (one thread each) behind one OpenAI server, on the tiny
+Llama, in local-process mode and as Ray actors on a local Ray cluster (the same tests).
 
 Greedy outputs must equal one engine's (itself held to transformers by the correctness
 suite); every request is answered; a session's second turn finds its KV on the replica
@@ -35,11 +35,14 @@ def _pids_gone(pids: list[int], timeout: float = 60.0) -> bool:
     return wait_until(gone, timeout)
 
 
-@pytest.fixture(scope="module")
-def dp(llama_dir):
-    """Two replicas, one thread each (num_threads=2 shared out)."""
+@pytest.fixture(scope="module", params=["local", "ray"])
+def dp(request, llama_dir):
+    """Two replicas, one thread each (num_threads=2 shared out): child processes, then
+    Ray actors on a local Ray cluster the engine starts (and shuts down) itself."""
+    if request.param == "ray":
+        pytest.importorskip("ray", reason="the Ray backend needs ray (the test extra installs it)")
     engine = DataParallelEngine(str(llama_dir), data_parallel_size=2, num_threads=2,
-                                restart_backoff_s=0.1, **ENGINE_KW)
+                                restart_backoff_s=0.1, backend=request.param, **ENGINE_KW)
     pids = [engine.replica(i).pid for i in range(2)]
     yield engine
     asyncio.run(engine.shutdown())
@@ -276,6 +279,17 @@ def test_bad_request_fails_only_itself(server):
     assert _complete(server.url, prompt="still fine", max_tokens=2).status_code == 200
 
 
+def test_ray_backend_options_are_checked(llama_dir):
+    with pytest.raises(ValueError, match="unknown data-parallel backend 'slurm'"):
+        DataParallelEngine(str(llama_dir), data_parallel_size=2, backend="slurm")
+    with pytest.raises(ValueError, match="ray_address needs backend='ray'"):
+        DataParallelEngine(str(llama_dir), data_parallel_size=2, ray_address="auto")
+    from livelm.serving.ray_replicas import RayReplicas
+
+    with pytest.raises(ValueError, match="unknown Ray placement strategy"):
+        RayReplicas(2, 1, strategy="ANYWHERE")
+
+
 def test_async_engine_refuses_data_parallel_size(llama_dir):
     from livelm.engine.async_engine import AsyncEngine
 
@@ -283,3 +297,43 @@ def test_async_engine_refuses_data_parallel_size(llama_dir):
         AsyncEngine(str(llama_dir), data_parallel_size=2)
     with pytest.raises(ValueError, match="data_parallel_size must be"):
         DataParallelEngine(str(llama_dir), data_parallel_size=0)
+
+
+def test_ray_two_node_cluster_one_replica_per_node(llama_dir, single):
+    """A simulated two-node Ray cluster on this machine (ray.cluster_utils): with
+    STRICT_SPREAD each replica lands on its own node, the server reaches them at the
+    node address Ray reports (not loopback), both answer greedy-exactly, and shutting the
+    engine down leaves the cluster (which it did not start) running, without its actors."""
+    ray = pytest.importorskip("ray", reason="the Ray backend needs ray (the test extra installs it)")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        engine = DataParallelEngine(str(llama_dir), data_parallel_size=2, num_threads=2, backend="ray",
+                                    ray_placement_strategy="STRICT_SPREAD", **ENGINE_KW)
+        try:
+            assert not engine._ray.local_cluster and engine._ray.server_host != "127.0.0.1"
+            table = ray.util.placement_group_table(engine._ray.group)
+            assert len(set(table["bundles_to_node_id"].values())) == 2, table  # one bundle per node
+            params = SamplingParams(max_tokens=6, **GREEDY)
+
+            async def run() -> list[str]:
+                async def one(p: str) -> str:
+                    text = ""
+                    async for out in engine.generate(p, params):
+                        text += out.outputs[0].text
+                    return text
+                return await asyncio.gather(*(one(p) for p in PROMPTS[:4]))
+
+            got = asyncio.run(run())
+            assert got == [_reference(single, p, 6) for p in PROMPTS[:4]]
+            assert all(engine.replica(i).stats is not None for i in range(2))
+        finally:
+            asyncio.run(engine.shutdown())
+        assert ray.is_initialized()  # not ours to stop
+        assert not any(engine.replica(i).process.is_alive() for i in range(2))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -263,7 +263,12 @@ def run_server(args: argparse.Namespace) -> None:
     if data_parallel and getattr(args, "enable_rl_api", False):
         raise SystemExit("--enable-rl-api needs one engine: it cannot be combined with --data-parallel-size > 1")
     logger.info("loading %s", args.model or "the default model")
-    extra = {"router": args.router, "log_level": args.log_level.upper()} if data_parallel else {}
+    extra = {"router": args.router, "log_level": args.log_level.upper(),
+             "backend": getattr(args, "data_parallel_backend", "local"),
+             "ray_address": getattr(args, "ray_address", None),
+             "ray_placement_strategy": getattr(args, "ray_placement_strategy", "PACK")} if data_parallel else {}
+    if not data_parallel and (getattr(args, "data_parallel_backend", "local") != "local" or getattr(args, "ray_address", None)):
+        raise SystemExit("--data-parallel-backend ray and --ray-address need --data-parallel-size > 1")
     engine = make_async_engine(args.model, served_model_name=args.served_model_name, **extra, **engine_kwargs)
     app = build_app(engine, server_config_from_args(args))
     uv_config = uvicorn.Config(
