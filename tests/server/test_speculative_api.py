@@ -59,6 +59,9 @@ def test_requests_with_speculation_fields_give_plain_decodings_text(server, plai
     ({"num_speculative_tokens": 2.5}, "num_speculative_tokens"),
     ({"num_speculative_tokens": True}, "num_speculative_tokens"),
     ({"num_speculative_tokens": [3]}, "num_speculative_tokens"),
+    # This server has no draft model (--speculative-draft-model).
+    ({"speculative_method": "draft"}, "speculative_method"),
+    ({"speculative_method": "draft", "stream": True}, "speculative_method"),
 ])
 def test_bad_speculation_fields_are_a_400_naming_the_field(server, fields, param):
     r = _complete(server, **fields)
@@ -99,3 +102,6 @@ def test_serve_flags_reach_the_engine():
     assert "speculative_method" not in engine_kwargs_from_args(build_parser().parse_args([]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--speculative-method", "eagle"])
+    args = build_parser().parse_args(["--speculative-method", "draft", "--speculative-draft-model", "/m/small"])
+    kw = engine_kwargs_from_args(args)
+    assert (kw["speculative_method"], kw["speculative_draft_model"]) == ("draft", "/m/small")
