@@ -231,6 +231,9 @@ class Engine:
             draft_runner = ModelRunner(draft_model, num_blocks, config.block_size, self.eos_token_ids,
                                        config.attention_backend, None, self.kv_dtype)
             self.draft = DraftModelDrafter(draft_runner, num_blocks, config.block_size)
+            draft_gib = num_blocks * ModelRunner.kv_bytes_per_block(self.draft_model_config, config.block_size,
+                                                                    self.kv_dtype) / 2**30
+            logger.info("draft model KV cache: its own %d blocks (%.2f GiB)", num_blocks, draft_gib)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
