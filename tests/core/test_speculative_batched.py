@@ -40,8 +40,9 @@ def _scheduler(drafter: FakeDrafter, budget: int = 64, blocks: int = 64, k: int 
     return Scheduler(SchedulerConfig(budget, 8, 512), CacheConfig(4, blocks), speculative=spec, drafter=drafter)
 
 
-def _req(rid: str, n: int, **kw) -> Request:
-    return Request(rid, list(range(1, n + 1)), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), **kw)
+def _req(rid: str, n: int, first: int = 1, **kw) -> Request:
+    # Prompts that start differently: a shared prefix would make one wait for the other's KV.
+    return Request(rid, list(range(first, first + n)), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), **kw)
 
 
 def _prefill(s: Scheduler) -> None:
@@ -54,14 +55,14 @@ def test_one_call_drafts_every_draft_request_of_the_step():
     d = FakeDrafter()
     s = _scheduler(d)
     for i in range(3):
-        s.add_request(_req(f"r{i}", 5 + i))
-    s.add_request(_req("plain", 4, speculative_method="off"))
+        s.add_request(_req(f"r{i}", 5 + i, first=10 * i + 1))
+    s.add_request(_req("plain", 4, first=50, speculative_method="off"))
     _prefill(s)
     assert d.calls == []  # nothing decodes yet
     out = s.schedule()
     assert len(d.calls) == 1
     assert [(it.request_id, it.token_ids, it.limit) for it in d.calls[0]] == [
-        (f"r{i}", [*range(1, 6 + i), 7], 3) for i in range(3)]
+        (f"r{i}", [*range(10 * i + 1, 10 * i + 6 + i), 7], 3) for i in range(3)]
     drafts = {c.request_id: c.draft_token_ids for c in out.chunks}
     assert drafts == {"r0": (100, 101, 102), "r1": (100, 101, 102), "r2": (100, 101, 102), "plain": ()}
     # The target accepts one draft of r0 and none of r1, all of r2; each gets one token more.
@@ -78,7 +79,7 @@ def test_the_budget_is_handed_to_the_drafts_in_order():
     d = FakeDrafter()
     s = _scheduler(d, budget=8, k=5)
     for i in range(3):
-        s.add_request(_req(f"r{i}", 2))  # one prefill step for all three
+        s.add_request(_req(f"r{i}", 2, first=10 * i + 1))  # one prefill step for all three
     _prefill(s)
     out = s.schedule()
     # 8 tokens: one per decode, the 5 left all to the first request's draft.
@@ -91,7 +92,7 @@ def test_a_draft_not_scheduled_is_rolled_back_to_the_known_tokens():
     d = FakeDrafter()
     s = _scheduler(d, blocks=3)  # 12 slots: the first request's draft takes every free one
     s.add_request(_req("a", 4))
-    s.add_request(_req("b", 3))
+    s.add_request(_req("b", 3, first=20))
     _prefill(s)
     out = s.schedule()
     assert {it.request_id for it in d.calls[0]} == {"a", "b"}
@@ -105,7 +106,7 @@ def test_finish_abort_and_preemption_free_the_drafters_state():
     d = FakeDrafter()
     s = _scheduler(d)
     s.add_request(_req("a", 4))
-    s.add_request(_req("b", 4))
+    s.add_request(_req("b", 4, first=20))
     _prefill(s)
     s.finish_request("a")
     assert "a" in d.finished
@@ -119,7 +120,7 @@ def test_a_request_of_another_method_never_reaches_the_batched_drafter():
     d = FakeDrafter()
     s = _scheduler(d, method="ngram")
     s.add_request(_req("a", 6))
-    s.add_request(_req("b", 6, speculative_method="draft"))
+    s.add_request(_req("b", 6, first=20, speculative_method="draft"))
     _prefill(s)
     s.schedule()
     assert [[it.request_id for it in call] for call in d.calls] == [["b"]]

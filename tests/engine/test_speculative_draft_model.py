@@ -22,9 +22,10 @@ from livelm.engine.llm import LLM
 NEW_TOKENS = 32
 
 
-def _prompts(seed: int = 0, count: int = 6) -> list[list[int]]:
+def _prompts(seed: int = 0, count: int = 8, longest: int = 64) -> list[list[int]]:
+    # Long enough together (with their outputs) to overflow the "preemption" setting's pool.
     rng = random.Random(seed)
-    return [[rng.randrange(3, 400) for _ in range(rng.randrange(3, 40))] for _ in range(count)]
+    return [[rng.randrange(3, 400) for _ in range(rng.randrange(3, longest))] for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
