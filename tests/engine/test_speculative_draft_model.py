@@ -139,6 +139,11 @@ def test_seeded_sampling_gives_plain_decodings_tokens(llama_dir, prompts):
         assert max(diffs) < 1e-4
     stats = llm.engine.stats()
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    # n > 1: the sequences forked from one prompt draft each with KV of their own.
+    params = SamplingParams(n=3, temperature=0.7, max_tokens=NEW_TOKENS, seed=11)
+    want = LLM(str(llama_dir)).generate(prompts[:2], params, use_tqdm=False)
+    got = llm.generate(prompts[:2], params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
 
 
 def test_draft_kv_is_rolled_back_and_freed(llama_dir, draft_dir):
@@ -180,6 +185,27 @@ def test_a_short_draft_pool_stays_exact(llama_dir):
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
     assert llm.engine.stats().spec_num_accepted_tokens > 0
     assert draft.num_no_room > 0, "the pool never ran short: the test would check nothing"
+    assert draft.num_free_blocks == draft.num_blocks
+
+
+def test_a_failing_draft_model_only_costs_the_drafts(llama_dir, prompts, expected):
+    # The draft model raises on every third forward: those steps decode without drafts,
+    # the draft KV of the requests involved is dropped, and outputs stay exact.
+    llm = LLM(str(llama_dir), speculative_method="draft", speculative_draft_model=str(llama_dir))
+    draft = llm.engine.draft
+    forward = draft.runner.greedy_tokens
+    calls = []
+
+    def flaky(chunks):
+        calls.append(len(chunks))
+        if len(calls) % 3 == 0:
+            raise RuntimeError("draft model failure")
+        return forward(chunks)
+
+    draft.runner.greedy_tokens = flaky
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert len(calls) >= 6 and llm.engine.stats().spec_num_accepted_tokens > 0
     assert draft.num_free_blocks == draft.num_blocks
 
 

@@ -105,3 +105,24 @@ def test_serve_flags_reach_the_engine():
     args = build_parser().parse_args(["--speculative-method", "draft", "--speculative-draft-model", "/m/small"])
     kw = engine_kwargs_from_args(args)
     assert (kw["speculative_method"], kw["speculative_draft_model"]) == ("draft", "/m/small")
+
+
+def test_a_server_with_a_draft_model_drafts_per_request(llama_dir, plain_text):
+    # The tiny model drafting for itself: a request asking for "draft" gets plain
+    # decoding's text, and /metrics counts the draft model's time.
+    engine = start_engine(llama_dir, speculative_draft_model=str(llama_dir))
+    try:
+        with serve(engine) as srv:
+            srv.engine = engine
+            for stream in (False, True):
+                body = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+                        "ignore_eos": True, "speculative_method": "draft", "stream": stream}
+                r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                if not stream:
+                    assert r.json()["choices"][0]["text"] == plain_text
+            m = scrape(srv.url)
+            assert m["livelm_spec_decode_accepted_tokens_total"] > 0
+            assert m["livelm_spec_decode_draft_model_seconds_total"] > 0
+    finally:
+        stop_engine(engine)
