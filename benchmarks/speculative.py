@@ -17,6 +17,8 @@ suffix) are loaded at once and every prompt runs on each in turn, so the load of
 shared machine drifts alike for all of them. llama.cpp runs the same
 prompt token ids single-stream, plain and with ``LlamaPromptLookupDecoding`` (its
 prompt-lookup decoding in llama-cpp-python), from the same GGUF file.
+``--draft-model PATH`` adds a fourth engine, ``speculative_method="draft"`` with that draft
+model (``self``: the default model drafting for itself, the upper bound of acceptance).
 
 Usage::
 
@@ -44,7 +46,7 @@ from common import REPO_ROOT, append_jsonl, utc_now  # noqa: E402
 from livelm import SamplingParams  # noqa: E402
 from livelm.bench.machine import git_commit, machine_info  # noqa: E402
 from livelm.engine.llm import LLM  # noqa: E402
-from livelm.models.default_model import default_gguf_path  # noqa: E402
+from livelm.models.default_model import default_gguf_path, default_model_dir  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "speculative.jsonl"
 METHODS = (None, "ngram", "suffix")
@@ -138,8 +140,11 @@ class Runner:
     """One engine per method, all loaded at once: every prompt runs on each engine in turn,
     so load changes on the shared machine hit the methods alike."""
 
-    def __init__(self, methods: tuple[str | None, ...], k: int, max_tokens: int) -> None:
-        self.engines = {m or "off": LLM(None, speculative_method=m, num_speculative_tokens=k) for m in methods}
+    def __init__(self, methods: tuple[str | None, ...], k: int, max_tokens: int,
+                 draft_model: str | None = None) -> None:
+        self.engines = {m or "off": LLM(None, speculative_method=m, num_speculative_tokens=k,
+                                        **({"speculative_draft_model": draft_model} if m == "draft" else {}))
+                        for m in methods}
         self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         warm = SamplingParams(temperature=0.0, max_tokens=16)
         for llm in self.engines.values():
@@ -243,6 +248,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens (a smoke run)")
     ap.add_argument("--num-speculative-tokens", type=int, default=5)
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--draft-model", default=None,
+                    help="also run speculative_method=draft with this draft model ('self': the default "
+                         "model drafting for itself, an upper bound on acceptance)")
     args = ap.parse_args()
     n_single, max_tokens, turns, rounds = (3, 64, 4, 1) if args.quick else (4, 96, 6, 1)
     grounded = grounded_tasks(8)
@@ -250,7 +258,9 @@ def main() -> None:
     agent = agent_turns(turns)
     load_start = os.getloadavg()
     print(f"load average at start: {load_start}", flush=True)
-    runner = Runner(METHODS, args.num_speculative_tokens, max_tokens)
+    methods = METHODS + (("draft",) if args.draft_model else ())
+    draft = str(default_model_dir()) if args.draft_model == "self" else args.draft_model
+    runner = Runner(methods, args.num_speculative_tokens, max_tokens, draft)
     runner.single("grounded_single", grounded[:n_single])
     _report(runner, "grounded_single")
     runner.concurrent("grounded_concurrent8", grounded, rounds)
@@ -282,7 +292,8 @@ def main() -> None:
     append_jsonl(RESULTS, {
         "time": utc_now(), "commit": git_commit(), "machine": machine_info(None), "quick": args.quick,
         "load_avg_start": load_start, "load_avg_end": load_end, "max_tokens": max_tokens,
-        "num_speculative_tokens": args.num_speculative_tokens, "livelm": summary, "llama_cpp": llama,
+        "num_speculative_tokens": args.num_speculative_tokens, "draft_model": args.draft_model,
+        "livelm": summary, "llama_cpp": llama,
     })
 
 

@@ -132,10 +132,12 @@ class EngineConfig:
     ``max_num_seqs``): a larger ``n`` is refused when the request is added.
 
     Speculative decoding (docs/speculative_decoding.md): ``speculative_method`` is None
-    (off unless a request asks), ``"ngram"`` (prompt lookup) or ``"suffix"``
-    (SuffixDecoding); at most ``num_speculative_tokens`` tokens are drafted per request and
-    step, fewer as ``speculative_adaptive`` follows each request's acceptance; a step with
-    more than ``speculative_max_batch_decodes`` decoding requests does not speculate.
+    (off unless a request asks), ``"ngram"`` (prompt lookup), ``"suffix"``
+    (SuffixDecoding) or ``"draft"`` (the greedy tokens of ``speculative_draft_model``, a small
+    model with the same tokenizer, a path or hub id resolved like ``model``); at most
+    ``num_speculative_tokens`` tokens are drafted per request and step, fewer as
+    ``speculative_adaptive`` follows each request's acceptance; a step with more than
+    ``speculative_max_batch_decodes`` decoding requests does not speculate.
     """
 
     model: str | None = None
@@ -167,6 +169,7 @@ class EngineConfig:
     max_priority: int = 10
     speculative_method: str | None = None
     num_speculative_tokens: int = 5
+    speculative_draft_model: str | None = None
     speculative_adaptive: bool = True
     speculative_max_batch_decodes: int = 16
     # Engine replicas behind one server (docs/distributed.md): 1 is this engine alone;
@@ -225,6 +228,7 @@ class EngineConfig:
         return SpeculativeConfig(
             method=self.speculative_method,
             num_speculative_tokens=self.num_speculative_tokens,
+            draft_model=self.speculative_draft_model,
             adaptive=self.speculative_adaptive,
             max_batch_decodes=self.speculative_max_batch_decodes,
         )

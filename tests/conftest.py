@@ -78,6 +78,7 @@ def no_leaked_kv_blocks():
         deadline = time.monotonic() + 5.0  # an AsyncEngine frees blocks on its own thread
         while time.monotonic() < deadline and (
             core.scheduler.has_unfinished() or core.stats().num_free_blocks != core.stats().num_total_blocks
+            or not _draft_pool_free(core)
         ):
             time.sleep(0.01)
         stats = core.stats()
@@ -85,3 +86,11 @@ def no_leaked_kv_blocks():
         assert stats.num_free_blocks == stats.num_total_blocks, (
             f"{stats.num_total_blocks - stats.num_free_blocks} KV blocks leaked"
         )
+        assert _draft_pool_free(core), "the draft model's KV pool leaked blocks"
+
+
+def _draft_pool_free(core) -> bool:
+    """True when the engine has no draft model (speculative_method "draft"), or every block
+    of the draft model's own KV pool is back."""
+    draft = getattr(core, "draft", None)
+    return draft is None or draft.num_free_blocks == draft.num_blocks

@@ -145,3 +145,30 @@ def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overri
     gen = {"bos_token_id": 0, "eos_token_id": 2}
     (out_dir / "generation_config.json").write_text(json.dumps(gen))
     return out_dir
+
+
+def build_layer_draft(target_dir: Path, out_dir: Path, num_layers: int = 1) -> Path:
+    """A draft model for speculative decoding: ``target_dir``'s model cut to its first
+    ``num_layers`` layers (embedding, head and tokenizer kept), so it shares the target's
+    vocabulary and often, not always, predicts the target's greedy token."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in Path(target_dir).iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out_dir / f.name)
+    config = json.loads((Path(target_dir) / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    (out_dir / "config.json").write_text(json.dumps(config))
+    tensors = {}
+    for f in Path(target_dir).glob("*.safetensors"):
+        for name, t in load_file(str(f)).items():
+            parts = name.split(".")
+            if "layers" in parts and int(parts[parts.index("layers") + 1]) >= num_layers:
+                continue
+            tensors[name] = t
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir

@@ -63,7 +63,7 @@ class RequestOptions:
     fair policy balances; the server fills it from the API key when the request does not
     name one), ``ttft_slo_ms`` / ``tpot_slo_ms`` (this request's latency targets in
     milliseconds, overriding the engine's).
-    ``speculative_method`` (``"ngram"``, ``"suffix"`` or ``"off"``) and
+    ``speculative_method`` (``"ngram"``, ``"suffix"``, ``"draft"`` or ``"off"``) and
     ``num_speculative_tokens`` (1..64) override the engine's speculative decoding for this
     request (docs/speculative_decoding.md); None keeps the engine's.
     """

@@ -18,6 +18,7 @@ from livelm.core.scheduler_output import (
     SequenceUpdate,
 )
 from livelm.core.scheduling_policy import FcfsPolicy, SchedulingPolicy, make_policy
+from livelm.core.speculative.batched import BatchedDrafter
 from livelm.core.speculative.config import SpeculativeConfig
 from livelm.core.speculative.speculator import SpeculativeStats, Speculator
 from livelm.core.step_cost import StepCostModel, StepShape
@@ -76,6 +77,7 @@ class Scheduler:
         cache_config: CacheConfig,
         clock: Callable[[], float] = time.monotonic,
         speculative: SpeculativeConfig | None = None,
+        drafter: BatchedDrafter | None = None,
     ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
@@ -110,7 +112,7 @@ class Scheduler:
         self.num_ttft_misses = 0
         self.num_capped_steps = 0
         self.num_floor_steps = 0
-        self.speculator = Speculator(speculative or SpeculativeConfig())
+        self.speculator = Speculator(speculative or SpeculativeConfig(), drafter)
 
     # ----------------------------------------------------------------- admission
 
@@ -185,6 +187,8 @@ class Scheduler:
         # A batch of many decodes is compute-bound: verifying drafts would cost more than
         # the weight reads it saves.
         speculate = len(decoding) <= self.speculator.config.max_batch_decodes
+        # Draft-model requests are drafted together, in one batched forward of the draft model.
+        batched = self._batched_drafts(decoding, budget) if speculate else {}
         for req in decoding + catching_up:
             if budget <= 0:
                 break
@@ -202,7 +206,7 @@ class Scheduler:
                 if n == 0:
                     continue
             if speculate and n == 1 and budget > 1:
-                draft = self._draft(req, budget - 1)
+                draft = self._draft(req, budget - 1, batched)
                 if draft:
                     chunks[req.request_id] = self._chunk(req, 1, draft)
                     limit.add(req.num_computed_tokens, 1 + len(draft))
@@ -222,6 +226,13 @@ class Scheduler:
                 chunks[req.request_id] = self._chunk(req, n)
                 limit.add(req.num_computed_tokens, n)
                 budget -= n
+        for rid in batched:
+            # A draft made but not scheduled (no budget or free blocks left, preempted):
+            # the draft model keeps only the request's known tokens.
+            chunk = chunks.get(rid)
+            req = self.requests.get(rid)
+            if req is not None and (chunk is None or not chunk.draft_token_ids):
+                self.speculator.rollback(req, req.num_tokens)
 
         # New work only when nothing had to yield this step (it would just thrash).
         if not preempted:
@@ -346,18 +357,38 @@ class Scheduler:
         child.num_computed_tokens = self.kv.fork(child, parent, shared)
         return True
 
-    def _draft(self, req: Request, budget: int) -> tuple[int, ...]:
-        """Tokens drafted for decoding request ``req`` (at most ``budget``), their slots
-        allocated; empty when it does not speculate now or the pool has no free room."""
+    def _draft_limit(self, req: Request, budget: int) -> int:
+        """The most tokens decoding request ``req`` may draft now (0: it does not speculate)."""
         params = req.sampling_params
         if params is None or params.structured is not None or not req.input_closed or req.rolling:
-            return ()  # a sinks request's rolling block table is not rolled back here
+            return 0  # a sinks request's rolling block table is not rolled back here
         limit = min(budget, self.config.max_model_len - req.num_tokens)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens - req.num_output_tokens - 1)
         if limit < 1 or self.speculator.method_of(req) is None:
-            return ()
-        draft = self.speculator.propose(req, limit)
+            return 0
+        return limit
+
+    def _batched_drafts(self, decoding: list[Request], budget: int) -> dict[str, list[int]]:
+        """The drafts of this step's draft-model requests, from one call of the batched
+        drafter. Each decode takes a token of the budget first; what is left is handed to
+        the drafts in the decodes' order (the order the loop serves them in)."""
+        if self.speculator.batched is None:
+            return {}
+        room = budget - len(decoding)
+        wanted = [(req, limit) for req in decoding
+                  if self.speculator.is_batched(req) and (limit := self._draft_limit(req, room)) > 0]
+        return self.speculator.propose_batch(wanted, room) if wanted else {}
+
+    def _draft(self, req: Request, budget: int, batched: dict[str, list[int]]) -> tuple[int, ...]:
+        """Tokens drafted for decoding request ``req`` (at most ``budget``), their slots
+        allocated; empty when it does not speculate now or the pool has no free room.
+        A draft-model request's draft was made for the whole step (``batched``)."""
+        if self.speculator.is_batched(req):
+            draft = batched.get(req.request_id, [])[: self._draft_limit(req, budget)]
+        else:
+            limit = self._draft_limit(req, budget)
+            draft = self.speculator.propose(req, limit) if limit else []
         if not draft:
             return ()
         # Only free blocks: drafts never cost a session pin, let alone a preemption.
@@ -393,6 +424,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.keep_floor(req)  # a sinks request is recomputed from what it keeps
         self.kv.free(req)
+        self.speculator.preempted(req)  # a draft model's KV goes too
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -461,6 +493,7 @@ class Scheduler:
         req.num_computed_tokens = chunk.start_position + len(kept)
         self.num_computed_tokens += chunk.num_tokens
         self.speculator.record(req, len(chunk.draft_token_ids), len(tokens) - 1)
+        self.speculator.rollback(req, req.num_computed_tokens)  # a draft model keeps what the target kept
         self.kv.drop_slots_after(req, req.num_tokens)
         self.kv.commit(req)
         self.policy.account(req, 0, len(kept))

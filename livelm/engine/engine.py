@@ -31,8 +31,10 @@ from livelm.core.request_options import NO_OPTIONS, RequestOptions, check_priori
 from livelm.core.scheduler import Scheduler
 from livelm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from livelm.core.scheduling_policy import DEFAULT_TENANT
+from livelm.core.speculative.config import check_draft_model_given
 from livelm.core.step_cost import StepCostModel
 from livelm.core.token_ids import check_vocab_range
+from livelm.engine.draft_setup import resolve_draft_model
 from livelm.engine.fork import MAX_FORK_BRANCHES, Branch, ForkResult, ForkState, check_branches
 from livelm.engine.request_state import RequestState
 from livelm.engine.tokenizer import chat_prompt_ids, encode_prompt, load_tokenizer
@@ -53,6 +55,7 @@ from livelm.models.weight_update import (
     tensor_items,
 )
 from livelm.outputs import RequestOutput
+from livelm.runner.draft_model import DraftModelDrafter
 from livelm.runner.kv_cache import default_cpu_kv_bytes
 from livelm.runner.model_runner import ModelRunner
 from livelm.runner.structured import GrammarBackend
@@ -126,6 +129,7 @@ class EngineStats:
     spec_num_drafts: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    spec_draft_model_seconds: float = 0.0  # the draft model's forward passes (method "draft")
     # Load in tokens (what the data-parallel router balances, docs/distributed.md): input
     # tokens the waiting requests have yet to compute, and the context tokens of the
     # running ones (each decode step attends over them).
@@ -192,6 +196,13 @@ class Engine:
             keep_large_buffers_in_heap()
         self.model_config = mc = ModelConfig.from_dir(self.model_dir)
         check_kv_format(self.kv_dtype, mc.head_dim)  # before the weights load
+        # Speculative decoding's draft model (runner/draft_model.py): checked before anything loads.
+        self.draft_dir: Path | None = None
+        self.draft_model_config: ModelConfig | None = None
+        if config.speculative_draft_model is not None:
+            self.draft_dir, self.draft_model_config = resolve_draft_model(config.speculative_draft_model,
+                                                                          self.tokenizer, mc)
+            check_kv_format(self.kv_dtype, self.draft_model_config.head_dim)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings and mc.rope.rope_type == "default":
             logger.warning(
@@ -202,11 +213,27 @@ class Engine:
             self.model_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE), config.quantization
         )
         logger.info("loaded %s (%s, %s) in %.1fs", self.model_dir, self.dtype, self.device, time.perf_counter() - t0)
+        draft_model = None
+        if self.draft_dir is not None:
+            t0 = time.perf_counter()
+            draft_model = load_model(self.draft_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE),
+                                     config.quantization)
+            logger.info("loaded draft model %s in %.1fs", self.draft_dir, time.perf_counter() - t0)
 
         num_blocks = self._num_kv_blocks()
         self.cache_config = CacheConfig(
             config.block_size, num_blocks, config.enable_prefix_caching, config.session_ttl_s
         )
+        self.eos_token_ids = frozenset(mc.eos_token_ids)
+        # The draft model's own paged KV: as many token slots as the target's, in its own pool.
+        self.draft: DraftModelDrafter | None = None
+        if draft_model is not None:
+            draft_runner = ModelRunner(draft_model, num_blocks, config.block_size, self.eos_token_ids,
+                                       config.attention_backend, None, self.kv_dtype)
+            self.draft = DraftModelDrafter(draft_runner, num_blocks, config.block_size)
+            draft_gib = num_blocks * ModelRunner.kv_bytes_per_block(self.draft_model_config, config.block_size,
+                                                                    self.kv_dtype) / 2**30
+            logger.info("draft model KV cache: its own %d blocks (%.2f GiB)", num_blocks, draft_gib)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len,
@@ -215,8 +242,8 @@ class Engine:
             ),
             self.cache_config,
             speculative=config.speculative,
+            drafter=self.draft,
         )
-        self.eos_token_ids = frozenset(mc.eos_token_ids)
         # Constrained decoding (docs/structured_output.md); its costly parts start on first use.
         self.structured = GrammarBackend(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(
@@ -252,6 +279,8 @@ class Engine:
         if cfg.num_kv_blocks:
             return cfg.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.model_config, cfg.block_size, self.kv_dtype)
+        if self.draft_model_config is not None:  # the draft pool has as many blocks
+            per_block += ModelRunner.kv_bytes_per_block(self.draft_model_config, cfg.block_size, self.kv_dtype)
         useful = cfg.max_num_seqs * blocks_needed(self.max_model_len, cfg.block_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -313,6 +342,7 @@ class Engine:
             raise ValueError("a session turn must have n == 1 (which sequence would the next turn continue?)")
         if options.priority is not None:
             check_priority(options.priority, self.config.max_priority)
+        check_draft_model_given(options.speculative_method, self.config.speculative_draft_model)
         if not rolling and params.max_tokens is None and n + params.min_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + min_tokens ({params.min_tokens}) exceeds the context length "
@@ -805,6 +835,7 @@ class Engine:
             spec_num_drafts=s.spec.num_drafts,
             spec_num_draft_tokens=s.spec.num_draft_tokens,
             spec_num_accepted_tokens=s.spec.num_accepted_tokens,
+            spec_draft_model_seconds=s.spec.draft_model_seconds,
             num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting),
             num_running_tokens=sum(r.num_tokens for r in self.scheduler.running),
         )

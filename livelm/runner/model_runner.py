@@ -131,6 +131,19 @@ class ModelRunner:
         return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed,
                                  spec_sampled=spec_sampled)
 
+    @torch.inference_mode()
+    def greedy_tokens(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
+        """Run the model over ``chunks`` (writing their K/V) and return, per request, the
+        argmax token after each chunk's last position: a draft model's proposals, which
+        need no sampler (runner/draft_model.py)."""
+        # Decodes first, as in execute: they share one batched attention call.
+        chunks = sorted(chunks, key=lambda c: not c.is_decode)
+        input_ids, positions, meta, row_of = self._prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        rows = torch.tensor([row_of[c.request_id][1] - 1 for c in chunks], device=self.device)
+        tokens = self._logits(hidden.index_select(0, rows)).argmax(dim=-1).tolist()
+        return {c.request_id: t for c, t in zip(chunks, tokens, strict=True)}
+
     def _verify(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, row_of: dict[str, tuple[int, int]],
                 failed: dict[str, Exception]) -> dict[str, list]:
         """Verify the drafts of ``chunks`` from the logits at every drafted position

@@ -59,6 +59,9 @@ def test_requests_with_speculation_fields_give_plain_decodings_text(server, plai
     ({"num_speculative_tokens": 2.5}, "num_speculative_tokens"),
     ({"num_speculative_tokens": True}, "num_speculative_tokens"),
     ({"num_speculative_tokens": [3]}, "num_speculative_tokens"),
+    # This server has no draft model (--speculative-draft-model).
+    ({"speculative_method": "draft"}, "speculative_method"),
+    ({"speculative_method": "draft", "stream": True}, "speculative_method"),
 ])
 def test_bad_speculation_fields_are_a_400_naming_the_field(server, fields, param):
     r = _complete(server, **fields)
@@ -99,3 +102,27 @@ def test_serve_flags_reach_the_engine():
     assert "speculative_method" not in engine_kwargs_from_args(build_parser().parse_args([]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--speculative-method", "eagle"])
+    args = build_parser().parse_args(["--speculative-method", "draft", "--speculative-draft-model", "/m/small"])
+    kw = engine_kwargs_from_args(args)
+    assert (kw["speculative_method"], kw["speculative_draft_model"]) == ("draft", "/m/small")
+
+
+def test_a_server_with_a_draft_model_drafts_per_request(llama_dir, plain_text):
+    # The tiny model drafting for itself: a request asking for "draft" gets plain
+    # decoding's text, and /metrics counts the draft model's time.
+    engine = start_engine(llama_dir, speculative_draft_model=str(llama_dir))
+    try:
+        with serve(engine) as srv:
+            srv.engine = engine
+            for stream in (False, True):
+                body = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
+                        "ignore_eos": True, "speculative_method": "draft", "stream": stream}
+                r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
+                assert r.status_code == 200, r.text
+                if not stream:
+                    assert r.json()["choices"][0]["text"] == plain_text
+            m = scrape(srv.url)
+            assert m["livelm_spec_decode_accepted_tokens_total"] > 0
+            assert m["livelm_spec_decode_draft_model_seconds_total"] > 0
+    finally:
+        stop_engine(engine)

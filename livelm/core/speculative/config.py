@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 # Drafters an engine or a request may name; "off" only makes sense per request (or as the
 # engine's None).
-SPECULATIVE_METHODS: tuple[str, ...] = ("ngram", "suffix")
+SPECULATIVE_METHODS: tuple[str, ...] = ("ngram", "suffix", "draft")
 REQUEST_METHODS: tuple[str, ...] = (*SPECULATIVE_METHODS, "off")
 # The most tokens one step may draft for one request: each is a row of the verification
 # pass and of its logits, so a huge value would only waste the step's budget.
@@ -29,6 +29,14 @@ def check_num_tokens(k: object, name: str = "num_speculative_tokens") -> int:
     return k
 
 
+def check_draft_model_given(method: str | None, draft_model: str | None) -> None:
+    """ValueError when ``method`` is ``"draft"`` and the engine has no draft model to run."""
+    if method == "draft" and draft_model is None:
+        raise ValueError("speculative_method 'draft' needs a draft model: start the engine with "
+                         "speculative_draft_model (--speculative-draft-model), a small model with the same "
+                         "tokenizer as the served one")
+
+
 def _check_int(value: object, name: str, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r:.60}")
@@ -46,12 +54,14 @@ class SpeculativeConfig:
 
     ``method`` is ``None`` (off unless a request asks), ``"ngram"`` (prompt lookup: the
     tokens that followed the latest earlier occurrence of the last ``ngram_max`` ..
-    ``ngram_min`` tokens) or ``"suffix"`` (SuffixDecoding: the most frequent continuation
+    ``ngram_min`` tokens), ``"suffix"`` (SuffixDecoding: the most frequent continuation
     of the longest context suffix seen in this request or in the outputs of the last
     ``suffix_max_requests`` finished requests, ``suffix_max_depth`` tokens deep, drafting
     at most ``suffix_alpha`` tokens per matched token and stopping where a continuation's
-    share falls below ``suffix_min_prob``). ``num_speculative_tokens`` is the most tokens
-    drafted per request and step.
+    share falls below ``suffix_min_prob``) or ``"draft"`` (the greedy tokens of a small
+    model with the same tokenizer, ``draft_model``, which the engine runs with its own paged
+    KV: runner/draft_model.py). ``num_speculative_tokens`` is the most tokens drafted per
+    request and step.
 
     ``adaptive`` lets a request's draft length follow its recent acceptance (and pause
     speculation after drafts keep failing). ``max_batch_decodes``: a step with more
@@ -60,6 +70,7 @@ class SpeculativeConfig:
 
     method: str | None = None
     num_speculative_tokens: int = 5
+    draft_model: str | None = None
     ngram_min: int = 1
     ngram_max: int = 4
     suffix_max_depth: int = 32
@@ -72,6 +83,9 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.method is not None:
             check_method(self.method, SPECULATIVE_METHODS)
+        check_draft_model_given(self.method, self.draft_model)
+        if self.draft_model is not None and (not isinstance(self.draft_model, str) or not self.draft_model):
+            raise ValueError(f"speculative_draft_model must be a non-empty path or hub id, got {self.draft_model!r:.60}")
         check_num_tokens(self.num_speculative_tokens)
         _check_int(self.ngram_min, "ngram_min", 1, 64)
         _check_int(self.ngram_max, "ngram_max", self.ngram_min, 64)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from livelm.core.request import Request
+from livelm.core.speculative.batched import BatchedDrafter, DraftItem
 from livelm.core.speculative.config import SpeculativeConfig
 from livelm.core.speculative.ngram import NgramDrafter
 from livelm.core.speculative.suffix import GlobalSuffixTree, SuffixDrafter
@@ -18,21 +19,25 @@ _MISSES_BEFORE_PAUSE = 3
 _MAX_PAUSE = 64
 # Weight of the newest partly rejected draft in a request's adaptive draft length.
 _EMA = 0.5
+# The method whose drafts come from the engine's batched drafter (a draft model).
+BATCHED_METHOD = "draft"
 
 
 class SpeculativeStats(NamedTuple):
     """Verification steps with a draft, tokens drafted and tokens accepted, over the
     engine's life (acceptance rate = accepted / drafted; mean accepted length, the tokens a
-    verification step yields, = 1 + accepted / drafts)."""
+    verification step yields, = 1 + accepted / drafts), and the seconds a draft model's
+    forward passes took (0 without one)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    draft_model_seconds: float = 0.0
 
 
 @dataclass
 class _RequestState:
-    drafter: NgramDrafter | SuffixDrafter
+    drafter: NgramDrafter | SuffixDrafter | None  # None: the engine's batched drafter
     max_k: int
     k: float  # the adaptive draft length (its floor is used)
     misses: int = 0
@@ -48,10 +53,15 @@ class Speculator:
     after a draft that was accepted whole and moves towards (accepted + 1) after one that
     was not, and after drafts keep failing it drafts nothing for a while (twice as long
     each time), so speculation that does not pay costs little.
+
+    ``"draft"`` requests are drafted all at once per step by ``batched`` (the engine's
+    draft model, injected: core stays torch-free) through :meth:`propose_batch`; the
+    others one by one through :meth:`propose`.
     """
 
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, batched: BatchedDrafter | None = None) -> None:
         self.config = config
+        self.batched = batched
         self.shared = GlobalSuffixTree(config.suffix_max_depth, config.suffix_max_requests)
         self._states: dict[str, _RequestState] = {}
         self.num_drafts = 0
@@ -60,35 +70,72 @@ class Speculator:
 
     def stats(self) -> SpeculativeStats:
         """Counts over the engine's life."""
-        return SpeculativeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens)
+        seconds = self.batched.forward_seconds if self.batched is not None else 0.0
+        return SpeculativeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, seconds)
 
     def method_of(self, req: Request) -> str | None:
         """The drafter ``req`` uses (None: it does not speculate)."""
         method = req.speculative_method or self.config.method
         return None if method == "off" else method
 
+    def is_batched(self, req: Request) -> bool:
+        """True when ``req``'s drafts come from :meth:`propose_batch` (the draft model)."""
+        return self.method_of(req) == BATCHED_METHOD
+
     def propose(self, req: Request, limit: int) -> list[int]:
-        """At most ``limit`` drafted tokens to follow ``req``'s tokens (empty: decode plainly)."""
+        """At most ``limit`` drafted tokens to follow ``req``'s tokens (empty: decode plainly).
+        For a request of the batched drafter, see :meth:`propose_batch`."""
+        state = self._state(req)
+        if state is None or state.drafter is None:
+            return []
+        k = self._draft_len(state, limit)
+        return state.drafter.propose(req.all_token_ids, k) if k else []
+
+    def propose_batch(self, wanted: list[tuple[Request, int]], budget: int) -> dict[str, list[int]]:
+        """Drafts of the batched drafter's requests among ``wanted`` ((request, most tokens)
+        pairs, in the scheduler's order), in one call: together at most ``budget`` tokens,
+        handed out in that order."""
+        if self.batched is None:
+            return {}
+        items: list[DraftItem] = []
+        for req, limit in wanted:
+            if budget <= 0:
+                break
+            state = self._state(req)
+            if state is None or state.drafter is not None:
+                continue
+            k = self._draft_len(state, min(limit, budget))
+            if k:
+                items.append(DraftItem(req.request_id, req.all_token_ids, k))
+                budget -= k
+        return self.batched.propose_batch(items) if items else {}
+
+    def _state(self, req: Request) -> _RequestState | None:
         state = self._states.get(req.request_id)
         if state is None:
             method = self.method_of(req)
             if method is None:
-                return []
+                return None
             state = self._states[req.request_id] = self._new_state(req, method)
+        return state
+
+    @staticmethod
+    def _draft_len(state: _RequestState, limit: int) -> int:
+        """Tokens to draft now (0 while paused; a paused step counts down)."""
         if state.pause > 0:
             state.pause -= 1
-            return []
-        k = min(math.floor(state.k), limit)
-        if k < 1:
-            return []
-        return state.drafter.propose(req.all_token_ids, k)
+            return 0
+        return max(0, min(math.floor(state.k), limit))
 
     def _new_state(self, req: Request, method: str) -> _RequestState:
         cfg = self.config
+        drafter: NgramDrafter | SuffixDrafter | None
         if method == "ngram":
-            drafter: NgramDrafter | SuffixDrafter = NgramDrafter(cfg.ngram_min, cfg.ngram_max)
-        else:
+            drafter = NgramDrafter(cfg.ngram_min, cfg.ngram_max)
+        elif method == "suffix":
             drafter = SuffixDrafter(self.shared, cfg.suffix_max_depth, cfg.suffix_alpha, cfg.suffix_min_prob)
+        else:  # BATCHED_METHOD: the engine's draft model holds the request's state
+            drafter = None
         max_k = req.num_speculative_tokens or cfg.num_speculative_tokens
         return _RequestState(drafter, max_k, float(max_k))
 
@@ -114,9 +161,23 @@ class Speculator:
             state.pause = min(_MAX_PAUSE, 2**state.num_pauses)
             state.misses = 0
 
+    def rollback(self, req: Request, num_tokens: int) -> None:
+        """Only ``req``'s first ``num_tokens`` tokens hold (after verification, or a draft
+        that was not scheduled): the batched drafter forgets its state past them."""
+        if self.batched is not None and self.is_batched(req):
+            self.batched.rollback(req.request_id, num_tokens)
+
+    def preempted(self, req: Request) -> None:
+        """``req`` lost its KV (it is recomputed later): the batched drafter frees its own
+        too; the draft length and pauses are kept."""
+        if self.batched is not None:
+            self.batched.finish(req.request_id)
+
     def finish(self, req: Request) -> None:
-        """``req`` ended: drop its drafter; a suffix-drafting request's output joins the
-        shared tree of recent outputs."""
+        """``req`` ended: drop its drafter (and the batched drafter's state for it); a
+        suffix-drafting request's output joins the shared tree of recent outputs."""
         state = self._states.pop(req.request_id, None)
+        if self.batched is not None:
+            self.batched.finish(req.request_id)
         if self.config.method == "suffix" or (state is not None and isinstance(state.drafter, SuffixDrafter)):
             self.shared.add(req.output_token_ids)

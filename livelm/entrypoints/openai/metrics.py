@@ -123,6 +123,9 @@ def _speculative_metrics(stats: Any) -> Iterator[Any]:
                               value=stats.spec_num_draft_tokens)
     yield CounterMetricFamily("livelm_spec_decode_accepted_tokens", "Drafted tokens the model accepted.",
                               value=stats.spec_num_accepted_tokens)
+    yield CounterMetricFamily("livelm_spec_decode_draft_model_seconds", "Seconds the draft model's forward "
+                              "passes took (speculative method draft).",
+                              value=getattr(stats, "spec_draft_model_seconds", 0.0))
     yield GaugeMetricFamily("livelm_spec_decode_acceptance_rate", "Drafted tokens accepted / drafted, "
                             "over the engine's life.", value=stats.spec_acceptance_rate)
     yield GaugeMetricFamily("livelm_spec_decode_mean_accepted_length", "Tokens a verification step "

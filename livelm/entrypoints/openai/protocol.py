@@ -253,7 +253,7 @@ class SamplingRequest(OpenAIModel):
     num_sink_tokens: StrictInt | None = None  # strict: "32" or 32.0 is a 400, not a window
     kv_window: StrictInt | None = None
     # Speculative decoding for this request (docs/speculative_decoding.md): "ngram",
-    # "suffix" or "off", and the most tokens drafted per step; None keeps the server's.
+    # "suffix", "draft" (needs the server's --speculative-draft-model) or "off", and the most tokens drafted per step; None keeps the server's.
     speculative_method: Text | None = None
     num_speculative_tokens: Int | None = None
     stream: Bool = False

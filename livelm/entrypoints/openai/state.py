@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from livelm.config import EngineConfig
 from livelm.core.request_options import RequestOptions
+from livelm.core.speculative.config import check_draft_model_given
 from livelm.entrypoints.openai.admission import AdmissionControl
 from livelm.entrypoints.openai.config import ServerConfig
 from livelm.entrypoints.openai.errors import OpenAIError, bad_request_from_value_error
@@ -106,6 +107,11 @@ class ServerState:
             raise bad_request_from_value_error(
                 exc, {"n": n_param, "stop_token_ids": "stop_token_ids"}, "prompt"
             ) from exc
+        try:  # a per-request "draft" needs the server's draft model
+            check_draft_model_given(params.extra.get("speculative_method"),
+                                    getattr(config, "speculative_draft_model", None))
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, param="speculative_method") from exc
         check_policy = getattr(self.engine, "check_kv_policy", None)
         if check_policy is not None:
             try:  # the window against the model (block size, context, rotary type, pool)
