@@ -175,6 +175,9 @@ class EngineConfig:
     # Engine replicas behind one server (docs/distributed.md): 1 is this engine alone;
     # more needs livelm.serving.DataParallelEngine (``livelm serve --data-parallel-size``).
     data_parallel_size: int = 1
+    # Ranks one model is split over (docs/distributed.md): worker processes joined by gloo,
+    # CPU only for now; 1 is no split.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tpot_slo_ms, self.ttft_slo_ms, self.min_prefill_tokens,
@@ -217,6 +220,12 @@ class EngineConfig:
         d = self.data_parallel_size
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ValueError(f"data_parallel_size must be an integer >= 1, got {d!r:.60}")
+        t = self.tensor_parallel_size
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {t!r:.60}")
+        if t > 1 and d > 1:
+            raise ValueError("tensor_parallel_size > 1 with data_parallel_size > 1 is not supported yet "
+                             "(a replica process cannot start worker processes of its own)")
         self.speculative  # noqa: B018 - the method's and length's checks (named as these fields)
         # Reuse the smaller configs' checks.
         SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len or 1)

@@ -43,6 +43,7 @@ from livelm.engine.input_stream import InputStream, StreamClosedError
 from livelm.kernels.cpu_memory import release_free_memory
 from livelm.models.weight_update import check_mode
 from livelm.outputs import RequestOutput
+from livelm.runner.tensor_parallel import TensorParallelError
 from livelm.sampling_params import SamplingParams
 from livelm.structured_output import StructuredOutput
 
@@ -712,6 +713,7 @@ class AsyncEngine:
             logger.critical("the engine loop died; failing every request", exc_info=True)
             reason = f"the engine loop died: {type(e).__name__}: {e}"
         self._die(reason)
+        engine.close()  # its tensor-parallel workers, if any
 
     def _loop(self) -> None:
         failed = 0
@@ -720,6 +722,8 @@ class AsyncEngine:
                 if not self._turn():
                     return
                 failed = 0
+            except TensorParallelError:
+                raise  # a rank is gone: the engine stops, everyone in flight is told why
             except Exception as e:
                 # Nothing to blame a request for (Engine.step already isolates the requests
                 # a step fails for): end all in flight, so no broken state stays, and go on,

@@ -44,6 +44,7 @@ from livelm.models.loader import load_model
 from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
 from livelm.models.rope import attention_factor
+from livelm.models.tensor_parallel import check_tensor_parallel, shard_model
 from livelm.models.weight_transfer import WeightReceiver
 from livelm.models.weight_update import (
     StagedUpdate,
@@ -59,6 +60,7 @@ from livelm.runner.draft_model import DraftModelDrafter
 from livelm.runner.kv_cache import default_cpu_kv_bytes
 from livelm.runner.model_runner import ModelRunner
 from livelm.runner.structured import GrammarBackend
+from livelm.runner.tensor_parallel import TensorParallelError, TensorParallelWorkers, WorkerSpec
 from livelm.sampling_params import SamplingParams, check_engine_limits
 from livelm.structured_output import StructuredOutput
 
@@ -186,8 +188,9 @@ class Engine:
         self.model_dir: Path = resolve_model_path(config.model)
         self.model_name = served_name or (config.model and Path(config.model).name) or self.model_dir.name
         self.tokenizer = load_tokenizer(self.model_dir)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        tp_size = config.tensor_parallel_size
+        if config.num_threads:  # shared out between the tensor-parallel ranks
+            torch.set_num_threads(max(1, config.num_threads // tp_size))
         torch.manual_seed(config.seed)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
@@ -196,6 +199,10 @@ class Engine:
             keep_large_buffers_in_heap()
         self.model_config = mc = ModelConfig.from_dir(self.model_dir)
         check_kv_format(self.kv_dtype, mc.head_dim)  # before the weights load
+        if tp_size > 1:  # before anything loads, too
+            if self.device.type != "cpu":
+                raise ValueError("tensor_parallel_size > 1 runs on CPU only so far (gloo); NCCL on CUDA is not built")
+            check_tensor_parallel(mc, tp_size)
         # Speculative decoding's draft model (runner/draft_model.py): checked before anything loads.
         self.draft_dir: Path | None = None
         self.draft_model_config: ModelConfig | None = None
@@ -246,9 +253,12 @@ class Engine:
         )
         # Constrained decoding (docs/structured_output.md); its costly parts start on first use.
         self.structured = GrammarBackend(self.tokenizer, mc.vocab_size, self.eos_token_ids)
+        self.tp_workers: TensorParallelWorkers | None = None
+        if tp_size > 1:
+            self.tp_workers = self._start_tensor_parallel(model, num_blocks)
         self.runner = ModelRunner(
             model, num_blocks, config.block_size, self.eos_token_ids, config.attention_backend, self.structured,
-            self.kv_dtype,
+            self.kv_dtype, self.tp_workers,
         )
         # The TPOT budget's cost model, with the row counts where this host's kernels change.
         self.scheduler.step_cost = StepCostModel(breakpoints=self.runner.kernel_row_breakpoints())
@@ -269,6 +279,33 @@ class Engine:
         self.update_receiver: WeightReceiver | None = None
         self.forks: dict[str, ForkState] = {}  # open forks, by parent request id
         Engine.live_instances.add(self)  # last: an engine that failed to build is not live
+
+    def _start_tensor_parallel(self, model, num_blocks: int) -> TensorParallelWorkers:
+        """Start ranks 1..N-1 (each loads the model and keeps its share), keep rank 0's
+        share of ``model`` here, and wait until every rank is ready."""
+        config = self.config
+        spec = WorkerSpec(str(self.model_dir), self.dtype, min(self.max_model_len, _MAX_ROPE_TABLE),
+                          config.quantization, num_blocks, config.block_size, config.attention_backend,
+                          self.kv_dtype, torch.get_num_threads(), logger.getEffectiveLevel())
+        workers = TensorParallelWorkers(config.tensor_parallel_size, spec)
+        try:
+            shard_model(model, workers.group)
+            workers.wait_ready()
+        except BaseException:
+            workers.close()
+            raise
+        # Workers are daemon processes (they end with this one); close() stops them sooner.
+        weakref.finalize(self, workers.close)
+        logger.info("tensor parallel: %d ranks (worker pids %s), %d threads each", config.tensor_parallel_size,
+                    workers.pids, torch.get_num_threads())
+        return workers
+
+    def close(self) -> None:
+        """Stop this engine's tensor-parallel worker processes, if any (idempotent); the
+        engine cannot step afterwards."""
+        if self.tp_workers is not None:
+            self.tp_workers.close()
+            self.tp_workers.dead = "the engine was closed"
 
     def _num_kv_blocks(self) -> int:
         """Blocks in the KV pool: ``num_kv_blocks`` when given; else what ``kv_cache_gib``
@@ -467,6 +504,8 @@ class Engine:
         isolated = False
         try:
             ran = self.runner.execute(sched)
+        except TensorParallelError:
+            raise  # a rank is gone: no request is to blame, and none can be served
         except Exception as e:
             ran, isolated = self._isolate(sched, e), True
         moved = self._fail_sequences(ran.failed) if ran.failed else []
@@ -674,16 +713,23 @@ class Engine:
         same architecture) or a name -> tensor mapping (any subset of the checkpoint's
         tensors). ValueError, naming the tensor, for anything that does not fit. Safe to
         call from another thread while the engine steps (it only reads the live model)."""
+        self._check_updatable()
         if isinstance(weights, str | Path):
             items: Iterable = read_checkpoint(weights)
         else:
             items = tensor_items(weights)
         return stage_update(self.runner.model, items, self.weight_layout)
 
+    def _check_updatable(self) -> None:
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError("weight updates are not supported with tensor_parallel_size > 1 (each rank holds "
+                             "a shard); serve RL rollouts with tensor_parallel_size=1")
+
     def join_update_group(self, host: str, port: int, rank: int = 1, world_size: int = 2,
                           backend: str = "gloo", timeout_s: float = 600.0) -> None:
         """Join a trainer's update group (blocks until all its ranks joined; see
         models/weight_transfer.py). Replaces a group joined before."""
+        self._check_updatable()
         if self.update_receiver is not None:
             self.update_receiver.close()
             self.update_receiver = None

@@ -23,6 +23,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
                    help="what the KV cache stores: auto (the model's dtype), float32, bfloat16 (half the memory; read in place by the C++ kernels), float16, q8_0 (block-quantized int8, 27%% of float32's memory; read in place by the C++ kernels) or fp8 (e4m3, for CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many processes (gloo, CPU; --threads shared out; "
+                        "docs/distributed.md)")
     p.add_argument("--quantization", default="auto",
                    choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8", "q5_0", "q5_1"],
                    help="weights in memory: auto keeps a GGUF's own format (default), none = float, "
@@ -46,7 +49,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads,
           "quantization": args.quantization, "attention_backend": args.attention_backend,
-          "kv_cache_dtype": args.kv_cache_dtype}
+          "kv_cache_dtype": args.kv_cache_dtype, "tensor_parallel_size": args.tensor_parallel_size}
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
     if args.kv_cache_gib is not None:

@@ -89,6 +89,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                              help="how requests are spread over replicas: cache_aware (session, then "
                                   "cached prefix within a load cap, then least load; default) or "
                                   "round_robin")
+    distributed.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None,
+                             help="split the model over this many processes, joined by gloo (CPU only "
+                                  "so far; --threads shared out; default 1)")
     distributed.add_argument("--data-parallel-backend", dest="data_parallel_backend", default="local",
                              choices=["local", "ray"],
                              help="where replicas run: local (child processes; default) or ray (Ray "

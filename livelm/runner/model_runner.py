@@ -34,6 +34,7 @@ from livelm.runner.sampling.token_mask import TokenMask
 from livelm.runner.speculative import DraftRows, verify_drafts
 from livelm.runner.structured import GrammarBackend, StepMasks, StructuredDecoding
 from livelm.runner.structured.step import MaskJob
+from livelm.runner.tensor_parallel import TensorParallelError, TensorParallelWorkers
 
 
 class ModelRunner:
@@ -54,8 +55,12 @@ class ModelRunner:
         attention_backend: str = "auto",
         structured: GrammarBackend | None = None,
         kv_dtype: torch.dtype | None = None,
+        tensor_parallel: TensorParallelWorkers | None = None,
     ) -> None:
         self.model = model
+        # Rank 0 of a tensor-parallel engine: every forward is announced to the other ranks
+        # first (runner/tensor_parallel.py); ``model`` is then rank 0's shard.
+        self.tp = tensor_parallel
         cfg = model.config
         param = model.norm.weight  # always a float parameter (embeddings may be quantized)
         self.device, self.dtype = param.device, param.dtype
@@ -114,6 +119,8 @@ class ModelRunner:
         self._snapshot_generators(chunks)
         masks = self._start_masks(sample_chunks)
         try:
+            if self.tp is not None:
+                self.tp.forward(chunks)
             input_ids, positions, meta, row_of = self._prepare(chunks)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
             lp_chunks = [c for c in chunks if c.want_prompt_logprobs]
@@ -125,11 +132,22 @@ class ModelRunner:
                 sampled = self._sample(logits, sample_chunks, failed, masks.result() if masks else None)
             spec_sampled = self._verify(spec_chunks, hidden, row_of, failed) if spec_chunks else {}
             prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
+        except Exception:
+            if self.tp is not None:
+                self.tp.check_alive(grace_s=2.0)  # a rank that died, not this step's requests, is the cause
+            raise
         finally:
             if masks is not None:
                 masks.wait()  # the worker is done with the matchers before anyone else runs
         return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed,
                                  spec_sampled=spec_sampled)
+
+    @torch.inference_mode()
+    def forward_only(self, chunks: list[ScheduledChunk]) -> None:
+        """Run the model over ``chunks`` (in this order), writing their K/V, and nothing
+        else: a tensor-parallel worker's share of rank 0's forward (runner/tensor_parallel.py)."""
+        input_ids, positions, meta, _ = self._prepare(chunks)
+        self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def greedy_tokens(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
@@ -197,6 +215,8 @@ class ModelRunner:
             try:
                 self._rewind_generator(chunk, states)
                 out = self.execute(SchedulerOutput(chunks=[chunk]))
+            except TensorParallelError:
+                raise  # a rank is gone: no chunk is to blame
             except Exception as e:  # noqa: BLE001 - this chunk's own failure
                 error = RuntimeError(f"the engine step failed for this request: {type(e).__name__}: {e}")
                 error.__cause__ = e
@@ -418,6 +438,8 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks (source, destination) in every layer: a fork's copy-on-write
         of its parent's partial last block (docs/rl.md)."""
+        if self.tp is not None:
+            self.tp.copy_blocks(copies)
         bs = self.block_size
         for src, dst in copies:
             for k, v in self.kv_caches:
@@ -426,6 +448,8 @@ class ModelRunner:
 
     def load_weights(self, staged: StagedUpdate) -> None:
         """Swap staged new weights in (between steps; see models/weight_update.py)."""
+        if self.tp is not None:
+            raise ValueError("weight updates are not supported with tensor_parallel_size > 1")
         staged.apply(self.model)
         if staged.tied_head_changed:
             self.tied_head = staged.tied_head

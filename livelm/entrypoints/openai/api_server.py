@@ -245,6 +245,8 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     kwargs.update(scheduling_kwargs(args))
     if getattr(args, "data_parallel_size", None) is not None:
         kwargs["data_parallel_size"] = args.data_parallel_size
+    if getattr(args, "tensor_parallel_size", None) is not None:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     if getattr(args, "threads", None) is not None:
         kwargs["num_threads"] = args.threads
     return kwargs

@@ -1,0 +1,127 @@
+"""Tensor-parallel pieces of a layer: a rank's slice of a linear, and the all-reduce after
+a row-parallel one.
+
+A column-parallel linear keeps some rows of the weight (output features: q/k/v heads,
+gate|up rows) and needs no communication; a row-parallel linear keeps a range of columns
+(input features) and its partial outputs are summed over the ranks
+(:class:`AllReduceLinear`). The slicing works on fp32 ``nn.Linear`` and on quantized
+weights, whose rows are independent and whose columns are cut at block boundaries (a
+block's bytes and scale move together), so nothing is dequantized or requantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from livelm.layers.quantized import QuantLinear, SplitQuantLinear
+from livelm.quant.formats import block_weights
+
+
+class TensorParallelGroup:
+    """The ranks of one tensor-parallel engine, over a gloo process group (rank 0 is the
+    engine's own process)."""
+
+    def __init__(self, process_group: Any, rank: int, world_size: int) -> None:
+        self.process_group = process_group
+        self.rank = rank
+        self.world_size = world_size
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place (every rank calls it, in the same order)."""
+        self.process_group.allreduce([tensor]).wait()
+        return tensor
+
+
+class AllReduceLinear(nn.Module):
+    """A row-parallel linear: this rank's partial product, summed over the ranks."""
+
+    def __init__(self, inner: nn.Module, group: TensorParallelGroup) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features / world] -> [..., out_features], the same on every rank."""
+        out = self.inner.forward(x)
+        if not out.is_contiguous():
+            out = out.contiguous()
+        return self.group.all_reduce_(out)
+
+
+def keep_rows(linear: nn.Module, ranges: Sequence[tuple[int, int]]) -> nn.Module:
+    """``linear`` with only the output rows in ``ranges`` ([start, stop) pairs, in order),
+    as a new module of the same kind (bias rows too)."""
+    index = torch.cat([torch.arange(a, b) for a, b in ranges])
+    if type(linear) is nn.Linear:
+        out = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
+                        device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(linear.weight[index])
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias[index])
+        return out.requires_grad_(False)
+    if isinstance(linear, QuantLinear):
+        out = QuantLinear(linear.in_features, len(index), linear.fmt, bias=linear.bias is not None)
+        for name in ("qs", "d", "m"):
+            t = getattr(linear, name)
+            # int8 keeps one scale per row: [N]; the block formats [N, blocks]
+            setattr(out, name, None if t is None else t[index].clone(memory_format=torch.contiguous_format))
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach()[index].clone(), requires_grad=False)
+        return out
+    if isinstance(linear, SplitQuantLinear):
+        return _keep_split_rows(linear, ranges)
+    raise ValueError(f"tensor parallelism cannot split a {type(linear).__name__}")
+
+
+def _keep_split_rows(linear: SplitQuantLinear, ranges: Sequence[tuple[int, int]]) -> SplitQuantLinear:
+    """The rows in ``ranges`` of a linear stored in parts of different formats: each part
+    keeps its share, in its own format."""
+    pieces: list[QuantLinear] = []
+    for first, part in zip(linear.starts, linear.parts, strict=True):
+        last = first + part.out_features
+        mine = [(max(a, first) - first, min(b, last) - first) for a, b in ranges if a < last and b > first]
+        if mine:
+            pieces.append(keep_rows(part, mine))
+    out = SplitQuantLinear(linear.in_features, tuple((p.out_features, p.fmt) for p in pieces),
+                           bias=linear.bias is not None)
+    out.parts = nn.ModuleList(pieces)
+    if linear.bias is not None:
+        index = torch.cat([torch.arange(a, b) for a, b in ranges])
+        out.bias = nn.Parameter(linear.bias.detach()[index].clone(), requires_grad=False)
+    return out
+
+
+def keep_columns(linear: nn.Module, start: int, stop: int) -> nn.Module:
+    """``linear`` with only the input columns [start, stop) (no bias: a row-parallel linear's
+    bias would be summed once per rank; the caller keeps it on one rank)."""
+    if type(linear) is nn.Linear:
+        if linear.bias is not None:
+            raise ValueError("tensor parallelism does not split a row-parallel linear with a bias")
+        out = nn.Linear(stop - start, linear.out_features, bias=False,
+                        device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(linear.weight[:, start:stop])
+        return out.requires_grad_(False)
+    if isinstance(linear, QuantLinear):
+        if linear.bias is not None:
+            raise ValueError("tensor parallelism does not split a row-parallel linear with a bias")
+        per_block = block_weights(linear.fmt)
+        if start % per_block or stop % per_block:
+            raise ValueError(f"a {linear.fmt} weight of {linear.in_features} columns cannot be split at "
+                             f"column {start if start % per_block else stop}: its blocks are {per_block} wide")
+        out = QuantLinear(stop - start, linear.out_features, linear.fmt)
+        blocks = linear.in_features // per_block
+        for name in ("qs", "d", "m"):
+            t = getattr(linear, name)
+            if t is None or t.dim() == 1:  # absent, or int8's one scale per row
+                setattr(out, name, None if t is None else t.clone(memory_format=torch.contiguous_format))
+                continue
+            width = t.shape[1] // blocks  # bytes (qs) or scales (d, m) per block
+            setattr(out, name, t[:, start // per_block * width: stop // per_block * width].clone(memory_format=torch.contiguous_format))
+        return out
+    raise ValueError(f"tensor parallelism cannot split the columns of a {type(linear).__name__}")
