@@ -184,3 +184,48 @@ def test_rank_slices_of_a_quantized_linear(fmt):
     if fmt != "int8":
         with pytest.raises(ValueError, match="blocks are 32 wide"):
             keep_columns(whole, 0, 48)
+
+
+def test_tp2_speculative_and_sinks_requests(tiny_model_dirs):
+    """Rank 0's features over a split model: n-gram speculative decoding (verification
+    forwards of 1 + k tokens, rolled back) and a kv_policy "sinks" request whose window
+    rolls, both equal to TP=1."""
+    model_dir = str(tiny_model_dirs["llama"])
+    rng = random.Random(9)
+    loop = [rng.randrange(3, 250) for _ in range(12)]
+    prompts = [loop * 6, _prompts(9)[5]]
+    sinks = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True,
+                           extra={"kv_policy": "sinks", "kv_window": 48, "num_sink_tokens": 4})
+    runs = []
+    for tp in (1, 2):
+        llm = LLM(model_dir, tensor_parallel_size=tp, num_threads=2, speculative_method="ngram")
+        try:
+            spec = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+            drafted = llm.engine.stats().spec_num_draft_tokens
+            rolled = llm.generate([_prompts(9)[6]], sinks, use_tqdm=False)[0].outputs[0].token_ids
+            runs.append((spec, rolled, drafted, llm.engine.stats().num_evicted_tokens))
+        finally:
+            llm.engine.close()
+    (spec1, rolled1, drafted1, evicted1), (spec2, rolled2, drafted2, evicted2) = runs
+    assert spec2 == spec1 and rolled2 == rolled1
+    assert drafted2 > 0 and evicted2 > 0 and (drafted2, evicted2) == (drafted1, evicted1)
+
+
+def test_rank_slices_of_a_split_quantized_linear():
+    """A fused q|k|v stored in parts of different formats keeps, per part, its own rows."""
+    from livelm.layers.quantized import SplitQuantLinear
+
+    torch.manual_seed(1)
+    parts = ((32, "q4_1"), (16, "q8_0"), (16, "q4_0"))
+    split = SplitQuantLinear(64, parts)
+    weights = []
+    for part, (rows, fmt) in zip(split.parts, parts, strict=True):
+        w = torch.randn(rows, 64) * 0.1
+        weights.append(w)
+        for name, t in quantize(w, fmt).tensors().items():
+            setattr(part, name, t)
+    x = torch.randn(3, 64)
+    full = split.forward(x)
+    kept = keep_rows(split, [(8, 24), (32, 40), (48, 56)])
+    assert [p.fmt for p in kept.parts] == ["q4_1", "q8_0", "q4_0"]
+    assert torch.equal(kept.forward(x), torch.cat([full[:, 8:24], full[:, 32:40], full[:, 48:56]], dim=1))
