@@ -1,4 +1,4 @@
-"""Tiny random-weight models (Llama, Qwen2, Qwen3, Phi-3, and the mixture-of-experts
+"""Tiny random-weight models (Llama, Mistral, Qwen2, Qwen3, Phi-3, and the mixture-of-experts
 Qwen2-MoE, Qwen3-MoE and Mixtral) and a byte-level BPE tokenizer, built at
 test time in a temporary directory so that no test downloads anything."""
 
@@ -83,6 +83,10 @@ def _hf_classes(arch: str, cfg: dict):
     if arch == "llama":
         cfg.setdefault("tie_word_embeddings", False)
         return t.LlamaConfig(**cfg), t.LlamaForCausalLM
+    if arch == "mistral":
+        cfg.setdefault("tie_word_embeddings", False)
+        cfg.setdefault("sliding_window", None)  # transformers' default (4096) would not slide here
+        return t.MistralConfig(**cfg), t.MistralForCausalLM
     if arch == "qwen2":
         cfg.setdefault("tie_word_embeddings", True)
         return t.Qwen2Config(**cfg), t.Qwen2ForCausalLM
@@ -119,7 +123,7 @@ def _hf_classes(arch: str, cfg: dict):
 
 
 def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Write a tiny random model of ``arch`` ("llama", "qwen2", "qwen3", "phi3",
+    """Write a tiny random model of ``arch`` ("llama", "mistral", "qwen2", "qwen3", "phi3",
     "qwen2_moe", "qwen3_moe", "mixtral") to ``out_dir``; ``overrides`` go to its config."""
 
     out_dir = Path(out_dir)

@@ -43,8 +43,12 @@ class KVCacheManager:
     then session pins (soonest expiry first); only after that does the scheduler preempt.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         self.block_size = block_size
+        # Every layer of the model slides by this window (None: some layer is global, or
+        # none slides): blocks wholly before a request's window are released (roll).
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks)
         self.prefix_cache: PrefixCache = (
             HashPrefixCache(self.pool, block_size) if enable_prefix_caching else NoPrefixCache()
@@ -133,9 +137,19 @@ class KVCacheManager:
         A sinks request stops committing once it has rolled blocks out: its table no
         longer maps text blocks one to one, and a prefix hit needs every block from the
         first one on. What it cached before (its first blocks, keyed with its policy in
-        the salt) stays valid for requests of the same policy and prefix."""
-        if not request.num_evicted_blocks:
+        the salt) stays valid for requests of the same policy and prefix.
+
+        A sliding-window request keeps committing after releasing blocks while its chain
+        covers them: its KV is what any request of the same tokens computes, and the
+        released blocks it cached stay in the cache (free, LRU) until their memory is reused."""
+        if not request.num_evicted_blocks or self._slide_commits(request):
             self.prefix_cache.commit(request)
+
+    @staticmethod
+    def _slide_commits(request: Request) -> bool:
+        """Whether a request that released blocks still commits: a sliding-window one (not
+        sinks) whose cache chain covers every released block."""
+        return not request.rolling and len(request.cache_chain) >= request.num_evicted_blocks
 
     def roll(self, request: Request) -> int:
         """Release the blocks of a sinks request that no later query can see: whole
@@ -145,7 +159,7 @@ class KVCacheManager:
         ``window`` tokens). Tokens of a block only partly out are masked by attention, not
         freed. Returns how many blocks were released."""
         if not request.rolling:
-            return 0
+            return self._slide(request) if self.sliding_window is not None else 0
         policy, bs = request.kv_policy, self.block_size
         nsb = policy.num_sink_blocks(bs)
         keep_from = policy.window_start(request.num_computed_tokens, request.kv_floor) - bs
@@ -161,6 +175,29 @@ class KVCacheManager:
         del request.block_ids[nsb : nsb + count]
         self.pool.release(reversed(dropped))
         request.num_evicted_blocks += count
+        request.num_evicted_tokens += count * bs
+        self.num_evicted_tokens += count * bs
+        return count
+
+    def _slide(self, request: Request) -> int:
+        """Release the blocks of a request of an all-sliding model that no later query of
+        any layer sees: whole blocks ending before the window of its next token (one block
+        earlier, so that a generation forked from it can recompute its partial last
+        block). An input stream keeps all of its KV (replies fork it, revisions cut it).
+        The block table turns logical, as a sinks request's (``Request.physical_block``)."""
+        if request.input_only:
+            return 0
+        bs = self.block_size
+        keep_from = request.num_computed_tokens - self.sliding_window + 1 - bs
+        count = keep_from // bs - request.num_evicted_blocks
+        if count <= 0:
+            return 0
+        dropped = request.block_ids[:count]
+        del request.block_ids[:count]
+        self.pool.release(reversed(dropped))
+        request.num_evicted_blocks += count
+        if not self._slide_commits(request):
+            self.prefix_cache.forget(request)  # it commits no more: drop its claims
         request.num_evicted_tokens += count * bs
         self.num_evicted_tokens += count * bs
         return count
@@ -316,7 +353,7 @@ class KVCacheManager:
     def drop_slots_after(self, request: Request, num_tokens: int) -> None:
         """Give back the blocks past those ``num_tokens`` tokens need (slots of drafted
         tokens that were rejected: no one else holds or caches them)."""
-        keep = blocks_needed(num_tokens, self.block_size)
+        keep = blocks_needed(num_tokens, self.block_size) - request.num_evicted_blocks
         if len(request.block_ids) > keep:
             self.pool.release(reversed(request.block_ids[keep:]))
             del request.block_ids[keep:]

@@ -195,7 +195,9 @@ class HashPrefixCache:
     def commit(self, request: Request) -> None:
         """See :meth:`PrefixCache.commit`."""
         bs = self.block_size
-        num_full = min(request.num_computed_tokens // bs, len(request.block_ids))
+        # Text block i is request.physical_block(i): a sliding-window request that released
+        # blocks commits on while its chain covers them (KVCacheManager.commit).
+        num_full = min(request.num_computed_tokens // bs, len(request.block_ids) + request.num_evicted_blocks)
         chain = request.cache_chain
         if len(chain) >= num_full:
             return
@@ -206,7 +208,7 @@ class HashPrefixCache:
             h = hashes[i]
             token_ids = tuple(tokens[i * bs : (i + 1) * bs])
             parent = chain[-1] if chain else None
-            block = request.block_ids[i]
+            block = request.physical_block(i, bs)
             meta = self._meta.get(block)
             if meta is not None and not meta.holds(parent, token_ids, salt):
                 # Cannot happen while blocks are written only past the cached part; if it

@@ -78,11 +78,14 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         speculative: SpeculativeConfig | None = None,
         drafter: BatchedDrafter | None = None,
+        sliding_window: int | None = None,
     ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
+        # sliding_window: every layer of the model slides by it, so KV before a request's
+        # window is released as it moves on (KVCacheManager.roll).
         self.kv = KVCacheManager(
-            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, sliding_window
         )
         self.session_ttl = cache_config.session_ttl_s
         # Session TTLs read this clock; tests replace it to move time without sleeping.
@@ -392,7 +395,8 @@ class Scheduler:
         if not draft:
             return ()
         # Only free blocks: drafts never cost a session pin, let alone a preemption.
-        needed = blocks_needed(req.num_computed_tokens + 1 + len(draft), self.block_size) - len(req.block_ids)
+        needed = (blocks_needed(req.num_computed_tokens + 1 + len(draft), self.block_size)
+                  - req.num_evicted_blocks - len(req.block_ids))
         if needed > self.kv.num_free_blocks or not self.kv.allocate_slots(req, 1 + len(draft)):
             return ()
         return tuple(draft)
@@ -633,6 +637,9 @@ class Scheduler:
             raise ValueError(f"request {parent_id!r} cannot fork (an input stream, or forked already)")
         if parent.rolling:
             raise ValueError(f"request {parent_id!r} has kv_policy 'sinks': fork/join needs kv_policy 'full'")
+        if parent.num_evicted_blocks:
+            raise ValueError(f"request {parent_id!r} has released KV blocks that left its sliding window: "
+                             "fork/join needs all of its KV (fork it before it outgrows the model's window)")
         for child in children:
             if child.request_id in self.requests:
                 raise ValueError(f"request id {child.request_id!r} is already in use")

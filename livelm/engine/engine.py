@@ -250,6 +250,7 @@ class Engine:
             self.cache_config,
             speculative=config.speculative,
             drafter=self.draft,
+            sliding_window=self._release_window(),
         )
         # Constrained decoding (docs/structured_output.md); its costly parts start on first use.
         self.structured = GrammarBackend(self.tokenizer, mc.vocab_size, self.eos_token_ids)
@@ -306,6 +307,16 @@ class Engine:
         if self.tp_workers is not None:
             self.tp_workers.close()
             self.tp_workers.dead = "the engine was closed"
+
+    def _release_window(self) -> int | None:
+        """The window by which KV leaves every layer (ModelConfig.sliding_window when all
+        layers slide and it is shorter than the context), None when nothing is released: a
+        global layer still reads every key."""
+        mc = self.model_config
+        window = mc.sliding_window
+        if not mc.all_layers_slide or window is None or window >= self.max_model_len:
+            return None
+        return window
 
     def _num_kv_blocks(self) -> int:
         """Blocks in the KV pool: ``num_kv_blocks`` when given; else what ``kv_cache_gib``
@@ -396,6 +407,15 @@ class Engine:
         the distance between positions only, and a pool that holds the request's peak."""
         if not policy.is_sinks:
             return
+        window = self.model_config.sliding_window
+        if window is not None and window < self.max_model_len:
+            # The sinks path (layers/attention/sinks.py) attends over sinks + its own window
+            # with cache positions, which a sliding layer's window would cut differently (a
+            # window as long as the context never cuts: Phi-3-128k's, say).
+            raise ValueError(
+                f"kv_policy 'sinks' cannot run on this model: its layers attend over a sliding window "
+                f"of {window} tokens, which the sinks attention path does not apply; use kv_policy 'full'"
+            )
         bs = self.config.block_size
         if policy.window < bs:
             raise ValueError(f"kv_window ({policy.window}) must be at least one KV block ({bs} tokens)")

@@ -2,8 +2,9 @@
 Phi-3).
 
 The families differ only in options read from their config: q/k/v bias (Qwen2), per-head
-q/k RMSNorm (Qwen3), tied embeddings, head_dim, RoPE scaling, partial rotary (Phi-4-mini)
-and a mixture-of-experts feed-forward (models/moe.py: Qwen2-MoE, Qwen3-MoE, Mixtral).
+q/k RMSNorm (Qwen3), tied embeddings, head_dim, RoPE scaling, partial rotary (Phi-4-mini),
+sliding-window layers (Mistral, Qwen2 with use_sliding_window) and a mixture-of-experts
+feed-forward (models/moe.py: Qwen2-MoE, Qwen3-MoE, Mixtral).
 Phi-3's checkpoints store q|k|v and gate|up already fused, in this module's layout. Projections that read the
 same input are fused (q|k|v, gate|up) so each layer does two big matmuls instead of five.
 """
@@ -39,10 +40,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention with fused q/k/v projection over the paged KV cache."""
+    """Self-attention with fused q/k/v projection over the paged KV cache; layer ``index``
+    slides when the config gives it a window (its queries see only their last ``window``
+    keys, themselves included)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
+        self.window = cfg.window_of(index)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -74,7 +78,7 @@ class Attention(nn.Module):
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         if not rotated:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = meta.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = meta.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         return self.o_proj.forward(out)
 
 
@@ -98,7 +102,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         moe = cfg.moe
         if moe is not None and moe.sparse_layers[index]:

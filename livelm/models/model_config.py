@@ -18,7 +18,12 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "MixtralForCausalLM": (False, False),
 }
 MOE_ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+# Every layer slides by ``sliding_window`` when the config gives one (transformers masks
+# all their layers with it, whatever the context length).
 _WINDOWED = ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM")
+# Windows switched on by ``use_sliding_window``; which layers slide, as transformers' config
+# classes decide it when the config lists no ``layer_types``.
+_QWEN_WINDOWED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -114,6 +119,23 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     moe: MoEConfig | None = None
+    # Per layer: the sliding window of its attention (the query at position p sees keys at
+    # positions > p - window), or None for a global layer; () when no layer slides.
+    sliding_windows: tuple[int | None, ...] = ()
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the sliding layers (livelm supports one window per model), or None."""
+        return next((w for w in self.sliding_windows if w is not None), None)
+
+    @property
+    def all_layers_slide(self) -> bool:
+        """True when every layer slides: KV that left the window is needed by no layer."""
+        return bool(self.sliding_windows) and all(w is not None for w in self.sliding_windows)
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, None for a global one."""
+        return self.sliding_windows[layer] if self.sliding_windows else None
 
     @staticmethod
     def from_dir(model_dir: str | Path) -> ModelConfig:
@@ -136,16 +158,6 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         default_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
-        if raw.get("use_sliding_window"):  # Qwen2 / Qwen MoE configs switch it on by name
-            raise ValueError(f"{arch} with use_sliding_window=true is not supported")
-        if arch in _WINDOWED and raw.get("sliding_window"):
-            max_pos = raw.get("max_position_embeddings", 0)
-            if raw["sliding_window"] < max_pos:
-                # Phi-3-mini-4k says 2047 for a 4096 context: transformers masks by it.
-                raise ValueError(
-                    f"{arch} models with a sliding window shorter than the context are not "
-                    f"supported (sliding_window={raw['sliding_window']}, context={max_pos})"
-                )
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported activation {raw.get('hidden_act')!r}: only silu")
         num_heads = raw["num_attention_heads"]
@@ -170,7 +182,45 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=MoEConfig.from_dict(raw, arch, raw["num_hidden_layers"]) if arch in MOE_ARCHITECTURES else None,
+            sliding_windows=_parse_windows(raw, arch, raw["num_hidden_layers"]),
         )
+
+
+def _parse_windows(raw: dict, arch: str, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window as transformers (v5) applies it to ``arch``; () for none.
+
+    Mistral, Mixtral and Phi-3 slide every layer by ``sliding_window`` when it is set. The
+    Qwen families slide only with ``use_sliding_window``: the layers the config's
+    ``layer_types`` mark ``sliding_attention``, else Qwen2 / Qwen3 the layers from
+    ``max_window_layers`` on, Qwen2-MoE the even layers below it, Qwen3-MoE every layer.
+    """
+    if arch in _WINDOWED:
+        window = raw.get("sliding_window")
+        sliding = [True] * num_layers
+    elif arch in _QWEN_WINDOWED and raw.get("use_sliding_window"):
+        window = raw.get("sliding_window", 4096)
+        types = raw.get("layer_types")
+        limit = int(raw.get("max_window_layers", 28))
+        if arch == "Qwen3MoeForCausalLM":
+            sliding = [True] * num_layers  # its attention reads config.sliding_window in every layer
+        elif types is not None:
+            if len(types) != num_layers or any(t not in ("sliding_attention", "full_attention") for t in types):
+                raise ValueError(
+                    f"layer_types must name 'sliding_attention' or 'full_attention' for each of the "
+                    f"{num_layers} layers, got {types!r:.200}"
+                )
+            sliding = [t == "sliding_attention" for t in types]
+        elif arch == "Qwen2MoeForCausalLM":
+            sliding = [i % 2 == 0 and i < limit for i in range(num_layers)]
+        else:
+            sliding = [i >= limit for i in range(num_layers)]
+    else:
+        return ()
+    if window is None or not any(sliding):
+        return ()
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window must be a positive integer (or null for none), got {window!r:.40}")
+    return tuple(window if s else None for s in sliding)
 
 
 def _parse_rope(raw: dict, arch: str, head_dim: int) -> RopeConfig:

@@ -67,6 +67,8 @@ class ModelRunner:
         # The cache's storage type (EngineConfig.kv_cache_dtype, layers/attention/kv_format.py).
         self.kv_dtype = self.dtype if kv_dtype is None else kv_dtype
         self.block_size = block_size
+        # The sliding layers' window (ModelConfig.sliding_window; None: every layer is global).
+        self.window = cfg.sliding_window
         self.attn_backend: AttentionBackend = select_attention_backend(
             attention_backend, self.device, self.dtype, cfg.head_dim, self.kv_dtype
         )
@@ -260,6 +262,12 @@ class ModelRunner:
                 continue
             pos.extend(positions)
             table = c.block_ids
+            if c.num_evicted_blocks:
+                # A sliding-window request released the blocks before its window (every
+                # layer slides): text block i is block_ids[i - evicted]. The released ones
+                # stand in as its first kept block, which is written; attention never reads
+                # them (before every query's window: masked, or skipped by the kernels).
+                table = [table[0]] * c.num_evicted_blocks + table
             slots.extend(table[p // bs] * bs + p % bs for p in positions)
             row_of[c.request_id] = (start_row, len(ids))
             if c.is_decode:
@@ -277,6 +285,7 @@ class ModelRunner:
             block_size=bs,
             prefills=[],
             backend=self.attn_backend,
+            window=self.window,
         )
         if decode_lens:
             max_blocks = max(len(t) for t in decode_tables)

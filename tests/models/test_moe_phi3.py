@@ -103,12 +103,6 @@ def test_quantized_experts_refused(references, quantization: str) -> None:
         LLM(str(d), quantization=quantization)
 
 
-def test_phi3_short_sliding_window_refused(tmp_path: Path) -> None:
-    d = build_tiny_model(tmp_path / "m", "phi3", sliding_window=32)
-    with pytest.raises(ValueError, match="sliding window shorter than the context"):
-        LLM(str(d))
-
-
 def test_moe_logprobs_match_transformers(references) -> None:
     from oracle import hf_logprobs
 

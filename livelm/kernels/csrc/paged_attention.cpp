@@ -153,15 +153,24 @@ inline void prefetch_rows(const KV* p, int64_t elems) {
 #endif
 }
 
+// Scores of the first skip keys of each of ng rows (len apart) to -inf: keys before a
+// sliding window, in the block that holds its start. exp(-inf) is exactly 0, so they add
+// nothing to the softmax sums or the outputs (a value row times 0 leaves a sum unchanged).
+inline void mask_before(float* scores, int64_t ng, int64_t len, int64_t skip) {
+  for (int64_t g = 0; g < ng && skip > 0; ++g)
+    std::fill(scores + g * len, scores + g * len + skip, -std::numeric_limits<float>::infinity());
+}
+
 #if defined(LIVELM_ATTN_AVX512)
 // The ng query heads of one (request, KV head) pair (q: ng rows of head_dim = 16 * HD16)
-// over len keys, into out (ng rows); scores is scratch for ng * len floats.
+// over len keys, into out (ng rows); scores is scratch for ng * len floats. The first skip
+// keys (a sliding window's partial first block) are scored, then weigh nothing.
 // Scores: per key row, loaded once for all ng heads, one dot product per head (q held in
 // registers when it fits). Values: ng heads' outputs accumulate in registers across all
 // keys (a memory accumulator would make every key wait on the previous key's store).
 template <int HD16, typename KV>
 void attend_heads512(const float* q, int64_t ng, const KV* kh, const KV* vh, const int64_t* table,
-                     int64_t len, int64_t block_size, float scale, float* out, float* scores) {
+                     int64_t len, int64_t skip, int64_t block_size, float scale, float* out, float* scores) {
   constexpr int64_t hd = 16 * HD16;
   // Pass 1: scores[g * len + t].
   for (int64_t t0 = 0; t0 < len; t0 += block_size) {
@@ -194,6 +203,7 @@ void attend_heads512(const float* q, int64_t ng, const KV* kh, const KV* vh, con
       }
     }
   }
+  mask_before(scores, ng, len, skip);
   // Softmax per query head (unnormalized; 1/sum applied to the output), 16 keys at a time
   // (glibc's expf stays scalar here and cost more than everything else together).
   float inv_sum[64];
@@ -249,22 +259,23 @@ void attend_heads512(const float* q, int64_t ng, const KV* kh, const KV* vh, con
 // attend_heads512 for this head_dim, or false when none is compiled for it.
 template <typename KV>
 bool attend_heads_avx512(int64_t head_dim, const float* q, int64_t ng, const KV* kh, const KV* vh,
-                         const int64_t* table, int64_t len, int64_t block_size, float scale, float* out, float* scores) {
+                         const int64_t* table, int64_t len, int64_t skip, int64_t block_size, float scale, float* out,
+                         float* scores) {
   if (ng > 64) return false;
   switch (head_dim) {
-    case 16: attend_heads512<1>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
-    case 32: attend_heads512<2>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
-    case 64: attend_heads512<4>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
-    case 80: attend_heads512<5>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
-    case 96: attend_heads512<6>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
-    case 128: attend_heads512<8>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
-    case 256: attend_heads512<16>(q, ng, kh, vh, table, len, block_size, scale, out, scores); return true;
+    case 16: attend_heads512<1>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
+    case 32: attend_heads512<2>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
+    case 64: attend_heads512<4>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
+    case 80: attend_heads512<5>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
+    case 96: attend_heads512<6>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
+    case 128: attend_heads512<8>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
+    case 256: attend_heads512<16>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
     default: return false;
   }
 }
 // q8_0 rows take the generic loops (their dot/axpy above).
 bool attend_heads_avx512(int64_t, const float*, int64_t, const uint8_t*, const uint8_t*, const int64_t*, int64_t,
-                         int64_t, float, float*, float*) {
+                         int64_t, int64_t, float, float*, float*) {
   return false;
 }
 #endif
@@ -277,21 +288,26 @@ namespace {
 template <typename KV>
 void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp, const int64_t* lp, float* op,
                  int64_t num_seqs, int64_t num_kv_heads, int64_t num_slots, int64_t group, int64_t head_dim,
-                 int64_t row, int64_t max_blocks, int64_t q_row, int64_t out_row, int64_t block_size, float fscale) {
+                 int64_t row, int64_t max_blocks, int64_t q_row, int64_t out_row, int64_t block_size, float fscale,
+                 int64_t window) {
   // One task per (request, KV head): the group's query heads share every K/V row load
   // (splitting a group over threads measured slower, even one request on two threads).
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
-      const int64_t len = lp[s];
+      // A sliding window: keys from start = len - window on, read from the block holding
+      // start (its first skip keys masked); the blocks before it are never touched.
+      const int64_t start = window > 0 ? std::max<int64_t>(0, lp[s] - window) : 0;
+      const int64_t first = start / block_size, skip = start - first * block_size;
+      const int64_t len = lp[s] - first * block_size;
       const KV* kh = kp + h * num_slots * row;
       const KV* vh = vp + h * num_slots * row;
-      const int64_t* table = btp + s * max_blocks;
+      const int64_t* table = btp + s * max_blocks + first;
 #if defined(LIVELM_ATTN_AVX512)
       scores.resize(static_cast<size_t>(group * len));
-      if (attend_heads_avx512(head_dim, qp + s * q_row + h * group * head_dim, group, kh, vh, table, len, block_size,
-                              fscale, op + s * out_row + h * group * head_dim, scores.data()))
+      if (attend_heads_avx512(head_dim, qp + s * q_row + h * group * head_dim, group, kh, vh, table, len, skip,
+                              block_size, fscale, op + s * out_row + h * group * head_dim, scores.data()))
         continue;
 #endif
       scores.assign(static_cast<size_t>(group * len), 0.f);
@@ -312,6 +328,7 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
             scores[g * len + t0 + i] = dot(qh + g * head_dim, krow, head_dim) * fscale;
         }
       }
+      mask_before(scores.data(), group, len, skip);
       // Softmax per query head.
       std::vector<float> inv_sum(group);
       for (int64_t g = 0; g < group; ++g) {
@@ -355,10 +372,13 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
 
 // q, out: [D, Hq, hd] fp32, each row's heads packed (any row stride); k_cache, v_cache:
 // [Hkv, S, hd] both fp32 or both bf16, or [Hkv, S, q8_row_bytes(hd)] both uint8 (q8_0 rows);
-// block_tables: [D, max_blocks] int64; context_lens: [D] int64.
+// block_tables: [D, max_blocks] int64; context_lens: [D] int64; window > 0: a sliding
+// window (row s sees only its last window keys, the blocks before them are not read; they
+// may be released ones, pointed anywhere), 0: none.
 void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                 torch::Tensor block_tables, torch::Tensor context_lens,
-                                int64_t block_size, double scale, torch::Tensor out) {
+                                int64_t block_size, double scale, torch::Tensor out, int64_t window) {
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
   TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
   const auto kv = k_cache.scalar_type();
   TORCH_CHECK(v_cache.scalar_type() == kv && (kv == torch::kFloat32 || kv == torch::kBFloat16 || kv == torch::kUInt8),
@@ -380,7 +400,7 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
   const int64_t* lp = lens.data_ptr<int64_t>();
   auto run = [&](auto* kp, auto* vp) {
     decode_impl(q.data_ptr<float>(), kp, vp, btp, lp, out.data_ptr<float>(), num_seqs, num_kv_heads, num_slots,
-                group, head_dim, row, bt.size(1), q.stride(0), out.stride(0), block_size, fscale);
+                group, head_dim, row, bt.size(1), q.stride(0), out.stride(0), block_size, fscale, window);
   };
   if (kv == torch::kBFloat16) {
     run(reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
@@ -395,9 +415,10 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
 // As above, into a fresh [D, Hq, hd] tensor.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
-                                     int64_t block_size, double scale) {
+                                     int64_t block_size, double scale, int64_t window) {
   auto out = torch::empty(q.sizes(), q.options());
-  paged_decode_attention_out(q.contiguous(), k_cache, v_cache, block_tables, context_lens, block_size, scale, out);
+  paged_decode_attention_out(q.contiguous(), k_cache, v_cache, block_tables, context_lens, block_size, scale, out,
+                             window);
   return out;
 }
 

@@ -17,7 +17,9 @@
 //   O  [M][hd]   the output accumulator: O += P^T . V broadcasts P and reads V rows from
 //                the cache
 // Online softmax over key blocks in ascending order: key 0 is visible to every query, so
-// each column's running max is finite after the first block (no -inf - -inf).
+// each column's running max is finite after the first block (no -inf - -inf). A sliding
+// window (a layer of Mistral, Qwen2 ...) starts at the tile's first query's window and masks
+// its far edge; there a finite floor for the max stands in for -inf.
 //
 // The micro-kernels use GCC vector extensions sized to the widest ISA -march=native allows
 // (AVX-512, AVX2, else 4 lanes that the compiler lowers to whatever exists).
@@ -228,7 +230,7 @@ template <typename KV>
 void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torch::Tensor& sl, torch::Tensor& out,
                   int64_t n, int64_t num_heads, int64_t hd, int64_t num_kv_heads, int64_t num_slots, int64_t ctx,
                   int64_t q_stride, int64_t group, int64_t mq, int64_t m, int64_t num_tiles, int64_t first_pos,
-                  double scale) {
+                  double scale, int64_t window) {
   const float* qp = q.data_ptr<float>();
   const int64_t* sp = sl.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -261,11 +263,16 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
           for (int64_t d = 0; d < hd; ++d) qt[d * m + g * mq + i] = qrow[d] * fscale;
         }
       std::fill(o.begin(), o.end(), 0.f);
-      std::fill(row_max.begin(), row_max.end(), neg_inf);
+      // Under a sliding window a column may see nothing of its first key block: a finite
+      // floor keeps its max finite (exp(-inf - floor) = 0, no -inf - -inf), and it rescales
+      // as -inf would (exp(floor - max) is exactly 0).
+      std::fill(row_max.begin(), row_max.end(), window > 0 ? -1e30f : neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       const int64_t lo_pos = first_pos + q0, hi_pos = first_pos + q0 + nq - 1;
       const int64_t num_keys = hi_pos + 1;  // keys past the tile's last query are never seen
-      for (int64_t j0 = 0; j0 < num_keys; j0 += KEY_BLOCK) {
+      // A sliding window: keys before the tile's first query's window are never seen either.
+      const int64_t first_key = window > 0 ? std::max<int64_t>(0, lo_pos - window + 1) : 0;
+      for (int64_t j0 = first_key; j0 < num_keys; j0 += KEY_BLOCK) {
         const int64_t nk = std::min<int64_t>(KEY_BLOCK, num_keys - j0);
         for (int64_t k = 0; k < nk; ++k) {
           if constexpr (kQ8) {
@@ -290,8 +297,18 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
               for (int64_t i = 0; i < upto; ++i) srow[g * mq + i] = neg_inf;
           }
         }
+        if (window > 0 && hi_pos - j0 >= window) {
+          // The window's far edge: key j is hidden from query i when first_pos + q0 + i - j >= window.
+          for (int64_t k = 0; k < nk; ++k) {
+            const int64_t first_far = j0 + k + window - first_pos - q0;  // queries i >= this cannot see key k
+            if (first_far >= nq) break;  // grows with k
+            float* srow = s.data() + k * m;
+            for (int64_t g = 0; g < group; ++g)
+              for (int64_t i = std::max<int64_t>(0, first_far); i < nq; ++i) srow[g * mq + i] = neg_inf;
+          }
+        }
         online_softmax(s.data(), nk, m, row_max.data(), row_sum.data(), alpha.data());
-        if (j0 > 0) {
+        if (j0 > first_key) {
           for (int64_t c = 0; c < m; ++c) {
             const float a = alpha[c];
             if (a == 1.f) continue;
@@ -320,9 +337,12 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
 // bf16, or [Hkv, S, q8_row_bytes(hd)] uint8 (q8_0); slots: [ctx] int64,
 // the slots of all keys (earlier context then the chunk itself, whose K/V are already
 // written); out: [n, Hq * hd], written in place. Query i sits at position ctx - n + i and
-// sees keys 0..ctx - n + i.
+// sees keys 0..ctx - n + i; window > 0 (a sliding layer): only its last window of them,
+// ctx - n + i - window < j (the slots of keys before every query's window are not read;
+// they may point anywhere), 0: no window.
 void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-                       torch::Tensor out, double scale) {
+                       torch::Tensor out, double scale, int64_t window) {
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
   TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
   const auto kv = k_cache.scalar_type();
   TORCH_CHECK(v_cache.scalar_type() == kv && (kv == torch::kFloat32 || kv == torch::kBFloat16 || kv == torch::kUInt8),
@@ -352,14 +372,14 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   if (kv == torch::kBFloat16) {
     prefill_impl(q, reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
                  reinterpret_cast<const bf16*>(v_cache.data_ptr<at::BFloat16>()), sl, out, n, num_heads, hd,
-                 num_kv_heads, num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
+                 num_kv_heads, num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window);
   } else if (kv == torch::kUInt8) {
     prefill_impl(q, static_cast<const uint8_t*>(k_cache.data_ptr<uint8_t>()),
                  static_cast<const uint8_t*>(v_cache.data_ptr<uint8_t>()), sl, out, n, num_heads, hd, num_kv_heads,
-                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
+                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window);
   } else {
     prefill_impl(q, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl, out, n, num_heads, hd, num_kv_heads,
-                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale);
+                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window);
   }
 }
 

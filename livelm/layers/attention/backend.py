@@ -45,8 +45,12 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """Write the new k/v [T, Hkv, D] into the cache, then attend: q [T, Hq, D] -> [T, Hq * D]."""
+        """Write the new k/v [T, Hkv, D] into the cache, then attend: q [T, Hq, D] -> [T, Hq * D].
+
+        ``window``: the calling layer's sliding window (``meta.window``; the query at
+        position p sees only keys at positions > p - window), None for a global layer."""
         ...
 
 

@@ -32,6 +32,10 @@ class PrefillSegment:
     query_len: int
     context_slots: torch.Tensor | None
     causal_mask: torch.Tensor | None  # [query_len, context] bool, True = may attend
+    # The torch path's mask for sliding layers (causal, and only each query's last
+    # ``window`` keys): [query_len, context] bool; None where it equals the causal one
+    # (no query of the chunk reaches past its window).
+    window_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,8 +53,12 @@ class AttentionMetadata:
     block_size: int
     prefills: list[PrefillSegment]
     backend: AttentionBackend  # the layers call backend.forward
+    # The window of the model's sliding layers (ModelConfig.sliding_window), None when no
+    # layer slides; each layer passes its own (this one or None) to backend.forward.
+    window: int | None = None
     # The torch decode path's (the C++ kernel reads the block tables in place):
     decode_slots: torch.Tensor | None = None  # [D, Lmax] context slots of each decoding request
     decode_bias: torch.Tensor | None = None  # [1, D, 1, Lmax] float: 0 for real keys, -inf for padding
+    decode_window_bias: torch.Tensor | None = None  # the same, -inf also before each row's window
     # Chunks of kv_policy "sinks" requests (layers/attention/sinks.py), after the decodes.
     sinks: list[SinksSegment] = field(default_factory=list)
