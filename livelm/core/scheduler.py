@@ -500,6 +500,7 @@ class Scheduler:
         self.speculator.rollback(req, req.num_computed_tokens)  # a draft model keeps what the target kept
         self.kv.drop_slots_after(req, req.num_tokens)
         self.kv.commit(req)
+        self.kv.roll(req)  # a sliding-window request releases what left its window
         self.policy.account(req, 0, len(kept))
         lps = kept if req.sampling_params.logprobs is not None else None
         update = self._output(req, [t.token_id for t in kept], lps, None)
