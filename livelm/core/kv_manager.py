@@ -129,7 +129,8 @@ class KVCacheManager:
             # The new turn supersedes the session's older pin (its blocks, if reused, are
             # now held by the request itself).
             self.sessions.release(request.session_id)
-        self.prefix_cache.claim(request)
+        if not request.num_evicted_blocks or self._slide_commits(request):
+            self.prefix_cache.claim(request)  # (one that will not commit claims nothing)
 
     def commit(self, request: Request) -> None:
         """Record newly computed tokens (their full blocks join the prefix cache).

@@ -92,8 +92,8 @@ class Request:
     # whose KV this request holds and the cache knows.
     block_hashes: list[int] = field(default_factory=list)
     cache_chain: list[int] = field(default_factory=list)
-    # Non-sink blocks rolled out of the window (released to the pool), and their tokens
-    # over the request's life (a metric; preemption starts the count of blocks again).
+    # Non-sink blocks rolled out of the window (released to the pool; a sliding-window
+    # request's leading blocks, KVCacheManager._slide), and their tokens over the request's life (a metric; preemption starts the count of blocks again).
     num_evicted_blocks: int = 0
     num_evicted_tokens: int = 0
     # A sinks request preempted after rolling: the text position its kept window began at.
@@ -125,7 +125,7 @@ class Request:
 
     def physical_block(self, text_block: int, block_size: int) -> int:
         """The pool block holding text block ``text_block`` (the logical table of a sinks
-        request; the identity for ``full``)."""
+        request, or of a sliding-window one that released blocks; else the identity)."""
         if text_block < self.kv_policy.num_sink_blocks(block_size):
             return self.block_ids[text_block]
         return self.block_ids[text_block - self.num_evicted_blocks]

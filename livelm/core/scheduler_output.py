@@ -37,7 +37,8 @@ class ScheduledChunk:
     seed_offset: int = 0
     want_prompt_logprobs: bool = False
     # A sinks request (core/kv_policy.py): its policy, and how many non-sink blocks its
-    # logical ``block_ids`` skip (text block i >= sink blocks is ``block_ids[i - that]``).
+    # logical ``block_ids`` skip (text block i >= sink blocks is ``block_ids[i - that]``);
+    # a sliding-window request (no policy here) skips its leading released blocks so.
     kv_policy: KVPolicy | None = None
     num_evicted_blocks: int = 0
     kv_floor: int = 0  # text positions from the sinks up to here are gone (Request.kv_floor)

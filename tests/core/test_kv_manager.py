@@ -156,3 +156,52 @@ def test_stats_report_pool_cache_and_pins():
     for _ in range(3):
         kv.free(_computed(kv, _req("u", range(4))))
     assert kv.stats().num_touched_blocks == 3
+
+
+def test_sliding_window_releases_whole_blocks_before_the_window_and_keeps_caching():
+    """An all-sliding model (window 6, blocks of 4): after 30 computed tokens the next query
+    (position 30) sees 25..30, so blocks ending before 25 - 4 (one slack block) go back to
+    the pool; the table turns logical; full blocks keep entering the prefix cache, and a
+    request of the same tokens hits all of them, released ones included."""
+    kv = KVCacheManager(20, BS, sliding_window=6)
+    req = _computed(kv, _req("a", range(40)), 30)
+    assert len(req.block_ids) == 8 and kv.num_free_blocks == 12
+    kept = req.block_ids[5:]
+    assert kv.roll(req) == 5  # blocks 0..4 end at 19 < 25 - 4 = 21
+    assert req.num_evicted_blocks == 5 and req.block_ids == kept and kv.num_free_blocks == 17
+    assert [req.physical_block(i, BS) for i in range(5, 8)] == kept
+    assert kv.roll(req) == 0  # nothing more until the window moves on
+    assert kv.allocate_slots(req, 10) and len(req.block_ids) == 5  # 40 tokens: 10 blocks, 5 released
+    req.num_computed_tokens = 40
+    kv.commit(req)
+    assert kv.roll(req) == 2 and req.num_evicted_blocks == 7
+    assert kv.stats().num_evicted_tokens == 7 * BS
+    twin = _req("b", range(40))
+    assert kv.match(twin) == 36  # every full block before its last token, 7 of them released
+    kv.free(req)
+    kv.free(twin)
+    assert kv.num_free_blocks == 20
+
+
+def test_sliding_window_spares_input_streams_and_models_with_a_global_layer():
+    stream = Request.input_stream("s", list(range(40)))
+    kv = KVCacheManager(20, BS, sliding_window=6)
+    _computed(kv, stream)
+    assert kv.roll(stream) == 0 and len(stream.block_ids) == 10
+    plain = KVCacheManager(20, BS)  # sliding_window None: a global layer reads every key
+    req = _computed(plain, _req("a", range(40)))
+    assert plain.roll(req) == 0 and len(req.block_ids) == 10
+
+
+def test_a_released_block_whose_memory_was_reused_is_no_hit():
+    """Released cached blocks are hits only until the pool hands their memory out again."""
+    kv = KVCacheManager(10, BS, sliding_window=4)
+    req = _computed(kv, _req("a", range(32)))
+    assert kv.roll(req) == 6
+    other = _req("x", range(100, 132))
+    assert kv.allocate_slots(other, 32)  # 8 blocks: the 2 plain free ones, then the 6 released cached ones
+    twin = _req("b", range(32))
+    assert kv.match(twin) == 0 and kv.num_free_blocks == 0  # their memory went to "x": no hit
+    kv.free(twin)
+    kv.free(other)
+    kv.free(req)
