@@ -60,22 +60,52 @@ def test_greedy_matches_transformers(references, name: str, setting: str) -> Non
     assert_greedy_matches(d, prompts, expected, setting, block_size=BLOCK)
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2_mixed"])
-def test_transformers_really_applies_the_window(references, name: str) -> None:
-    """The oracle is not vacuous: the same weights without the window continue the long
-    prompts differently (so the matches above depend on the window being applied)."""
+def _without_window(d: Path):
+    """transformers' model of ``d`` with every layer global (the same weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    d, prompts, expected = references[name]
     config = AutoConfig.from_pretrained(str(d))
     config.sliding_window = None
     if hasattr(config, "layer_types"):
         config.layer_types = ["full_attention"] * config.num_hidden_layers
-    full = AutoModelForCausalLM.from_pretrained(str(d), config=config, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(d), config=config, dtype=torch.float32).eval()
+
+
+def test_transformers_really_applies_the_window(references) -> None:
+    """The greedy oracle is not vacuous: Mistral's weights without the window continue the
+    long prompts differently; tokens whose query saw every key either way do not differ."""
+    d, prompts, expected = references["mistral"]
+    full = _without_window(d)
     differ = [hf_greedy(full, p, NEW_TOKENS) != want for p, want in zip(prompts, expected, strict=True)]
-    # Tokens sampled at positions < WINDOW saw every key either way: they cannot differ.
-    assert hf_greedy(full, prompts[0], WINDOW - len(prompts[0]) + 1) == expected[0][: WINDOW - len(prompts[0]) + 1]
+    n = WINDOW - len(prompts[0]) + 1  # tokens sampled at positions < WINDOW
+    assert hf_greedy(full, prompts[0], n) == expected[0][:n]
     assert sum(differ[4:]) >= 3, "the window should change the long prompts' continuations"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_logprobs_follow_the_window(references, name: str, backend: str) -> None:
+    """Logprobs of a long prompt (prefill, in chunks over earlier context) and of its
+    generated tokens (decodes) equal transformers' windowed model within 1e-3, while the
+    same weights without the window are far off past the window (the tiny Qwen2's greedy
+    tokens barely move with the window: its logprobs show the window is applied)."""
+    from oracle import hf_logprobs
+
+    d, prompts, _ = references[name]
+    prompt = prompts[-1]
+    llm = LLM(str(d), block_size=BLOCK, max_num_batched_tokens=48, attention_backend=backend)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    toks = out.outputs[0].token_ids
+    text = prompt + toks
+    got = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))]
+                       + [lp[t].logprob for t, lp in zip(toks, out.outputs[0].logprobs, strict=True)])
+    picks = torch.tensor(text[1:])[:, None]
+    want = hf_logprobs(load_hf_model(d), text)[:-1].gather(1, picks)[:, 0]
+    unwindowed = hf_logprobs(_without_window(d), text)[:-1].gather(1, picks)[:, 0]
+    assert (got - want).abs().max() < 1e-3
+    assert (unwindowed - want)[: WINDOW - 1].abs().max() < 1e-4  # every key within the window
+    assert (unwindowed - want)[WINDOW:].abs().max() > 0.05
 
 
 def test_mixtral_window_matches_transformers(tmp_path: Path) -> None:
