@@ -57,7 +57,10 @@ def test_greedy_matches_transformers(references, name: str, setting: str) -> Non
     "default" runs the batch twice, the second from the prefix cache; "preemption" must
     preempt) with 8-token blocks."""
     d, prompts, expected = references[name]
-    assert_greedy_matches(d, prompts, expected, setting, block_size=BLOCK)
+    # An all-sliding model holds a window per request: only a pool about one request large
+    # (the longest, 162 tokens, must fit whole at admission) runs out and preempts.
+    small = setting == "preemption" and name != "qwen2_mixed"
+    assert_greedy_matches(d, prompts, expected, setting, block_size=BLOCK, **({"num_kv_blocks": 21} if small else {}))
 
 
 def _without_window(d: Path):
