@@ -100,6 +100,9 @@ class Request:
     # It is recomputed from what it kept (its sinks, then from here on), so tokens between
     # the sinks and this position are gone for good (core/kv_policy.py).
     kv_floor: int = 0
+    # Every layer of the model slides by this window (set by the scheduler; None
+    # otherwise): blocks that left it are released, chunks are at most a window long.
+    sliding_window: int | None = None
 
     # Set from ``sampling_params`` once, so the scheduler's per-step checks stay plain
     # attribute reads. Streaming input (engine/input_stream.py): an input-only request

@@ -133,6 +133,8 @@ class Scheduler:
                              f"{self.config.max_priority} (the engine's max_priority), got {request.priority}")
         if request.ttft_slo is None:
             request.ttft_slo = self._ttft_default
+        if self.kv.sliding_window is not None and not request.input_only and not request.rolling:
+            request.sliding_window = self.kv.sliding_window  # an input stream keeps all its KV
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.policy.added(request)
@@ -756,9 +758,12 @@ class _PrefillLimit:
 
 
 def _chunk_len(req: Request, budget: int) -> int:
-    """Tokens ``req`` computes this step: what it lacks, within the budget (a sinks request
-    at most a window at once, so its blocks stay bounded by about two windows)."""
+    """Tokens ``req`` computes this step: what it lacks, within the budget (a sinks or
+    sliding-window request at most a window at once, so its blocks stay bounded by about
+    two windows)."""
     n = min(req.num_tokens - req.num_computed_tokens, budget)
+    if req.sliding_window is not None:
+        return min(n, req.sliding_window)
     if not req.rolling:
         return n
     sinks = req.kv_policy.num_sink_tokens
@@ -769,7 +774,10 @@ def _chunk_len(req: Request, budget: int) -> int:
 
 def _peak_tokens(req: Request, num_tokens: int, block_size: int) -> int:
     """Token slots ``req`` needs at once to compute ``num_tokens`` more: all of them, but
-    for a sinks request no more than its window, a chunk and the slack blocks it keeps."""
+    for a sinks or sliding-window request no more than its window, a chunk and the slack
+    blocks it keeps."""
+    if req.sliding_window is not None:
+        return min(num_tokens, sliding_peak_tokens(req.sliding_window, block_size))
     if not req.rolling:
         return num_tokens
     policy = req.kv_policy
@@ -777,6 +785,12 @@ def _peak_tokens(req: Request, num_tokens: int, block_size: int) -> int:
     if req.input_only:
         bound += policy.window
     return min(num_tokens, bound)
+
+
+def sliding_peak_tokens(window: int, block_size: int) -> int:
+    """Token slots a request of an all-sliding model holds at most at once: its window and
+    the slack block it keeps, a chunk of at most a window, the block it writes into."""
+    return 2 * window + 3 * block_size
 
 
 def _is_fresh(req: Request) -> bool:

@@ -28,7 +28,7 @@ from livelm.core.kv_manager import blocks_needed
 from livelm.core.kv_policy import FULL, KVPolicy
 from livelm.core.request import FinishReason, Request, RequestStatus
 from livelm.core.request_options import NO_OPTIONS, RequestOptions, check_priority
-from livelm.core.scheduler import Scheduler
+from livelm.core.scheduler import Scheduler, sliding_peak_tokens
 from livelm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from livelm.core.scheduling_policy import DEFAULT_TENANT
 from livelm.core.speculative.config import check_draft_model_given
@@ -381,7 +381,11 @@ class Engine:
                 f"context length of {self.max_model_len} tokens: shorten the prompt or lower max_tokens"
             )
         capacity = self.scheduler.kv_capacity_tokens
-        if not rolling and n + max_tokens > capacity:
+        need = n + max_tokens
+        window = self.scheduler.kv.sliding_window
+        if window is not None:  # every layer slides: a request holds about two windows at most
+            need = min(need, sliding_peak_tokens(window, self.config.block_size))
+        if not rolling and need > capacity:
             raise ValueError(
                 f"prompt + max_tokens = {n + max_tokens} tokens cannot fit in the KV cache "
                 f"({capacity} tokens): raise kv_cache_gib or lower max_tokens"

@@ -246,3 +246,19 @@ def test_a_malformed_window_is_refused(bad) -> None:
             "layer_types": ["sliding_attention", "chunked_attention"]}
     with pytest.raises(ValueError, match="layer_types"):
         ModelConfig.from_dict(qwen)
+
+
+def test_a_request_longer_than_the_pool_runs_in_window_sized_memory(references) -> None:
+    """Mistral with a pool of 12 blocks (96 tokens) serves a 130-token prompt + 60 tokens:
+    it holds about two windows at most (chunks of at most a window), greedy as transformers;
+    a model with a global layer still refuses what cannot fit whole."""
+    d, prompts, _ = references["mistral"]
+    hf = load_hf_model(d)
+    want = hf_greedy(hf, prompts[-1], 60)
+    llm = LLM(str(d), block_size=BLOCK, num_kv_blocks=12)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    out = llm.generate([prompts[-1]], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want
+    d_mixed = references["qwen2_mixed"][0]
+    with pytest.raises(ValueError, match="cannot fit in the KV cache"):
+        LLM(str(d_mixed), block_size=BLOCK, num_kv_blocks=12).generate([prompts[-1]], params, use_tqdm=False)
