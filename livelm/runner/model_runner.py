@@ -262,19 +262,20 @@ class ModelRunner:
                 continue
             pos.extend(positions)
             table = c.block_ids
-            if c.num_evicted_blocks:
-                # A sliding-window request released the blocks before its window (every
-                # layer slides): text block i is block_ids[i - evicted]. The released ones
-                # stand in as its first kept block, which is written; attention never reads
-                # them (before every query's window: masked, or skipped by the kernels).
-                table = [table[0]] * c.num_evicted_blocks + table
-            slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            # A sliding-window request that released the blocks before its window (every
+            # layer slides) holds text block i in block_ids[i - evicted]: attention sees
+            # its context from the first kept block on, key positions shifted by ``off``.
+            # Every layer's mask (causal, and the window) depends on key and query
+            # positions only through their difference, so the shift changes nothing, and
+            # no step reads or builds more than the kept blocks.
+            off = c.num_evicted_blocks * bs
+            slots.extend(table[(p - off) // bs] * bs + p % bs for p in positions)
             row_of[c.request_id] = (start_row, len(ids))
             if c.is_decode:
-                decode_tables.append(table[: -(-end // bs)])
-                decode_lens.append(end)
+                decode_tables.append(table[: -(-(end - off) // bs)])
+                decode_lens.append(end - off)
             else:
-                prefill_specs.append((start_row, c.num_tokens, c.start_position, table))
+                prefill_specs.append((start_row, c.num_tokens, c.start_position - off, table))
 
         dev = self.device
         meta = AttentionMetadata(
