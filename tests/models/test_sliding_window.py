@@ -262,3 +262,37 @@ def test_a_request_longer_than_the_pool_runs_in_window_sized_memory(references) 
     d_mixed = references["qwen2_mixed"][0]
     with pytest.raises(ValueError, match="cannot fit in the KV cache"):
         LLM(str(d_mixed), block_size=BLOCK, num_kv_blocks=12).generate([prompts[-1]], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_speculative_decoding_on_a_sliding_model(references, method: str) -> None:
+    """Drafted tokens verified over a window whose old blocks are being released (their
+    rejected slots given back through the logical table): greedy as transformers, with
+    drafts really accepted."""
+    d, prompts, expected = references["mistral"]
+    llm = LLM(str(d), block_size=BLOCK, speculative_method=method, max_num_batched_tokens=40)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    stats = llm.engine.stats()
+    assert stats.spec_num_accepted_tokens > 0 and stats.num_evicted_tokens > 0
+
+
+def test_session_turns_reuse_the_pinned_window(references) -> None:
+    """Turns of a session on Mistral, each past the window: the next turn takes the pin
+    (released blocks and all: its table stays logical) and prefills only what it adds,
+    greedy as transformers over the whole history."""
+    d, prompts, _ = references["mistral"]
+    hf = load_hf_model(d)
+    llm = LLM(str(d), block_size=BLOCK, max_num_batched_tokens=40)
+    engine = llm.engine
+    history = list(prompts[-2])
+    for turn in range(3):
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, extra={"session_id": "s"})
+        hits = engine.stats().prefix_cache_hit_tokens
+        out = llm.generate([history], params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == hf_greedy(hf, history, 20)
+        if turn:  # all the previous turn computed came from the pin (not its last token)
+            assert engine.stats().prefix_cache_hit_tokens - hits == len(history) - 8
+        history = history + out.outputs[0].token_ids + _prompts([7], seed=50 + turn)[0]
+    engine.scheduler.close_session("s")
