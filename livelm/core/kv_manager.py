@@ -33,7 +33,7 @@ class KVCacheStats(NamedTuple):
     num_session_pins_dropped: int
     num_session_pins_closed: int
     num_touched_blocks: int
-    num_evicted_tokens: int = 0  # tokens whose blocks sinks requests rolled out of their window
+    num_evicted_tokens: int = 0  # tokens whose blocks rolled out of a window (sinks, sliding)
 
 
 class KVCacheManager:

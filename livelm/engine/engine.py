@@ -107,8 +107,9 @@ class EngineStats:
     # what it holds in memory) and the bytes of one block.
     num_touched_blocks: int = 0
     kv_block_bytes: int = 0
-    # kv_policy "sinks" (docs/attention_sinks.md): tokens whose blocks were rolled out of a
-    # window over the engine's life, and the fill of the windows of those holding KV now
+    # kv_policy "sinks" (docs/attention_sinks.md) and the requests of an all-sliding model
+    # (Mistral ...): tokens whose blocks were rolled out of a window over the engine's
+    # life; and, for sinks requests, the fill of the windows of those holding KV now
     # (tokens kept / (sinks + window), 0..1; 0 without such requests).
     num_evicted_tokens: int = 0
     kv_window_occupancy: float = 0.0

@@ -102,8 +102,9 @@ def _stream_metrics(stats: Any) -> Iterator[Any]:
         yield GaugeMetricFamily("livelm_input_streams", "Input streams (streaming-input "
                                 "sessions) open in the engine.", value=stats.num_input_streams)
     if hasattr(stats, "num_evicted_tokens"):
-        yield CounterMetricFamily("livelm_kv_evicted_tokens", "Tokens whose KV blocks kv_policy "
-                                  "'sinks' requests rolled out of their window.", value=stats.num_evicted_tokens)
+        yield CounterMetricFamily("livelm_kv_evicted_tokens", "Tokens whose KV blocks rolled out of "
+                                  "a window: kv_policy 'sinks' requests', and those of a model whose every layer "
+                                  "slides (Mistral ...).", value=stats.num_evicted_tokens)
         yield GaugeMetricFamily("livelm_kv_window_occupancy_ratio", "Tokens kept by running kv_policy "
                                 "'sinks' requests over what their sinks + windows hold (0..1).",
                                 value=stats.kv_window_occupancy)
