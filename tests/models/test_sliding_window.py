@@ -68,7 +68,7 @@ def _without_window(d: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(d))
-    config.sliding_window = None
+    config.sliding_window = 1 << 30  # a window longer than anything: some families always build the mask
     if hasattr(config, "layer_types"):
         config.layer_types = ["full_attention"] * config.num_hidden_layers
     return AutoModelForCausalLM.from_pretrained(str(d), config=config, dtype=torch.float32).eval()
@@ -111,12 +111,41 @@ def test_logprobs_follow_the_window(references, name: str, backend: str) -> None
     assert (unwindowed - want)[WINDOW:].abs().max() > 0.05
 
 
-def test_mixtral_window_matches_transformers(tmp_path: Path) -> None:
-    d = build_tiny_model(tmp_path / "m", "mixtral", sliding_window=WINDOW)
+# More families, on one setting each: which layers slide differs (Qwen3: from
+# max_window_layers on; Qwen2-MoE: the even layers below it; Qwen3-MoE and Mixtral: all).
+MORE_MODELS = {
+    "mixtral": ("mixtral", {"sliding_window": WINDOW}),
+    "qwen3": ("qwen3", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "qwen2_moe": ("qwen2_moe", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 2,
+                                "num_hidden_layers": 3}),
+    "qwen3_moe": ("qwen3_moe", {"use_sliding_window": True, "sliding_window": WINDOW}),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_MODELS))
+def test_more_families_follow_the_window(tmp_path: Path, name: str) -> None:
+    """Greedy as transformers under chunked prefill, and the prompt's logprobs within 1e-3
+    of the windowed model while the unwindowed one is far off (the prompt's tokens are
+    random, so their logprobs show every layer's attention; a tied model's greedy picks sit
+    at probability ~1 either way)."""
+    from oracle import hf_logprobs
+
+    arch, overrides = MORE_MODELS[name]
+    d = build_tiny_model(tmp_path / name, arch, **overrides)
     hf = load_hf_model(d)
     prompts = _prompts([40, 90], seed=3)
     expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     assert_greedy_matches(d, prompts, expected, "chunked_prefill", block_size=BLOCK)
+    llm = LLM(str(d), block_size=BLOCK, max_num_batched_tokens=48)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, prompt_logprobs=0)
+    prompt = prompts[1]
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    picks = torch.tensor(prompt[1:])[:, None]
+    want = hf_logprobs(hf, prompt)[:-1].gather(1, picks)[:, 0]
+    unwindowed = hf_logprobs(_without_window(d), prompt)[:-1].gather(1, picks)[:, 0]
+    got = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
+    assert (got - want).abs().max() < 1e-3
+    assert (unwindowed - want)[WINDOW:].abs().max() > 0.05
 
 
 def _run_alone(llm: LLM, prompt: list[int], max_tokens: int):
