@@ -325,3 +325,19 @@ def test_session_turns_reuse_the_pinned_window(references) -> None:
             assert engine.stats().prefix_cache_hit_tokens - hits == len(history) - 8
         history = history + out.outputs[0].token_ids + _prompts([7], seed=50 + turn)[0]
     engine.scheduler.close_session("s")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_tensor_parallel_mistral_follows_the_window(references, backend: str) -> None:
+    """TP=2 (each rank its heads' KV, the same logical block tables): greedy as
+    transformers with blocks released on every rank."""
+    d, prompts, expected = references["mistral"]
+    llm = LLM(str(d), block_size=BLOCK, tensor_parallel_size=2, num_threads=1, max_num_batched_tokens=40,
+              attention_backend=backend)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outs = llm.generate(prompts[4:], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected[4:]
+        assert llm.engine.stats().num_evicted_tokens > 0
+    finally:
+        llm.engine.close()
