@@ -146,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give a model directory or --random-smollm2-shape DIR (one of them)")
     sizes = ({"conversations": 4, "turns": 3, "system": 64, "user": 16, "output": 8,
               "overhead_requests": 5, "overhead_tokens": 4} if args.quick else
-             {"conversations": 8, "turns": 6, "system": 512, "user": 32, "output": 32,
+             # Agent-like sessions: each turn brings a lot of its own context (tool output,
+             # retrieved text) and the shared system prompt is short, so a turn that lands
+             # on the replica without the session's KV recomputes most of its history.
+             {"conversations": 8, "turns": 6, "system": 64, "user": 200, "output": 32,
               "overhead_requests": 40, "overhead_tokens": 8})
     for k, v in sizes.items():
         setattr(args, k, v)

@@ -52,6 +52,23 @@ class AllReduceLinear(nn.Module):
         return self.group.all_reduce_(out)
 
 
+class VocabParallelHead(nn.Module):
+    """A vocabulary-parallel LM head: this rank's rows of the vocabulary, the logits of
+    every rank gathered (all ranks call it together, on the same rows)."""
+
+    def __init__(self, inner: nn.Module, group: TensorParallelGroup) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] (this rank's [N, vocab / world] gathered)."""
+        local = self.inner.forward(hidden).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.group.world_size)]
+        self.group.process_group.allgather([parts], [local]).wait()
+        return torch.cat(parts, dim=-1)
+
+
 def keep_rows(linear: nn.Module, ranges: Sequence[tuple[int, int]]) -> nn.Module:
     """``linear`` with only the output rows in ``ranges`` ([start, stop) pairs, in order),
     as a new module of the same kind (bias rows too)."""

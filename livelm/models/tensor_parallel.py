@@ -5,7 +5,7 @@ heads (split when there are at least as many KV heads as ranks, else each rank k
 one KV head its query heads share: replicated); ``o_proj`` keeps the matching input
 columns and sums over the ranks; gate|up keeps this rank's share of the intermediate rows
 (of both halves); ``down_proj`` the matching columns, summed. Two all-reduces per layer.
-Embeddings, norms and the LM head stay whole on every rank; only rank 0 computes logits.
+The LM head is vocabulary-parallel (its rows, gathered); embeddings and norms stay whole.
 Each rank's KV cache holds its own KV heads (``model.config`` becomes the rank's view).
 """
 
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import nn
+
 from livelm.layers.tensor_parallel import (
     AllReduceLinear,
     TensorParallelGroup,
+    VocabParallelHead,
     keep_columns,
     keep_rows,
 )
@@ -36,6 +39,9 @@ def check_tensor_parallel(cfg: ModelConfig, world_size: int) -> None:
     if kv % world_size and world_size % kv:
         raise ValueError(f"tensor_parallel_size={world_size} and the model's {kv} KV heads must divide one another "
                          "(KV heads are split, or replicated when there are fewer than ranks)")
+    if cfg.vocab_size % world_size:
+        raise ValueError(f"tensor_parallel_size={world_size} must divide the model's vocabulary of "
+                         f"{cfg.vocab_size} tokens (the LM head is split by vocabulary)")
     if cfg.intermediate_size % world_size:
         raise ValueError(f"tensor_parallel_size={world_size} must divide the model's intermediate size "
                          f"{cfg.intermediate_size}")
@@ -75,5 +81,18 @@ def shard_model(model: LlamaForCausalLM, group: TensorParallelGroup) -> LlamaFor
         mlp.gate_up_proj = keep_rows(mlp.gate_up_proj, [gate_rows, up_rows])
         mlp.down_proj = AllReduceLinear(keep_columns(mlp.down_proj, *gate_rows), group)
         mlp.intermediate = inter
+    # The LM head is vocabulary-parallel: this rank's rows of the vocabulary (of the
+    # embedding table when the two are tied; the embedding itself stays whole).
+    vocab = cfg.vocab_size // world
+    head = model.lm_head if model.lm_head is not None else _tied_head(model)
+    model.lm_head = VocabParallelHead(keep_rows(head, [(rank * vocab, (rank + 1) * vocab)]), group)
     model.config = rank_config(cfg, world)
     return model
+
+
+def _tied_head(model: LlamaForCausalLM) -> nn.Linear:
+    """A float linear over the (float) embedding table: the tied head's weight."""
+    table = model.embed_tokens.weight
+    head = nn.Linear(table.shape[1], table.shape[0], bias=False, device=table.device, dtype=table.dtype)
+    head.weight = table
+    return head

@@ -130,7 +130,7 @@ class ModelRunner:
             failed: dict[str, Exception] = {}
             if sample_chunks:
                 rows = torch.tensor([row_of[c.request_id][1] - 1 for c in sample_chunks], device=self.device)
-                logits = self._logits(hidden.index_select(0, rows))
+                logits = self._logits_at(hidden, rows)
                 sampled = self._sample(logits, sample_chunks, failed, masks.result() if masks else None)
             spec_sampled = self._verify(spec_chunks, hidden, row_of, failed) if spec_chunks else {}
             prompt_lps = {c.request_id: self._prompt_logprobs(c, hidden, row_of[c.request_id]) for c in lp_chunks}
@@ -149,7 +149,13 @@ class ModelRunner:
         """Run the model over ``chunks`` (in this order), writing their K/V, and nothing
         else: a tensor-parallel worker's share of rank 0's forward (runner/tensor_parallel.py)."""
         input_ids, positions, meta, _ = self._prepare(chunks)
-        self.model(input_ids, positions, self.kv_caches, meta)
+        self._last_hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+    @torch.inference_mode()
+    def logits_only(self, rows: list[int]) -> None:
+        """This rank's share of the logits of ``rows`` of the last :meth:`forward_only`
+        (the vocabulary-parallel head's all-gather needs every rank)."""
+        self._logits(self._last_hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device)))
 
     @torch.inference_mode()
     def greedy_tokens(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
@@ -181,7 +187,7 @@ class ModelRunner:
             rows.extend(range(*row_of[c.request_id]))
         if not drafts:
             return {}
-        logits = self._logits(hidden.index_select(0, torch.tensor(rows, device=self.device)))
+        logits = self._logits_at(hidden, torch.tensor(rows, device=self.device))
         return verify_drafts(self.sampler, logits, drafts, self.eos_token_ids, failed)
 
     def _snapshot_generators(self, chunks: list[ScheduledChunk]) -> None:
@@ -230,6 +236,14 @@ class ModelRunner:
             failed.update(out.failed)
         return ModelRunnerOutput(sampled=sampled, prompt_logprobs=prompt_lps, failed=failed,
                                  spec_sampled=spec_sampled)
+
+    def _logits_at(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the given rows of this step's hidden states. Split over ranks, the
+        LM head is vocabulary-parallel: the workers are told the rows first, and every
+        rank computes its share of the vocabulary for them (runner/tensor_parallel.py)."""
+        if self.tp is not None:
+            self.tp.logits(rows.tolist())
+        return self._logits(hidden.index_select(0, rows))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tied_head is not None:
@@ -472,8 +486,8 @@ class ModelRunner:
         k = c.sampling_params.prompt_logprobs or 0
         if last <= first:
             return PromptLogprobs(first + 1, [], [], [], [])
-        h = hidden[rows[0] : rows[0] + (last - first)]
-        logprobs = torch.log_softmax(self._logits(h), dim=-1)
+        at = torch.arange(rows[0], rows[0] + (last - first), device=self.device)
+        logprobs = torch.log_softmax(self._logits_at(hidden, at), dim=-1)
         targets = torch.tensor(c.prompt_token_ids[first + 1 : last + 1], device=self.device)
         tok_lp = logprobs.gather(1, targets[:, None]).squeeze(1)
         ranks = (logprobs > tok_lp[:, None]).sum(-1) + 1

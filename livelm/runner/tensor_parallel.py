@@ -134,6 +134,11 @@ class TensorParallelWorkers:
         """Tell every worker to run the model over ``chunks`` (rank 0 runs it right after)."""
         self._send(("forward", chunks))
 
+    def logits(self, rows: list[int]) -> None:
+        """Tell every worker to compute its share of the logits of these rows of the last
+        forward's hidden states (rank 0 computes its share right after)."""
+        self._send(("logits", rows))
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Tell every worker to copy these KV blocks (source, destination)."""
         self._send(("copy", copies))
@@ -208,6 +213,8 @@ def worker_main(conn: Any, rank: int, world_size: int, store_port: int, spec: Wo
         try:
             if kind == "forward":
                 runner.forward_only(payload)
+            elif kind == "logits":
+                runner.logits_only(payload)
             elif kind == "copy":
                 runner.copy_blocks(payload)
         except Exception:  # noqa: BLE001 - rank 0 met the same failure and handles it
