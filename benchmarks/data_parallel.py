@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, append_jsonl, utc_now  # noqa: E402
 
 from livelm.bench.machine import git_commit  # noqa: E402
-from livelm.bench.random_model import build_random_smollm2_shape  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "data_parallel.jsonl"
 
@@ -133,6 +132,16 @@ def workload_b(model: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def _build_in_child(directory: str) -> Path:
+    """build_random_smollm2_shape(directory), run in a fresh interpreter."""
+    import subprocess
+
+    code = ("import sys; from livelm.bench.random_model import build_random_smollm2_shape; "
+            "print(build_random_smollm2_shape(sys.argv[1]))")
+    out = subprocess.run([sys.executable, "-c", code, directory], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run both measurements, print them and append one JSON line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,11 +158,13 @@ def main(argv: list[str] | None = None) -> None:
              # Agent-like sessions: each turn brings a lot of its own context (tool output,
              # retrieved text) and the shared system prompt is short, so a turn that lands
              # on the replica without the session's KV recomputes most of its history.
-             {"conversations": 8, "turns": 6, "system": 64, "user": 200, "output": 32,
+             {"conversations": 4, "turns": 6, "system": 64, "user": 200, "output": 32,
               "overhead_requests": 40, "overhead_tokens": 8})
     for k, v in sizes.items():
         setattr(args, k, v)
-    model = Path(args.model) if args.model else build_random_smollm2_shape(args.random_smollm2_shape)
+    # Built in a child process: torch work on this process's main thread would leave an
+    # OpenMP thread pool behind that slows the plain AsyncEngine of (b) (docs/serving.md).
+    model = Path(args.model) if args.model else _build_in_child(args.random_smollm2_shape)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     load_start = list(os.getloadavg())
     print(f"load average at start: {load_start}")

@@ -5,8 +5,9 @@ prompts (and completions) it sent there, chained exactly as the prefix cache key
 blocks (``core/prefix_cache.default_block_hash`` over full blocks, with the request's
 cache salt), so it knows which replica most likely still holds a prompt's leading KV. In
 order it prefers: the replica of the request's session (its KV is pinned there), then the
-replica holding the longest run of the prompt's leading blocks, then the least loaded
-(waiting + running tokens as the replicas report them). Affinity yields to load: a
+replica where the request's work would start soonest: the least (load + the prompt's
+tokens it does not cache), load being waiting + running tokens as the replicas report
+them, so a cached prefix wins where the prefill it saves outweighs the queue it joins. A
 replica is an affinity target only while its load is at most ``load_cap_factor`` times
 the least load plus ``load_cap_slack_tokens``. Open input streams are not routed here:
 their replies must go to the replica holding their KV. ``round_robin`` ignores all of
@@ -167,22 +168,25 @@ class Router:
                 return Route(where, "session")
             rerouted = True
         keys = block_hashes(request.token_ids, self.config.block_size, request.cache_salt)
-        best, best_blocks = -1, 0
-        for i in live:
-            n = self._leading_hits(i, keys)
-            if n > best_blocks or (n == best_blocks and n and loads[i] < loads[best]):
-                best, best_blocks = i, n
-        if best_blocks:
-            if loads[best] <= cap:
-                self.stats.prefix_hits += 1
-                return Route(best, "prefix", best_blocks)
-            rerouted = True
+        hits = {i: self._leading_hits(i, keys) for i in live}
+        most = max(hits.values())
+        # Prefix affinity weighs the prefill a hit saves against the work queued there: the
+        # replica with the least (load + this prompt's uncached tokens) wins, among those
+        # within the cap. A short shared prefix (a system prompt) then no longer draws
+        # every new conversation to one replica while the other idles.
+        start = next(self._rr)  # ties (idle replicas) in turn, so sequential traffic spreads
+        prompt = len(request.token_ids)
+        eligible = [i for i in live if loads[i] <= cap] or live
+        target = min(eligible, key=lambda i: (loads[i] + max(0, prompt - hits[i] * self.config.block_size),
+                                              -hits[i], (i - start) % self.num_replicas))
+        if most and hits[target] < most:
+            rerouted = True  # the replica holding the longest prefix was passed over
         if rerouted:
             self.stats.reroutes += 1
-        # Ties (idle replicas) in turn, so sequential traffic spreads too.
-        start = next(self._rr)
-        target = min(live, key=lambda i: (loads[i], (i - start) % self.num_replicas))
-        return Route(target, "load", self._leading_hits(target, keys), rerouted)
+        if hits[target]:
+            self.stats.prefix_hits += 1
+            return Route(target, "prefix", hits[target], rerouted)
+        return Route(target, "load", 0, rerouted)
 
     def _leading_hits(self, replica: int, keys: list[int]) -> int:
         blocks = self._blocks[replica]

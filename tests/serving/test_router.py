@@ -100,3 +100,21 @@ def test_bad_router_config_is_refused():
         RouterConfig("random")
     with pytest.raises(ValueError, match="load_cap_factor"):
         RouterConfig(load_cap_factor=0.5)
+
+
+def test_prefix_affinity_weighs_saved_prefill_against_load():
+    """A short shared prefix (a system prompt) does not draw a new conversation to a busy
+    replica when another is idle; a long one does, while the prefill it saves outweighs
+    the load it joins (load + uncached tokens, least wins)."""
+    r = _router()
+    system = list(range(16))  # 4 blocks
+    first = system + [500 + i for i in range(200)]
+    r.record(0, RouteRequest(first))
+    second = system + [900 + i for i in range(200)]
+    route = r.route(RouteRequest(second), [len(first), 0, 0])  # 216 + 200 uncached vs 0 + 216
+    assert route.replica in (1, 2) and route.reason == "load" and route.rerouted
+    longer = first + [7] * 8  # 54 of its blocks cached on replica 0
+    route = r.route(RouteRequest(longer), [300, 0, 0])  # 300 + ~9 uncached vs 0 + 224
+    assert route.replica in (1, 2)
+    route = r.route(RouteRequest(longer), [150, 0, 0])  # 150 + ~9 vs 224: the cache wins
+    assert (route.replica, route.reason) == (0, "prefix")
