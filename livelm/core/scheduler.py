@@ -191,7 +191,7 @@ class Scheduler:
         limit = _PrefillLimit(self, self._step_target)
         # A batch of many decodes is compute-bound: verifying drafts would cost more than
         # the weight reads it saves.
-        speculate = len(decoding) <= self.speculator.config.max_batch_decodes
+        speculate = len(decoding) <= self.speculator.config.max_batch_decodes and self._speculation_pays(decoding)
         # Draft-model requests are drafted together, in one batched forward of the draft model.
         batched = self._batched_drafts(decoding, budget) if speculate else {}
         for req in decoding + catching_up:
@@ -361,6 +361,31 @@ class Scheduler:
         child.fork_from = None
         child.num_computed_tokens = self.kv.fork(child, parent, shared)
         return True
+
+    def _speculation_pays(self, decoding: list[Request]) -> bool:
+        """Whether drafts this step are expected to yield tokens faster than plain decoding,
+        by the step cost model of this host: a decode step of the batch as it is, against
+        one whose speculating requests verify a draft of the mean draft length, which
+        yields (1 + acceptance x length) tokens each. Part of ``adaptive``; True for a
+        single decode and until the model is ready (the configured rule alone decides)."""
+        cost = self.step_cost
+        spec = self.speculator
+        if not spec.config.adaptive or not cost.ready or len(decoding) < 2:
+            return True  # a single stream is never compute-bound by its drafts
+        drafting = [r for r in decoding if spec.method_of(r) is not None]
+        if not drafting:
+            return True
+        stats = spec.stats()
+        length = (stats.num_draft_tokens / stats.num_drafts if stats.num_drafts
+                  else float(spec.config.num_speculative_tokens))
+        acceptance = stats.num_accepted_tokens / stats.num_draft_tokens if stats.num_draft_tokens else 0.5
+        k = max(1, round(length))
+        plain = cost.predict(StepShape.of_chunks((r.num_computed_tokens, 1) for r in decoding))
+        drafted = {r.request_id for r in drafting}
+        verify = cost.predict(StepShape.of_chunks(
+            (r.num_computed_tokens, 1 + k if r.request_id in drafted else 1) for r in decoding))
+        tokens = len(decoding) + len(drafting) * acceptance * length
+        return verify * len(decoding) < plain * tokens  # seconds per token, cross-multiplied
 
     def _draft_limit(self, req: Request, budget: int) -> int:
         """The most tokens decoding request ``req`` may draft now (0: it does not speculate)."""

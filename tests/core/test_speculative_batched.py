@@ -34,8 +34,9 @@ class FakeDrafter:
         self.finished.append(request_id)
 
 
-def _scheduler(drafter: FakeDrafter, budget: int = 64, blocks: int = 64, k: int = 3, method: str | None = "draft"):
-    spec = SpeculativeConfig(method=method, num_speculative_tokens=k, adaptive=False,
+def _scheduler(drafter: FakeDrafter, budget: int = 64, blocks: int = 64, k: int = 3, method: str | None = "draft",
+               adaptive: bool = False):
+    spec = SpeculativeConfig(method=method, num_speculative_tokens=k, adaptive=adaptive,
                              draft_model=None if method != "draft" else "fake")
     return Scheduler(SchedulerConfig(budget, 8, 512), CacheConfig(4, blocks), speculative=spec, drafter=drafter)
 
@@ -124,3 +125,28 @@ def test_a_request_of_another_method_never_reaches_the_batched_drafter():
     _prefill(s)
     s.schedule()
     assert [[it.request_id for it in call] for call in d.calls] == [["b"]]
+
+
+def test_speculation_is_gated_by_the_step_cost_model():
+    """With a ready cost model, a step speculates only when verifying drafts is predicted
+    to yield tokens faster than plain decoding: on a host where rows are cheap (weight
+    reads dominate) it drafts; where every extra row costs as much as a whole step's fixed
+    part (compute-bound) it decodes plainly. Before the model is ready it drafts."""
+    from livelm.core.step_cost import StepCostModel
+
+    def run(coefficients: tuple[float, ...] | None) -> bool:
+        d = FakeDrafter()
+        s = _scheduler(d, adaptive=True)
+        if coefficients is not None:
+            s.step_cost = StepCostModel.from_coefficients(coefficients, frozen=True)
+        for i in range(2):
+            s.add_request(_req(f"r{i}", 5, first=10 * i + 1))
+        _prefill(s)
+        out = s.schedule()
+        return any(c.draft_token_ids for c in out.chunks)
+
+    assert run(None)  # not ready: the configured rule decides
+    # 20 ms a step, 0.1 ms a token: a draft of 3 costs little and (at 0.5 acceptance) pays.
+    assert run((0.020, 0.0, 0.0001, 0.0, 0.0, 0.0))
+    # 1 ms a step, 10 ms a token: every verified row costs a plain token's time: no drafts.
+    assert not run((0.001, 0.0, 0.010, 0.0, 0.0, 0.0))

@@ -61,7 +61,10 @@ def _check_drafting_happened(llm: LLM) -> None:
 @pytest.mark.parametrize("setting", list(SCHEDULER_SETTINGS))
 def test_greedy_is_token_identical_to_plain_decoding(llama_dir, prompts, expected, method, setting):
     plain = LLM(str(llama_dir), **SCHEDULER_SETTINGS[setting]).generate(prompts, GREEDY, use_tqdm=False)
-    llm = LLM(str(llama_dir), speculative_method=method, **SCHEDULER_SETTINGS[setting])
+    # Fixed drafting (speculative_adaptive=False): the cost gate, part of adaptive, may
+    # rightly skip drafts for this tiny model's 16-request batches, and this test is about
+    # verification under each setting.
+    llm = LLM(str(llama_dir), speculative_method=method, speculative_adaptive=False, **SCHEDULER_SETTINGS[setting])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for want, base, out in zip(expected, plain, outs, strict=True):
         assert out.outputs[0].token_ids == want == base.outputs[0].token_ids
@@ -89,7 +92,7 @@ def test_mixed_batch_of_speculating_and_plain_requests(llama_dir, prompts, expec
 
 
 def test_speculation_off_by_default_and_for_a_request(llama_dir, prompts, expected):
-    llm = LLM(str(llama_dir))
+    llm = LLM(str(llama_dir), speculative_adaptive=False)  # fixed drafting, as above
     outs = llm.generate(prompts[:2], GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[:2]
     assert llm.engine.scheduler.speculator.stats().num_drafts == 0
@@ -170,7 +173,7 @@ def test_seeded_sampling_gives_plain_decodings_tokens(llama_dir, prompts, method
                              frequency_penalty=0.1 * (i % 3 == 2), min_tokens=3 * (i % 2), max_tokens=30,
                              seed=i, logprobs=1, sampling_logprobs=True) for i in range(len(prompts))]
     plain = LLM(str(llama_dir)).generate(prompts, params, use_tqdm=False)
-    llm = LLM(str(llama_dir), speculative_method=method)
+    llm = LLM(str(llama_dir), speculative_method=method, speculative_adaptive=False)  # fixed drafting, as above
     for _ in range(2):  # the second time with a warm suffix tree and prefix cache
         outs = llm.generate(prompts, params, use_tqdm=False)
         for a, b in zip(plain, outs, strict=True):
