@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -136,12 +137,14 @@ class RayReplicas:
 
         self._ray = ray
         self.started_ray = not ray.is_initialized()
+        # address None: RAY_ADDRESS if set, else a new local cluster owned by this process
+        # ("local": never attach to some other cluster left running on this machine).
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
         if self.started_ray:
-            # address None: RAY_ADDRESS if set, else a new local cluster owned by this process.
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+            ray.init(address=target, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, configure_logging=False)
         # Replicas connect back to this address: loopback when the cluster is this machine.
-        self.local_cluster = self.started_ray and address is None and len(ray.nodes()) == 1
+        self.local_cluster = self.started_ray and target == "local"
         self.server_host = "127.0.0.1" if self.local_cluster else ray.util.get_node_ip_address()
         bundle: dict[str, float] = {"CPU": float(cpus_per_replica)}
         if gpus_per_replica:

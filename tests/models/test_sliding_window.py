@@ -299,7 +299,10 @@ def test_speculative_decoding_on_a_sliding_model(references, method: str) -> Non
     rejected slots given back through the logical table): greedy as transformers, with
     drafts really accepted."""
     d, prompts, expected = references["mistral"]
-    llm = LLM(str(d), block_size=BLOCK, speculative_method=method, max_num_batched_tokens=40)
+    # Fixed drafting: the cost gate (part of adaptive) may rightly skip drafts for a batch
+    # of this tiny model, and this test is about verification over a window.
+    llm = LLM(str(d), block_size=BLOCK, speculative_method=method, speculative_adaptive=False,
+              max_num_batched_tokens=40)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
