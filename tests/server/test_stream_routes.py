@@ -116,7 +116,9 @@ def test_websocket_speak_while_reading_equals_completions(server, engine):
         for piece in ("The quick br", "own fox jumps ", "over the lazy "):
             send(ws, type="append", text=piece)
         # Generate before the input is closed, while more input keeps arriving.
-        send(ws, type="generate", id="early", **{**GREEDY, "max_tokens": 16})
+        # Long enough to still be streaming when the other two start, however fast the
+        # engine (16 tokens once finished first on a quick host).
+        send(ws, type="generate", id="early", **{**GREEDY, "max_tokens": 200})
         # "café" split inside its two-byte "é": raw UTF-8 in binary frames.
         ws.send(b"dog at the caf\xc3")
         ws.send(b"\xa9, ")
@@ -140,7 +142,7 @@ def test_websocket_speak_while_reading_equals_completions(server, engine):
             until(ws, lambda e: False, timeout=10)
     full = first + "dog at the café, très bien"
     for reply_id, text in (("early", first), ("with-suffix", full + " and then"), ("final", full)):
-        max_tokens = 16 if reply_id == "early" else 8
+        max_tokens = 200 if reply_id == "early" else 8
         ref = completion(server, text, max_tokens=max_tokens)
         reply = replies[reply_id]
         assert reply["text"] == ref["choices"][0]["text"], reply_id

@@ -48,7 +48,24 @@ def assert_clean(watch) -> None:  # noqa: ANN001
 # ------------------------------------------------------------------------ chat
 
 
-def test_message_gets_a_streamed_reply(web, server):
+def test_message_gets_a_streamed_reply(web, server, engine):
+    # Steps at a real model's pace: the tiny one can stream its whole reply within one or
+    # two of the page's frames, leaving nothing partial to see.
+    inner = engine._engine
+    step = inner.step
+
+    def paced_step():  # noqa: ANN202
+        time.sleep(0.01)
+        return step()
+
+    inner.step = paced_step
+    try:
+        _streamed_reply(web, server)
+    finally:
+        del inner.step  # the instance attribute: back to the method
+
+
+def _streamed_reply(web, server) -> None:  # noqa: ANN001
     page, watch = web(server.url, settings={**GREEDY, "max_tokens": 200})
     wait_model(page)
     # Record the reply's length each time it is re-rendered while still being written: a
