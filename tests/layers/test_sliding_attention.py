@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from livelm.kernels.build import KernelBuildUnavailable, compile_extension
 from livelm.kernels.extensions import decode_attention_kernels, prefill_attention_kernels
 from livelm.layers.attention import (
     AttentionMetadata,
@@ -16,6 +17,31 @@ from livelm.layers.attention import (
     TorchAttention,
 )
 from livelm.layers.attention.kv_format import decode_kv, encode_kv, indexable
+
+
+def _kernel(build: str, native, name: str, source: str):  # noqa: ANN001, ANN202
+    """The kernel module as built for this CPU, or an AVX2-only build of it (the path of
+    CPUs without AVX-512; on such a CPU both are the same)."""
+    if build == "native":
+        kernel = native()
+    else:
+        try:
+            kernel = compile_extension(name, source, ("-mno-avx512f",))
+        except KernelBuildUnavailable:
+            kernel = None
+    if kernel is None:
+        pytest.skip("no C++ compiler here")
+    return kernel
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def decode_kernel(request):  # noqa: ANN001, ANN201
+    return _kernel(request.param, decode_attention_kernels, "livelm_decode_attention_avx2", "paged_attention.cpp")
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def prefill_kernel(request):  # noqa: ANN001, ANN201
+    return _kernel(request.param, prefill_attention_kernels, "livelm_prefill_attention_avx2", "prefill_attention.cpp")
 
 
 def _reference(q, k_ctx, v_ctx, scale, q_positions, window):
@@ -60,14 +86,12 @@ def _slots(table, positions, block):
 ])
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("window", [1, 5, 16, 17, 40])
-def test_windowed_decode_kernel_matches_reference(dim, kv_dtype, group, window):
+def test_windowed_decode_kernel_matches_reference(decode_kernel, dim, kv_dtype, group, window):
     """The decode kernel with a window (AVX-512 for 16/64/128, the generic loops for 48 and
     q8_0): each row attends over its last ``window`` keys only, blocks before the window's
     first block are never read (NaN there would poison the output), the partial first block
     is masked key by key."""
-    kernel = decode_attention_kernels()
-    if kernel is None:
-        pytest.skip("no C++ compiler here")
+    kernel = decode_kernel
     kv_heads, block = 2, 16
     heads = kv_heads * group
     g = torch.Generator().manual_seed(dim * 100 + group * 10 + window)
@@ -93,13 +117,11 @@ def test_windowed_decode_kernel_matches_reference(dim, kv_dtype, group, window):
                                                (32, torch.uint8)])
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("window", [1, 7, 24, 100])
-def test_windowed_prefill_kernel_matches_reference(dim, kv_dtype, group, window):
+def test_windowed_prefill_kernel_matches_reference(prefill_kernel, dim, kv_dtype, group, window):
     """The prefill kernel with a window over chunks of 1..300 queries at position 0 or after
     earlier context (tiles wider than the window, so whole key blocks are hidden from some
     of a tile's queries), released blocks holding NaN: equal to plain windowed attention."""
-    kernel = prefill_attention_kernels()
-    if kernel is None:
-        pytest.skip("no C++ compiler here")
+    kernel = prefill_kernel
     kv_heads, block = 2, 16
     heads = kv_heads * group
     g = torch.Generator().manual_seed(dim * 100 + group * 10 + window)
