@@ -140,3 +140,15 @@ def sse_events(response: httpx.Response) -> list[str]:
         else:
             assert line == "", f"unexpected SSE line {line!r}"
     return events
+
+
+def greedy_text(engine, prompt: str, max_tokens: int) -> str:  # noqa: ANN001
+    """The greedy reply text of an AsyncEngine-shaped ``engine`` to ``prompt`` (a reference)."""
+    from livelm.sampling_params import SamplingParams
+
+    async def run() -> str:
+        text = ""
+        async for out in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+            text += out.outputs[0].text
+        return text
+    return asyncio.run(run())

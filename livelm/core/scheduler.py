@@ -372,8 +372,9 @@ class Scheduler:
         spec = self.speculator
         if not spec.config.adaptive or not cost.ready or len(decoding) < 2:
             return True  # a single stream is never compute-bound by its drafts
-        drafting = [r for r in decoding if spec.method_of(r) is not None]
-        if not drafting:
+        drafts = [spec.method_of(r) is not None for r in decoding]
+        num_drafting = sum(drafts)
+        if not num_drafting:
             return True
         stats = spec.stats()
         length = (stats.num_draft_tokens / stats.num_drafts if stats.num_drafts
@@ -381,10 +382,9 @@ class Scheduler:
         acceptance = stats.num_accepted_tokens / stats.num_draft_tokens if stats.num_draft_tokens else 0.5
         k = max(1, round(length))
         plain = cost.predict(StepShape.of_chunks((r.num_computed_tokens, 1) for r in decoding))
-        drafted = {r.request_id for r in drafting}
         verify = cost.predict(StepShape.of_chunks(
-            (r.num_computed_tokens, 1 + k if r.request_id in drafted else 1) for r in decoding))
-        tokens = len(decoding) + len(drafting) * acceptance * length
+            (r.num_computed_tokens, 1 + k if d else 1) for r, d in zip(decoding, drafts, strict=True)))
+        tokens = len(decoding) + num_drafting * acceptance * length
         return verify * len(decoding) < plain * tokens  # seconds per token, cross-multiplied
 
     def _draft_limit(self, req: Request, budget: int) -> int:

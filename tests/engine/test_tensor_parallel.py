@@ -14,6 +14,7 @@ import signal
 import psutil
 import pytest
 import torch
+from oracle import SCHEDULER_SETTINGS
 from server_utils import wait_until
 from tiny_models import build_tiny_model
 
@@ -25,13 +26,7 @@ from livelm.layers.tensor_parallel import keep_columns, keep_rows
 from livelm.quant.formats import quantize
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-SETTINGS = {
-    "default": {},
-    "chunked_prefill": {"max_num_batched_tokens": 64},
-    "tiny_budget": {"max_num_batched_tokens": 7, "max_num_seqs": 5},
-    "preemption": {"num_kv_blocks": 30, "max_num_batched_tokens": 256},
-    "torch_attention": {"max_num_batched_tokens": 64, "attention_backend": "torch"},
-}
+SETTINGS = SCHEDULER_SETTINGS  # the correctness suite's
 
 
 def _prompts(seed: int = 0) -> list[list[int]]:

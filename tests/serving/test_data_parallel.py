@@ -18,7 +18,7 @@ import signal
 import httpx
 import psutil
 import pytest
-from server_utils import serve, sse_events, start_engine, stop_engine, wait_until
+from server_utils import greedy_text, serve, sse_events, start_engine, stop_engine, wait_until
 
 from livelm.sampling_params import SamplingParams
 from livelm.serving.dp_engine import DataParallelEngine
@@ -97,13 +97,6 @@ def replicas_idle_after_test(request):
         assert wait_until(idle, 60.0), f"replica {i} still holds requests or unpinned KV"
 
 
-def _reference(engine, prompt: str, max_tokens: int) -> str:
-    async def run() -> str:
-        text = ""
-        async for out in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
-            text += out.outputs[0].text
-        return text
-    return asyncio.run(run())
 
 
 def _reference_ids(engine, prompt: list[int], max_tokens: int) -> list[int]:
@@ -127,7 +120,7 @@ def test_every_request_answered_and_greedy_equals_one_engine(server, dp, single)
             timeout=120), PROMPTS[:4]))
     assert [r.status_code for r in responses] == [200] * len(PROMPTS)
     texts = [r.json()["choices"][0]["text"] for r in responses]
-    assert texts == [_reference(single, p, 12) for p in PROMPTS]
+    assert texts == [greedy_text(single, p, 12) for p in PROMPTS]
     for prompt, resp, text in zip(PROMPTS[:4], streamed, texts, strict=False):
         events = sse_events(resp)
         assert events[-1] == "[DONE]", prompt
@@ -184,8 +177,8 @@ def test_input_stream_lives_on_one_replica(dp, single):
         return early, final
 
     early, final = asyncio.run(run())
-    assert early == _reference(single, text, 8)
-    assert final == _reference(single, text + " goes on", 8)
+    assert early == greedy_text(single, text, 8)
+    assert final == greedy_text(single, text + " goes on", 8)
     assert wait_until(lambda: dp.num_input_streams == 0)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from server_utils import start_engine, stop_engine
+from server_utils import greedy_text, start_engine, stop_engine
 
 from livelm.sampling_params import SamplingParams
 from livelm.serving.dp_engine import DataParallelEngine
@@ -25,13 +25,6 @@ def single(llama_dir):
     stop_engine(engine)
 
 
-def _reference(engine, prompt: str, max_tokens: int) -> str:
-    async def run() -> str:
-        text = ""
-        async for out in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
-            text += out.outputs[0].text
-        return text
-    return asyncio.run(run())
 
 
 def test_ray_two_node_cluster_one_replica_per_node(llama_dir, single):
@@ -65,7 +58,7 @@ def test_ray_two_node_cluster_one_replica_per_node(llama_dir, single):
                 return await asyncio.gather(*(one(p) for p in PROMPTS[:4]))
 
             got = asyncio.run(run())
-            assert got == [_reference(single, p, 6) for p in PROMPTS[:4]]
+            assert got == [greedy_text(single, p, 6) for p in PROMPTS[:4]]
             assert all(engine.replica(i).stats is not None for i in range(2))
         finally:
             asyncio.run(engine.shutdown())
