@@ -119,12 +119,33 @@ def _hf_classes(arch: str, cfg: dict):
         cfg.pop("moe_intermediate_size", None)
         cfg["intermediate_size"] = 48
         return t.MixtralConfig(**cfg), t.MixtralForCausalLM
+    if arch == "gemma3_multimodal":  # Gemma 3 4B+: a Gemma 3 text model beside a vision tower
+        text_cls, _ = _hf_classes("gemma3", cfg)
+        vision = t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14)
+        config = t.Gemma3Config(text_config=text_cls, vision_config=vision, mm_tokens_per_image=4,
+                                tie_word_embeddings=cfg["tie_word_embeddings"])
+        return config, t.Gemma3ForConditionalGeneration
+    if arch in ("gemma2", "gemma3"):
+        # Untied by default although released Gemmas tie: a tiny random tied head mostly
+        # repeats one token (its own embedding's direction), a weak oracle.
+        cfg.setdefault("tie_word_embeddings", False)
+        cfg.setdefault("head_dim", 16)
+        cfg.setdefault("query_pre_attn_scalar", 24)  # not head_dim: the scale is its own field
+        cfg.setdefault("sliding_window", 24)
+        if arch == "gemma2":  # its layers alternate sliding, global, ...
+            cfg.setdefault("attn_logit_softcapping", 1.5)  # caps that bite: tiny random scores are small
+            cfg.setdefault("final_logit_softcapping", 4.0)
+            return t.Gemma2Config(**cfg), t.Gemma2ForCausalLM
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])]
+        cfg.setdefault("layer_types", types)
+        return t.Gemma3TextConfig(**cfg), t.Gemma3ForCausalLM
     raise ValueError(arch)
 
 
 def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a tiny random model of ``arch`` ("llama", "mistral", "qwen2", "qwen3", "phi3",
-    "qwen2_moe", "qwen3_moe", "mixtral") to ``out_dir``; ``overrides`` go to its config."""
+    "qwen2_moe", "qwen3_moe", "mixtral", "gemma2", "gemma3", "gemma3_multimodal") to ``out_dir``; ``overrides`` go to its config."""
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +156,9 @@ def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overri
     config, cls = _hf_classes(arch, cfg)
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32)
+    # Gemma multiplies embeddings by sqrt(hidden_size): unit-variance rows after it (larger
+    # ones make its tied head repeat the input token, a degenerate oracle).
+    embed_std = getattr(config, "text_config", config).hidden_size ** -0.5 if arch.startswith("gemma") else 1.0
     # Random init gives near-uniform logits; scale weights up so greedy argmax is decisive
     # (ties would make the token-identity oracle test flaky for reasons unrelated to us).
     with torch.no_grad():
@@ -142,7 +166,7 @@ def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overri
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
             elif p.dim() >= 2:  # matrices, and MoE experts stacked [E, out, in]
-                p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+                p.normal_(0.0, 0.08 if "embed" not in name else embed_std)
             else:
                 p.normal_(0.0, 0.05)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -421,6 +421,14 @@ class Engine:
                 f"kv_policy 'sinks' cannot run on this model: its layers attend over a sliding window "
                 f"of {window} tokens, which the sinks attention path does not apply; use kv_policy 'full'"
             )
+        cfg = self.model_config
+        if cfg.attn_softcap is not None or cfg.local_rope is not None:
+            # The sinks path neither soft-caps scores nor rotates layers by their own tables.
+            raise ValueError(
+                f"kv_policy 'sinks' cannot run on {cfg.architecture}: its attention "
+                f"{'soft-caps scores' if cfg.attn_softcap is not None else 'rotates sliding layers by their own rotary'}, "
+                f"which the sinks attention path does not apply; use kv_policy 'full'"
+            )
         bs = self.config.block_size
         if policy.window < bs:
             raise ValueError(f"kv_window ({policy.window}) must be at least one KV block ({bs} tokens)")

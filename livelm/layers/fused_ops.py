@@ -1,4 +1,4 @@
-"""Fused RMSNorm (with the residual add), SiLU-and-multiply and rotary for the decoder layers.
+"""Fused RMSNorm (with the residual add), SiLU-and-multiply (GELU-and-multiply) and rotary for the decoder layers.
 
 fp32 CPU tensors go through the C++ kernels of ``livelm/kernels/csrc/fused_ops.cpp``
 (compiled on first use, like the attention kernels); everything else, or a machine without
@@ -62,6 +62,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return k.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gelu(gate, tanh approximation) * up`` of a fused [T, 2 * I] gate|up projection
+    (GeGLU, Gemma's feed-forward): torch's own op, as transformers runs it."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def rotary_inplace(

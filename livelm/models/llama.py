@@ -1,10 +1,13 @@
 """Decoder-only transformer of the Llama family (Llama 2/3, Mistral, SmolLM2, Qwen2, Qwen3,
-Phi-3).
+Phi-3, Gemma 2/3).
 
 The families differ only in options read from their config: q/k/v bias (Qwen2), per-head
 q/k RMSNorm (Qwen3), tied embeddings, head_dim, RoPE scaling, partial rotary (Phi-4-mini),
 sliding-window layers (Mistral, Qwen2 with use_sliding_window) and a mixture-of-experts
-feed-forward (models/moe.py: Qwen2-MoE, Qwen3-MoE, Mixtral).
+feed-forward (models/moe.py: Qwen2-MoE, Qwen3-MoE, Mixtral). Gemma adds norms that scale by
+1 + weight, GeGLU, scaled embeddings, a norm after attention and two around the MLP
+("sandwich" norms), soft-capped attention scores and logits (Gemma 2), and its own rotary
+for the sliding layers (Gemma 3).
 Phi-3's checkpoints store q|k|v and gate|up already fused, in this module's layout. Projections that read the
 same input are fused (q|k|v, gate|up) so each layer does two big matmuls instead of five.
 """
@@ -16,27 +19,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from livelm.layers.attention import AttentionMetadata
-from livelm.layers.fused_ops import add_rms_norm, rms_norm, rotary_inplace, silu_and_mul
+from livelm.layers.fused_ops import add_rms_norm, gelu_tanh_and_mul, rms_norm, rotary_inplace, silu_and_mul
 from livelm.models.model_config import ModelConfig
 from livelm.models.moe import SparseMoeBlock
 from livelm.models.rope import RotaryEmbedding, apply_rotary, rotary_dim
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in fp32 as transformers does."""
+    """Root-mean-square layer norm, computed in fp32 as transformers does; it scales by
+    ``offset + weight`` (Gemma's norms: offset 1, weights stored as checkpoints hold them)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
+
+    def scale(self) -> torch.Tensor:
+        """What the normalized rows are multiplied by. Gemma's 1 + weight is added per call,
+        not folded into the weight at load, so weight updates need no special case (and the
+        fp32 sum is the one transformers computes)."""
+        return self.weight + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize the last dimension."""
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.scale(), self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``residual + x`` normalized, and that sum (the new residual); may reuse both inputs."""
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.scale(), self.eps)
 
 
 class Attention(nn.Module):
@@ -52,11 +63,12 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.scale = cfg.head_dim**-0.5
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.scale = cfg.attention_scale
+        self.softcap = cfg.attn_softcap
         # The fused in-place kernel rotates whole heads; partial rotary takes apply_rotary.
-        self.full_rotary = rotary_dim(cfg.head_dim, cfg.rope) == cfg.head_dim
+        self.full_rotary = rotary_dim(cfg.head_dim, cfg.rope_of(index)) == cfg.head_dim
 
     def forward(
         self,
@@ -78,32 +90,42 @@ class Attention(nn.Module):
             q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         if not rotated:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = meta.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        out = meta.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap)
         return self.o_proj.forward(out)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward with fused gate|up projection."""
+    """Gated feed-forward (SwiGLU, or GeGLU for Gemma) with fused gate|up projection."""
 
     def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
         self.intermediate = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=False)
+        self.act_and_mul = gelu_tanh_and_mul if cfg.activation == "gelu_tanh" else silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]."""
-        return self.down_proj.forward(silu_and_mul(self.gate_up_proj.forward(x)))
+        return self.down_proj.forward(self.act_and_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention block followed by a pre-norm MLP block."""
+    """Pre-norm attention block followed by a pre-norm MLP block; with the config's
+    ``sandwich_norms`` (Gemma), ``post_attention_layernorm`` normalizes the attention output
+    and ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` wrap the MLP."""
 
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, index)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        # Gemma 3: the sliding layers rotate by their own tables.
+        self.local_rope = cfg.local_rope is not None and cfg.window_of(index) is not None
         moe = cfg.moe
         if moe is not None and moe.sparse_layers[index]:
             shared = MLP(cfg, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
@@ -120,6 +142,10 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
         h = self.self_attn.forward(rope, h, kv_cache, meta)
+        if self.sandwich:
+            h = self.post_attention_layernorm.forward(h)
+            h, residual = self.pre_feedforward_layernorm.add_forward(h, residual)
+            return self.post_feedforward_layernorm.forward(self.mlp.forward(h)), residual
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp.forward(h), residual
 
@@ -131,12 +157,13 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope)
+        self.local_rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope) if cfg.local_rope else None
         # Left uninitialized (the loader fills every weight): a random init of the
         # embedding under torch.device("meta") would load torch's decompositions, ~1.4 s.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
@@ -153,14 +180,24 @@ class LlamaForCausalLM(nn.Module):
         faster (measured, A/B in one process). Hooks on submodules therefore do not fire.
         """
         x = self.embed_tokens.forward(input_ids)
+        if self.config.embedding_scale is not None:
+            # As transformers: the scale rounded to the weights' dtype first.
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         rope = self.rotary.tables(positions, x.dtype)
+        local = self.local_rotary.tables(positions, x.dtype) if self.local_rotary is not None else rope
         residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer.forward(rope, x, residual, kv, meta)
+            x, residual = layer.forward(local if layer.local_rope else rope, x, residual, kv, meta)
         return self.norm.forward(x) if residual is None else self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [N, vocab] for the selected hidden rows."""
+        """fp32 logits [N, vocab] for the selected hidden rows (soft-capped where the
+        model caps them: Gemma 2)."""
         if self.lm_head is not None:  # whatever linear type it was swapped for
-            return self.lm_head(hidden).float()
-        return F.linear(hidden, self.embed_tokens.weight).float()
+            logits = self.lm_head(hidden).float()
+        else:
+            logits = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.config.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

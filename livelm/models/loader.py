@@ -88,6 +88,8 @@ def load_model(
         model.lm_head.share_weight(model.embed_tokens)
     # Rotary tables are derived, not loaded: rebuild them (meta init left them empty).
     model.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope).to(device)
+    if cfg.local_rope is not None:
+        model.local_rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.local_rope).to(device)
     if plan:
         counts = Counter(f for v in plan.values() for f in ([v] if isinstance(v, str) else [f for _, f in v]))
         logger.info("quantized weights: %s", ", ".join(f"{n} layers {f}" for f, n in sorted(counts.items())))
@@ -227,12 +229,23 @@ def _copy_quantized(
     return src if quantized else None
 
 
+# Gemma 3 multimodal checkpoints: the language model's tensors under one of these prefixes
+# (transformers 4 and 5 spell it differently), the vision tower's skipped.
+_TEXT_MODEL_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
+_MULTIMODAL_SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
 _EXPERT_PARTS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
 
 
 def _target(cfg: ModelConfig, name: str) -> tuple[str, int, int | None] | None:
     """Where checkpoint tensor ``name`` goes: (model tensor name, first row, rows or None
     for the whole tensor), or None for tensors that are not loaded."""
+    if name.startswith(_MULTIMODAL_SKIPPED):
+        return None  # a multimodal checkpoint's vision tower: livelm runs its text model
+    for prefix in _TEXT_MODEL_PREFIXES:  # a multimodal checkpoint's language model (Gemma 3)
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
     if name.startswith("model."):
         name = name[len("model.") :]
     if name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "Qwen2MoeForCausalLM": (True, False),
     "Qwen3MoeForCausalLM": (False, True),
     "MixtralForCausalLM": (False, False),
+    "Gemma2ForCausalLM": (False, False),
+    "Gemma3ForCausalLM": (False, True),
 }
 MOE_ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
 # Every layer slides by ``sliding_window`` when the config gives one (transformers masks
@@ -24,6 +26,20 @@ _WINDOWED = ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM")
 # Windows switched on by ``use_sliding_window``; which layers slide, as transformers' config
 # classes decide it when the config lists no ``layer_types``.
 _QWEN_WINDOWED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# Gemma: sliding and global layers alternate (``layer_types``; else Gemma 2 slides the even
+# layers, Gemma 3 all but every ``sliding_window_pattern``-th), norms scale by 1 + weight,
+# GeGLU, embeddings scaled by sqrt(hidden_size), norms after attention and around the MLP.
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Gemma3TextConfig's defaults for what livelm reads: the text_config of a Gemma 3
+# multimodal checkpoint on the Hub holds only the fields that differ from them.
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+    max_position_embeddings=131_072, query_pre_attn_scalar=256, sliding_window=4096,
+    hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, tie_word_embeddings=True,
+)  # fmt: skip
+# Activation names of config.json -> the gated feed-forward livelm runs (gate * act(gate) * up).
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -122,6 +138,19 @@ class ModelConfig:
     # Per layer: the sliding window of its attention (the query at position p sees keys at
     # positions > p - window), or None for a global layer; () when no layer slides.
     sliding_windows: tuple[int | None, ...] = ()
+    activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    # Gemma: norms scale by (offset + weight); the embedding output is multiplied by
+    # embedding_scale; attention scores by query_pre_attn_scalar ** -0.5 (else head_dim's);
+    # attention scores and final logits soft-capped (cap * tanh(x / cap)) when set;
+    # sandwich_norms: a norm after attention and one before and one after the MLP.
+    norm_offset: float = 0.0
+    embedding_scale: float | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sandwich_norms: bool = False
+    # Gemma 3: the sliding layers' own rotary (their theta), None: every layer uses ``rope``.
+    local_rope: RopeConfig | None = None
 
     @property
     def sliding_window(self) -> int | None:
@@ -137,6 +166,15 @@ class ModelConfig:
         """The sliding window of ``layer``, None for a global one."""
         return self.sliding_windows[layer] if self.sliding_windows else None
 
+    def rope_of(self, layer: int) -> RopeConfig:
+        """The rotary parameters ``layer`` uses (Gemma 3's sliding layers have their own)."""
+        return self.local_rope if self.local_rope is not None and self.window_of(layer) is not None else self.rope
+
+    @property
+    def attention_scale(self) -> float:
+        """What attention scores are multiplied by before the softmax."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     @staticmethod
     def from_dir(model_dir: str | Path) -> ModelConfig:
         """Parse ``config.json`` of a local model directory; ValueError if unsupported."""
@@ -151,6 +189,8 @@ class ModelConfig:
     def from_dict(raw: dict) -> ModelConfig:
         """Build from the parsed ``config.json`` of a supported architecture."""
         archs = raw.get("architectures") or []
+        if "Gemma3ForConditionalGeneration" in archs and isinstance(raw.get("text_config"), dict):
+            raw, archs = gemma3_text_config(raw), ["Gemma3ForCausalLM"]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(
@@ -158,12 +198,18 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         default_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
-        if raw.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported activation {raw.get('hidden_act')!r}: only silu")
+        gemma = arch in GEMMA_ARCHITECTURES
+        # Gemma's configs name it hidden_activation (transformers ignores their hidden_act).
+        act_name = raw.get("hidden_activation", "gelu_pytorch_tanh") if gemma else raw.get("hidden_act", "silu")
+        activation = ACTIVATIONS.get(act_name)
+        if activation is None:
+            raise ValueError(f"unsupported activation {act_name!r}: livelm supports {', '.join(ACTIVATIONS)}")
         num_heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
+        head_dim = raw.get("head_dim") or hidden // num_heads
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        extra = _gemma_fields(raw, arch, head_dim) if gemma else {}
         return ModelConfig(
             architecture=arch,
             vocab_size=raw["vocab_size"],
@@ -172,17 +218,19 @@ class ModelConfig:
             num_layers=raw["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or hidden // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", default_bias)),
             qk_norm=qk_norm,
-            rope=_parse_rope(raw, arch, raw.get("head_dim") or hidden // num_heads),
+            rope=extra.pop("rope") if gemma else _parse_rope(raw, arch, head_dim),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=MoEConfig.from_dict(raw, arch, raw["num_hidden_layers"]) if arch in MOE_ARCHITECTURES else None,
             sliding_windows=_parse_windows(raw, arch, raw["num_hidden_layers"]),
+            activation=activation,
+            **extra,
         )
 
 
@@ -197,6 +245,11 @@ def _parse_windows(raw: dict, arch: str, num_layers: int) -> tuple[int | None, .
     if arch in _WINDOWED:
         window = raw.get("sliding_window")
         sliding = [True] * num_layers
+    elif arch in GEMMA_ARCHITECTURES:
+        window = raw.get("sliding_window", 4096)
+        pattern = 2 if arch == "Gemma2ForCausalLM" else int(raw.get("sliding_window_pattern", 6) or 6)
+        default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+        sliding = _layer_types(raw.get("layer_types") or default, num_layers)
     elif arch in _QWEN_WINDOWED and raw.get("use_sliding_window"):
         window = raw.get("sliding_window", 4096)
         types = raw.get("layer_types")
@@ -204,12 +257,7 @@ def _parse_windows(raw: dict, arch: str, num_layers: int) -> tuple[int | None, .
         if arch == "Qwen3MoeForCausalLM":
             sliding = [True] * num_layers  # its attention reads config.sliding_window in every layer
         elif types is not None:
-            if len(types) != num_layers or any(t not in ("sliding_attention", "full_attention") for t in types):
-                raise ValueError(
-                    f"layer_types must name 'sliding_attention' or 'full_attention' for each of the "
-                    f"{num_layers} layers, got {types!r:.200}"
-                )
-            sliding = [t == "sliding_attention" for t in types]
+            sliding = _layer_types(types, num_layers)
         elif arch == "Qwen2MoeForCausalLM":
             sliding = [i % 2 == 0 and i < limit for i in range(num_layers)]
         else:
@@ -221,6 +269,70 @@ def _parse_windows(raw: dict, arch: str, num_layers: int) -> tuple[int | None, .
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"sliding_window must be a positive integer (or null for none), got {window!r:.40}")
     return tuple(window if s else None for s in sliding)
+
+
+def gemma3_text_config(raw: dict) -> dict:
+    """The text model's config of a Gemma 3 multimodal checkpoint (Gemma 3 4B, 12B, 27B):
+    livelm runs its language model on text; the vision tower is not loaded. The top level's
+    token ids and embedding tie win, as transformers' Gemma3Config has them."""
+    text = {**_GEMMA3_TEXT_DEFAULTS, **raw["text_config"], "architectures": ["Gemma3ForCausalLM"]}
+    for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):
+        if raw.get(key) is not None:
+            text[key] = raw[key]
+    return text
+
+
+def _layer_types(types: object, num_layers: int) -> list[bool]:
+    """Which layers slide, from a config's ``layer_types``; ValueError when malformed."""
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise ValueError(
+            f"layer_types must name 'sliding_attention' or 'full_attention' for each of the "
+            f"{num_layers} layers, got {types!r:.200}"
+        )
+    return [t == "sliding_attention" for t in types]
+
+
+def _gemma_fields(raw: dict, arch: str, head_dim: int) -> dict:
+    """The ModelConfig fields of a Gemma 2 / Gemma 3 text config (its rotary included)."""
+    if raw.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=true (an embedding model's encoder) is not supported: "
+                         "livelm runs causal decoders")
+    gemma2 = arch == "Gemma2ForCausalLM"
+    fields: dict = dict(
+        norm_offset=1.0,
+        embedding_scale=float(raw["hidden_size"]) ** 0.5,
+        query_pre_attn_scalar=_positive(raw, "query_pre_attn_scalar", 256),
+        attn_softcap=_positive(raw, "attn_logit_softcapping", 50.0 if gemma2 else None),
+        final_softcap=_positive(raw, "final_logit_softcapping", 30.0 if gemma2 else None),
+        sandwich_norms=True,
+    )
+    params = raw.get("rope_parameters") or {}
+    if gemma2 or not ({"full_attention", "sliding_attention"} & set(params)):
+        fields["rope"] = _parse_rope(raw, arch, head_dim)
+        if not gemma2:  # a v4-style Gemma 3 config: rope_scaling for the global layers only
+            local_theta = float(raw.get("rope_local_base_freq", 10000.0))
+            fields["local_rope"] = RopeConfig(theta=local_theta, max_position_embeddings=fields["rope"].max_position_embeddings)
+            if "rope_theta" not in raw and "rope_theta" not in params:
+                fields["rope"] = _parse_rope({**raw, "rope_theta": 1_000_000.0}, arch, head_dim)
+        return fields
+    # transformers 5 writes one rope_parameters dict per layer type.
+    full = {"rope_theta": 1_000_000.0, **(params.get("full_attention") or {})}
+    local = {"rope_theta": float(raw.get("rope_local_base_freq", 10000.0)), **(params.get("sliding_attention") or {})}
+    base = {k: v for k, v in raw.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+    fields["rope"] = _parse_rope({**base, "rope_parameters": full}, arch, head_dim)
+    fields["local_rope"] = _parse_rope({**base, "rope_parameters": local}, arch, head_dim)
+    return fields
+
+
+def _positive(raw: dict, key: str, default: float | None) -> float | None:
+    """A positive float config field (or None where the config sets it null)."""
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{key} must be a positive number (or null), got {value!r:.40}")
+    return float(value)
 
 
 def _parse_rope(raw: dict, arch: str, head_dim: int) -> RopeConfig:

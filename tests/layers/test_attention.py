@@ -151,7 +151,7 @@ def test_decode_kernel_matches_reference(dim, group, kv_dtype):
         q = wide[:, : heads * dim].view(len(lens), heads, dim)
         out_wide = torch.zeros(len(lens), heads * dim + 8)
         out = out_wide[:, : heads * dim].view(len(lens), heads, dim)
-        kernel.paged_decode_attention_out(q, k_cache, v_cache, table_t, torch.tensor(lens), block, 0.3, out, 0)
+        kernel.paged_decode_attention_out(q, k_cache, v_cache, table_t, torch.tensor(lens), block, 0.3, out, 0, 0.0)
         for i, n in enumerate(lens):
             s = _slots(tables[i], range(n), block)
             ref = _reference(q[i : i + 1], k_held[:, s].transpose(0, 1), v_held[:, s].transpose(0, 1), 0.3,

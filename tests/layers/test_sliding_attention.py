@@ -1,7 +1,8 @@
 """Sliding-window attention (Mistral, Qwen2 ...): the C++ decode and prefill kernels and the
 torch path against plain attention under transformers' mask (the query at position p sees
 the keys at positions p - window < j <= p), over caches whose blocks before the window are
-released (the kernels must not read them: here they hold NaN)."""
+released (the kernels must not read them: here they hold NaN); and with Gemma 2's soft-capped
+scores (cap * tanh(score / cap) before the mask), alone and with a window."""
 
 from __future__ import annotations
 
@@ -44,13 +45,15 @@ def prefill_kernel(request):  # noqa: ANN001, ANN201
     return _kernel(request.param, prefill_attention_kernels, "livelm_prefill_attention_avx2", "prefill_attention.cpp")
 
 
-def _reference(q, k_ctx, v_ctx, scale, q_positions, window):
+def _reference(q, k_ctx, v_ctx, scale, q_positions, window, softcap=0.0):
     """Plain attention of queries at ``q_positions`` over a contiguous context, each seeing
-    only its last ``window`` keys (itself included)."""
+    only its last ``window`` keys (itself included), scores soft-capped when ``softcap``."""
     group = q.shape[1] // k_ctx.shape[1]
     k = k_ctx.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
     v = v_ctx.repeat_interleave(group, dim=1).transpose(0, 1)
     scores = torch.einsum("thd,hld->htl", q, k) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     keys = torch.arange(k.shape[1])[None, :]
     mask = (keys <= q_positions[:, None]) & (keys > q_positions[:, None] - window)
     scores = scores.masked_fill(~mask[None], float("-inf"))
@@ -85,16 +88,17 @@ def _slots(table, positions, block):
     (64, torch.bfloat16), (32, torch.uint8), (64, torch.uint8),
 ])
 @pytest.mark.parametrize("group", [1, 3])
-@pytest.mark.parametrize("window", [1, 5, 16, 17, 40])
-def test_windowed_decode_kernel_matches_reference(decode_kernel, dim, kv_dtype, group, window):
+@pytest.mark.parametrize(("window", "softcap"), [(1, 0.0), (5, 0.0), (16, 0.0), (17, 0.0), (40, 0.0),
+                                                 (17, 1.5), (10**6, 1.5), (10**6, 0.0)])
+def test_windowed_decode_kernel_matches_reference(decode_kernel, dim, kv_dtype, group, window, softcap):
     """The decode kernel with a window (AVX-512 for 16/64/128, the generic loops for 48 and
     q8_0): each row attends over its last ``window`` keys only, blocks before the window's
     first block are never read (NaN there would poison the output), the partial first block
-    is masked key by key."""
+    is masked key by key; ``softcap`` (window 10**6: none) caps scores before the mask."""
     kernel = decode_kernel
     kv_heads, block = 2, 16
     heads = kv_heads * group
-    g = torch.Generator().manual_seed(dim * 100 + group * 10 + window)
+    g = torch.Generator().manual_seed(dim * 100 + group * 10 + window % 1000)
     lens = [1, 5, 16, 17, 33, 64, 70, 131]
     firsts = [max(0, n - window) for n in lens]
     k_cache, v_cache, tables = _layout(g, lens, kv_heads, dim, block, 64, kv_dtype, firsts, float("nan"))
@@ -103,28 +107,31 @@ def test_windowed_decode_kernel_matches_reference(decode_kernel, dim, kv_dtype, 
     table_t = torch.tensor([t + [0] * (maxb - len(t)) for t in tables])
     q = torch.randn(len(lens), heads, dim, generator=g)
     out = torch.zeros(len(lens), heads, dim)
-    kernel.paged_decode_attention_out(q, k_cache, v_cache, table_t, torch.tensor(lens), block, 0.3, out, window)
+    kernel.paged_decode_attention_out(q, k_cache, v_cache, table_t, torch.tensor(lens), block, 0.3, out, window,
+                                      softcap)
     assert torch.isfinite(out).all()
     for i, n in enumerate(lens):
         keys = range(firsts[i], n)
         s = _slots(tables[i], keys, block)
         ref = _reference(q[i : i + 1], k_held[:, s].transpose(0, 1), v_held[:, s].transpose(0, 1), 0.3,
-                         torch.tensor([n - 1 - firsts[i]]), window)
+                         torch.tensor([n - 1 - firsts[i]]), window, softcap)
         torch.testing.assert_close(out[i].reshape(1, -1), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("dim", "kv_dtype"), [(16, torch.float32), (64, torch.float32), (64, torch.bfloat16),
                                                (32, torch.uint8)])
 @pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("window", [1, 7, 24, 100])
-def test_windowed_prefill_kernel_matches_reference(prefill_kernel, dim, kv_dtype, group, window):
+@pytest.mark.parametrize(("window", "softcap"), [(1, 0.0), (7, 0.0), (24, 0.0), (100, 0.0), (24, 2.0),
+                                                 (10**6, 2.0)])
+def test_windowed_prefill_kernel_matches_reference(prefill_kernel, dim, kv_dtype, group, window, softcap):
     """The prefill kernel with a window over chunks of 1..300 queries at position 0 or after
     earlier context (tiles wider than the window, so whole key blocks are hidden from some
-    of a tile's queries), released blocks holding NaN: equal to plain windowed attention."""
+    of a tile's queries), released blocks holding NaN: equal to plain windowed attention
+    (soft-capped by ``softcap``; window 10**6: none)."""
     kernel = prefill_kernel
     kv_heads, block = 2, 16
     heads = kv_heads * group
-    g = torch.Generator().manual_seed(dim * 100 + group * 10 + window)
+    g = torch.Generator().manual_seed(dim * 100 + group * 10 + window % 1000)
     for ctx, n in [(0, 1), (0, 37), (0, 300), (5, 1), (17, 16), (250, 3), (33, 300), (1000, 64)]:
         first = max(0, ctx - window + 1)  # the first key the chunk's first query sees
         k_cache, v_cache, (table,) = _layout(g, [ctx + n], kv_heads, dim, block, 100, kv_dtype, [first],
@@ -132,21 +139,24 @@ def test_windowed_prefill_kernel_matches_reference(prefill_kernel, dim, kv_dtype
         k_held, v_held = decode_kv(k_cache, torch.float32), decode_kv(v_cache, torch.float32)
         q = torch.randn(n, heads, dim, generator=g)
         out = torch.zeros(n, heads * dim)
-        kernel.prefill_attention(q, k_cache, v_cache, _slots(table, range(ctx + n), block), out, dim**-0.5, window)
+        kernel.prefill_attention(q, k_cache, v_cache, _slots(table, range(ctx + n), block), out, dim**-0.5, window,
+                                 softcap)
         assert torch.isfinite(out).all(), (ctx, n)
         s = _slots(table, range(first, ctx + n), block)
         ref = _reference(q, k_held[:, s].transpose(0, 1), v_held[:, s].transpose(0, 1), dim**-0.5,
-                         torch.arange(ctx - first, ctx - first + n), window)
+                         torch.arange(ctx - first, ctx - first + n), window, softcap)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("backend_name", ["cpu", "torch"])
-def test_mixed_batch_with_a_window_on_both_backends(backend_name, kv_dtype):
+def test_mixed_batch_with_a_window_on_both_backends(backend_name, kv_dtype, softcap):
     """A step of decodes and prefill chunks through each backend, as a sliding layer calls
     it (``meta.window`` set, its window passed) and as a global layer of the same model
     does (no window): each equals plain attention under its own mask. Released blocks hold
-    finite garbage here: the torch path reads them (masked), as the runner arranges."""
+    finite garbage here: the torch path reads them (masked), as the runner arranges. With a
+    ``softcap`` (Gemma 2), every case's scores are capped before the mask."""
     dim, heads, kv_heads, block, window = 32, 4, 2, 4, 6
     if backend_name == "cpu":
         decode, prefill = decode_attention_kernels(), prefill_attention_kernels()
@@ -182,7 +192,7 @@ def test_mixed_batch_with_a_window_on_both_backends(backend_name, kv_dtype):
             window=window,
         )
         backend.prepare(meta, torch.float32)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.25, window_of_layer)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.25, window_of_layer, softcap)
         kc, vc = decode_kv(k_cache, torch.float32), decode_kv(v_cache, torch.float32)
         w = window_of_layer or 10**9
         row = 0
@@ -193,7 +203,8 @@ def test_mixed_batch_with_a_window_on_both_backends(backend_name, kv_dtype):
             else:
                 ctx, m, positions = n - 1, 1, torch.tensor([n - 1])
             s = _slots(tables[i], range(ctx + m), block)
-            ref = _reference(q[row : row + m], kc[:, s].transpose(0, 1), vc[:, s].transpose(0, 1), 0.25, positions, w)
+            ref = _reference(q[row : row + m], kc[:, s].transpose(0, 1), vc[:, s].transpose(0, 1), 0.25, positions, w,
+                             softcap or 0.0)
             torch.testing.assert_close(out[row : row + m], ref, atol=1e-5, rtol=1e-5)
             row += m
         assert torch.equal(indexable(k_cache)[:, meta.slot_mapping],

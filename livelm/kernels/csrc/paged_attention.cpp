@@ -22,6 +22,7 @@
 #endif
 #include "avx512_math.h"
 #include "kv_types.h"
+#include "soft_cap.h"
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #define LIVELM_ATTN_AVX512 1
 #endif
@@ -170,7 +171,8 @@ inline void mask_before(float* scores, int64_t ng, int64_t len, int64_t skip) {
 // keys (a memory accumulator would make every key wait on the previous key's store).
 template <int HD16, typename KV>
 void attend_heads512(const float* q, int64_t ng, const KV* kh, const KV* vh, const int64_t* table,
-                     int64_t len, int64_t skip, int64_t block_size, float scale, float* out, float* scores) {
+                     int64_t len, int64_t skip, int64_t block_size, float scale, float cap, float* out,
+                     float* scores) {
   constexpr int64_t hd = 16 * HD16;
   // Pass 1: scores[g * len + t].
   for (int64_t t0 = 0; t0 < len; t0 += block_size) {
@@ -203,6 +205,7 @@ void attend_heads512(const float* q, int64_t ng, const KV* kh, const KV* vh, con
       }
     }
   }
+  livelm::soft_cap(scores, ng * len, cap);
   mask_before(scores, ng, len, skip);
   // Softmax per query head (unnormalized; 1/sum applied to the output), 16 keys at a time
   // (glibc's expf stays scalar here and cost more than everything else together).
@@ -259,23 +262,23 @@ void attend_heads512(const float* q, int64_t ng, const KV* kh, const KV* vh, con
 // attend_heads512 for this head_dim, or false when none is compiled for it.
 template <typename KV>
 bool attend_heads_avx512(int64_t head_dim, const float* q, int64_t ng, const KV* kh, const KV* vh,
-                         const int64_t* table, int64_t len, int64_t skip, int64_t block_size, float scale, float* out,
-                         float* scores) {
+                         const int64_t* table, int64_t len, int64_t skip, int64_t block_size, float scale, float cap,
+                         float* out, float* scores) {
   if (ng > 64) return false;
   switch (head_dim) {
-    case 16: attend_heads512<1>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
-    case 32: attend_heads512<2>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
-    case 64: attend_heads512<4>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
-    case 80: attend_heads512<5>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
-    case 96: attend_heads512<6>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
-    case 128: attend_heads512<8>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
-    case 256: attend_heads512<16>(q, ng, kh, vh, table, len, skip, block_size, scale, out, scores); return true;
+    case 16: attend_heads512<1>(q, ng, kh, vh, table, len, skip, block_size, scale, cap, out, scores); return true;
+    case 32: attend_heads512<2>(q, ng, kh, vh, table, len, skip, block_size, scale, cap, out, scores); return true;
+    case 64: attend_heads512<4>(q, ng, kh, vh, table, len, skip, block_size, scale, cap, out, scores); return true;
+    case 80: attend_heads512<5>(q, ng, kh, vh, table, len, skip, block_size, scale, cap, out, scores); return true;
+    case 96: attend_heads512<6>(q, ng, kh, vh, table, len, skip, block_size, scale, cap, out, scores); return true;
+    case 128: attend_heads512<8>(q, ng, kh, vh, table, len, skip, block_size, scale, cap, out, scores); return true;
+    case 256: attend_heads512<16>(q, ng, kh, vh, table, len, skip, block_size, scale, cap, out, scores); return true;
     default: return false;
   }
 }
 // q8_0 rows take the generic loops (their dot/axpy above).
 bool attend_heads_avx512(int64_t, const float*, int64_t, const uint8_t*, const uint8_t*, const int64_t*, int64_t,
-                         int64_t, int64_t, float, float*, float*) {
+                         int64_t, int64_t, float, float, float*, float*) {
   return false;
 }
 #endif
@@ -289,7 +292,7 @@ template <typename KV>
 void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp, const int64_t* lp, float* op,
                  int64_t num_seqs, int64_t num_kv_heads, int64_t num_slots, int64_t group, int64_t head_dim,
                  int64_t row, int64_t max_blocks, int64_t q_row, int64_t out_row, int64_t block_size, float fscale,
-                 int64_t window) {
+                 int64_t window, float cap) {
   // One task per (request, KV head): the group's query heads share every K/V row load
   // (splitting a group over threads measured slower, even one request on two threads).
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -307,7 +310,7 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
 #if defined(LIVELM_ATTN_AVX512)
       scores.resize(static_cast<size_t>(group * len));
       if (attend_heads_avx512(head_dim, qp + s * q_row + h * group * head_dim, group, kh, vh, table, len, skip,
-                              block_size, fscale, op + s * out_row + h * group * head_dim, scores.data()))
+                              block_size, fscale, cap, op + s * out_row + h * group * head_dim, scores.data()))
         continue;
 #endif
       scores.assign(static_cast<size_t>(group * len), 0.f);
@@ -328,6 +331,7 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
             scores[g * len + t0 + i] = dot(qh + g * head_dim, krow, head_dim) * fscale;
         }
       }
+      livelm::soft_cap(scores.data(), group * len, cap);
       mask_before(scores.data(), group, len, skip);
       // Softmax per query head.
       std::vector<float> inv_sum(group);
@@ -374,11 +378,14 @@ void decode_impl(const float* qp, const KV* kp, const KV* vp, const int64_t* btp
 // [Hkv, S, hd] both fp32 or both bf16, or [Hkv, S, q8_row_bytes(hd)] both uint8 (q8_0 rows);
 // block_tables: [D, max_blocks] int64; context_lens: [D] int64; window > 0: a sliding
 // window (row s sees only its last window keys, the blocks before them are not read; they
-// may be released ones, pointed anywhere), 0: none.
+// may be released ones, pointed anywhere), 0: none; softcap > 0: scores soft-capped
+// (soft_cap.h), 0: not.
 void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                 torch::Tensor block_tables, torch::Tensor context_lens,
-                                int64_t block_size, double scale, torch::Tensor out, int64_t window) {
+                                int64_t block_size, double scale, torch::Tensor out, int64_t window,
+                                double softcap) {
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: none)");
   TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
   const auto kv = k_cache.scalar_type();
   TORCH_CHECK(v_cache.scalar_type() == kv && (kv == torch::kFloat32 || kv == torch::kBFloat16 || kv == torch::kUInt8),
@@ -400,7 +407,8 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
   const int64_t* lp = lens.data_ptr<int64_t>();
   auto run = [&](auto* kp, auto* vp) {
     decode_impl(q.data_ptr<float>(), kp, vp, btp, lp, out.data_ptr<float>(), num_seqs, num_kv_heads, num_slots,
-                group, head_dim, row, bt.size(1), q.stride(0), out.stride(0), block_size, fscale, window);
+                group, head_dim, row, bt.size(1), q.stride(0), out.stride(0), block_size, fscale, window,
+                static_cast<float>(softcap));
   };
   if (kv == torch::kBFloat16) {
     run(reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
@@ -415,10 +423,10 @@ void paged_decode_attention_out(torch::Tensor q, torch::Tensor k_cache, torch::T
 // As above, into a fresh [D, Hq, hd] tensor.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
-                                     int64_t block_size, double scale, int64_t window) {
+                                     int64_t block_size, double scale, int64_t window, double softcap) {
   auto out = torch::empty(q.sizes(), q.options());
   paged_decode_attention_out(q.contiguous(), k_cache, v_cache, block_tables, context_lens, block_size, scale, out,
-                             window);
+                             window, softcap);
   return out;
 }
 

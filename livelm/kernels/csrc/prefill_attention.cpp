@@ -28,6 +28,7 @@
 
 #include "avx512_math.h"
 #include "kv_types.h"
+#include "soft_cap.h"
 
 #include <algorithm>
 #include <atomic>
@@ -230,7 +231,7 @@ template <typename KV>
 void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torch::Tensor& sl, torch::Tensor& out,
                   int64_t n, int64_t num_heads, int64_t hd, int64_t num_kv_heads, int64_t num_slots, int64_t ctx,
                   int64_t q_stride, int64_t group, int64_t mq, int64_t m, int64_t num_tiles, int64_t first_pos,
-                  double scale, int64_t window) {
+                  double scale, int64_t window, float cap) {
   const float* qp = q.data_ptr<float>();
   const int64_t* sp = sl.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -286,6 +287,7 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
           }
         }
         qk_block(krows.data(), nk, qt.data(), m, hd, s.data());
+        livelm::soft_cap(s.data(), nk * m, cap);  // before the masks below
         if (j0 + nk - 1 > lo_pos) {
           // The diagonal: key j is hidden from query i when j > first_pos + q0 + i.
           for (int64_t k = 0; k < nk; ++k) {
@@ -339,10 +341,12 @@ void prefill_impl(const torch::Tensor& q, const KV* kp, const KV* vp, const torc
 // written); out: [n, Hq * hd], written in place. Query i sits at position ctx - n + i and
 // sees keys 0..ctx - n + i; window > 0 (a sliding layer): only its last window of them,
 // ctx - n + i - window < j (the slots of keys before every query's window are not read;
-// they may point anywhere), 0: no window.
+// they may point anywhere), 0: no window; softcap > 0: scores soft-capped (soft_cap.h).
 void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
-                       torch::Tensor out, double scale, int64_t window) {
+                       torch::Tensor out, double scale, int64_t window, double softcap) {
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: none)");
+  const float cap = static_cast<float>(softcap);
   TORCH_CHECK(q.dtype() == torch::kFloat32 && out.dtype() == torch::kFloat32, "fp32 queries and output");
   const auto kv = k_cache.scalar_type();
   TORCH_CHECK(v_cache.scalar_type() == kv && (kv == torch::kFloat32 || kv == torch::kBFloat16 || kv == torch::kUInt8),
@@ -372,14 +376,14 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   if (kv == torch::kBFloat16) {
     prefill_impl(q, reinterpret_cast<const bf16*>(k_cache.data_ptr<at::BFloat16>()),
                  reinterpret_cast<const bf16*>(v_cache.data_ptr<at::BFloat16>()), sl, out, n, num_heads, hd,
-                 num_kv_heads, num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window);
+                 num_kv_heads, num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window, cap);
   } else if (kv == torch::kUInt8) {
     prefill_impl(q, static_cast<const uint8_t*>(k_cache.data_ptr<uint8_t>()),
                  static_cast<const uint8_t*>(v_cache.data_ptr<uint8_t>()), sl, out, n, num_heads, hd, num_kv_heads,
-                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window);
+                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window, cap);
   } else {
     prefill_impl(q, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl, out, n, num_heads, hd, num_kv_heads,
-                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window);
+                 num_slots, ctx, q_stride, group, mq, m, num_tiles, first_pos, scale, window, cap);
   }
 }
 

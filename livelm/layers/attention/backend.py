@@ -46,11 +46,14 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Write the new k/v [T, Hkv, D] into the cache, then attend: q [T, Hq, D] -> [T, Hq * D].
 
         ``window``: the calling layer's sliding window (``meta.window``; the query at
-        position p sees only keys at positions > p - window), None for a global layer."""
+        position p sees only keys at positions > p - window), None for a global layer.
+        ``softcap``: scores (after ``scale``) become softcap * tanh(score / softcap) before
+        masking and the softmax (Gemma 2), None: not capped."""
         ...
 
 

@@ -53,9 +53,11 @@ class CpuKernelAttention:
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Attention for a mixed batch. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D];
-        ``window``: the layer's sliding window (the kernels skip the blocks before it).
+        ``window``: the layer's sliding window (the kernels skip the blocks before it);
+        ``softcap``: the scores' soft cap, None for none.
 
         The new k/v are written to the cache first, so every query reads its whole context
         (earlier chunks included) from one place.
@@ -79,18 +81,20 @@ class CpuKernelAttention:
             self.decode.paged_decode_attention_out(
                 qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens,
                 meta.block_size, scale, (out if whole else out[:d]).view(d, num_heads, head_dim), window or 0,
+                softcap or 0.0,
             )
         elif d:
-            decode_attention(q, k_cache, v_cache, meta, scale, out, window)
+            decode_attention(q, k_cache, v_cache, meta, scale, out, window, softcap)
 
         for seg in meta.prefills:
             if prefill is not None:
                 s, n = seg.query_start, seg.query_len
                 # A chunk at position 0 sees only itself: its slots are its own rows' slots.
                 slots = seg.context_slots if seg.context_slots is not None else meta.slot_mapping[s : s + n]
-                prefill.prefill_attention(q[s : s + n], k_cache, v_cache, slots, out[s : s + n], scale, window or 0)
+                prefill.prefill_attention(q[s : s + n], k_cache, v_cache, slots, out[s : s + n], scale, window or 0,
+                                          softcap or 0.0)
                 continue
-            prefill_attention(q, k, v, k_cache, v_cache, seg, scale, out, window)
+            prefill_attention(q, k, v, k_cache, v_cache, seg, scale, out, window, softcap)
         if meta.sinks:  # kv_policy "sinks" requests (layers/attention/sinks.py)
             # Built on first use: most engines never serve such a request.
             kernel = sinks_attention_kernels() if q.dtype == torch.float32 else None

@@ -32,9 +32,11 @@ class TorchAttention:
         meta: AttentionMetadata,
         scale: float,
         window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Attention for a mixed batch. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D];
-        ``window``: the layer's sliding window (``meta.window``), None for a global layer.
+        ``window``: the layer's sliding window (``meta.window``), None for a global layer;
+        ``softcap``: the scores' soft cap (Gemma 2), None for none.
 
         The new k/v are written to the cache first, so every query reads its whole context
         (earlier chunks included) from one place.
@@ -43,9 +45,9 @@ class TorchAttention:
         num_tokens, num_heads, head_dim = q.shape
         out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
         if meta.num_decodes:
-            decode_attention(q, k_cache, v_cache, meta, scale, out, window)
+            decode_attention(q, k_cache, v_cache, meta, scale, out, window, softcap)
         for seg in meta.prefills:
-            prefill_attention(q, k, v, k_cache, v_cache, seg, scale, out, window)
+            prefill_attention(q, k, v, k_cache, v_cache, seg, scale, out, window, softcap)
         for sseg in meta.sinks:  # kv_policy "sinks" requests (layers/attention/sinks.py)
             sinks_attention(q, k_cache, v_cache, sseg, scale, out)
         return out
@@ -110,9 +112,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                     scale: float, out: torch.Tensor, window: int | None = None) -> None:
+                     scale: float, out: torch.Tensor, window: int | None = None,
+                     softcap: float | None = None) -> None:
     """Rows ``:num_decodes`` of ``out``, over ``meta.decode_slots`` / ``decode_bias``
-    (``decode_window_bias`` for a sliding layer, when set)."""
+    (``decode_window_bias`` for a sliding layer, when set), scores soft-capped by ``softcap``."""
     # Query heads sharing a KV head ride along the "query length" axis, so GQA needs no
     # repeated K/V, and everything stays KV-head-major like the cache:
     # [Hkv, D, G, hd] x [Hkv, D, L, hd] -> [Hkv, D, G, L].
@@ -125,7 +128,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kd = gather_slots(k_cache, slots.view(-1), q.dtype).view(num_kv_heads, d, -1, head_dim)
     vd = gather_slots(v_cache, slots.view(-1), q.dtype).view(num_kv_heads, d, -1, head_dim)
     scores = torch.matmul(qd, kd.transpose(-1, -2))
-    scores.mul_(scale).add_(bias)
+    scores.mul_(scale)
+    if softcap is not None:
+        scores = soft_cap(scores, softcap)
+    scores.add_(bias)
     probs = torch.softmax(scores, dim=-1)
     od = torch.matmul(probs, vd)  # [Hkv, D, G, hd]
     out[:d] = od.transpose(0, 1).reshape(d, num_heads * head_dim)
@@ -133,9 +139,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, seg: PrefillSegment, scale: float, out: torch.Tensor,
-                      window: int | None = None) -> None:
+                      window: int | None = None, softcap: float | None = None) -> None:
     """One prefill chunk's rows of ``out`` (SDPA; causal over itself, or masked over its
-    context; a sliding layer's ``window`` masks what lies before each query's window)."""
+    context; a sliding layer's ``window`` masks what lies before each query's window;
+    with a ``softcap``, explicit scores, which SDPA cannot cap)."""
     s, n = seg.query_start, seg.query_len
     _, num_heads, head_dim = q.shape
     group = num_heads // k.shape[1]
@@ -150,8 +157,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
         if k_cache.dtype != q.dtype:  # attend to what the cache holds, as later chunks will
             ks = decode_kv(encode_kv(ks, k_cache.dtype), q.dtype)
             vs = decode_kv(encode_kv(vs, v_cache.dtype), q.dtype)
-        os = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                            enable_gqa=group > 1)
+        if softcap is not None:
+            mask = _causal_mask(n, n, q.device) if mask is None else mask
+            os = _capped_attention(qs, ks, vs, mask, scale, softcap)
+        else:
+            os = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                enable_gqa=group > 1)
     else:
         ks = gather_slots(k_cache, seg.context_slots, q.dtype)[None]
         vs = gather_slots(v_cache, seg.context_slots, q.dtype)[None]
@@ -159,8 +170,28 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
             mask = seg.causal_mask
         if mask is None:
             mask = _causal_mask(ctx, n, q.device)
-        os = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        if softcap is not None:
+            os = _capped_attention(qs, ks, vs, mask, scale, softcap)
+        else:
+            os = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=group > 1)
     out[s : s + n] = os[0].transpose(0, 1).reshape(n, num_heads * head_dim)
+
+
+def soft_cap(scores: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(scores / cap), in place, in transformers' order of operations."""
+    return scores.div_(cap).tanh_().mul_(cap)
+
+
+def _capped_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor,
+                      scale: float, cap: float) -> torch.Tensor:
+    """Attention with soft-capped scores: qs [1, Hq, n, D], ks/vs [1, Hkv, ctx, D], ``mask``
+    [n, ctx] True where a key is seen -> [1, Hq, n, D]."""
+    group = qs.shape[1] // ks.shape[1]
+    if group > 1:
+        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+    scores = soft_cap(torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale), cap)
+    scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), vs)
 
 
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
