@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from livelm.layers.attention import AttentionMetadata
-from livelm.layers.fused_ops import add_rms_norm, gelu_tanh_and_mul, rms_norm, rotary_inplace, silu_and_mul
+from livelm.layers.fused_ops import (
+    add_rms_norm,
+    gelu_tanh_and_mul,
+    rms_norm,
+    rotary_inplace,
+    silu_and_mul,
+)
 from livelm.models.model_config import ModelConfig
 from livelm.models.moe import SparseMoeBlock
 from livelm.models.rope import RotaryEmbedding, apply_rotary, rotary_dim
