@@ -75,6 +75,18 @@ def test_tp2_other_architectures(tiny_model_dirs, reference, arch, setting):
     assert got == reference(arch, "none")
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_tp2_gemma(tmp_path, arch):
+    """Gemma 2 (soft caps, sliding and global layers, sandwich norms) and Gemma 3 (tied
+    head, q/k norms, per-layer-type rotary) split over two ranks: as one process."""
+    d = build_tiny_model(tmp_path / arch, arch, num_hidden_layers=4 if arch == "gemma2" else 3,
+                         tie_word_embeddings=arch == "gemma3")
+    want = _greedy(d, _prompts())[0]
+    got, llm = _greedy(d, _prompts(), tensor_parallel_size=2, num_threads=2, **SETTINGS["chunked_prefill"])
+    llm.engine.close()
+    assert got == want
+
+
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("setting", ["default", "preemption"])
 def test_tp2_quantized_equals_tp1(tiny_model_dirs, reference, fmt, setting):
