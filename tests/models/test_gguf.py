@@ -343,6 +343,9 @@ def test_unsupported_tensor_type_is_named(tmp_path: Path, qtype: Q) -> None:
     [
         ("gpt2", "token_embd.weight", "architecture 'gpt2'"),
         ("llama", "blk.0.mystery.weight", "'blk.0.mystery.weight' has no Hugging Face"),
+        # llama.cpp's old Mixtral layout, one tensor per expert (now stacked ffn_gate_exps)
+        ("llama", "blk.0.ffn_gate.3.weight", "'blk.0.ffn_gate.3.weight' has no Hugging Face"),
+        ("phi3", "blk.0.ffn_gate_exps.weight", r"'blk.0.ffn_gate_exps.weight' has no Hugging Face.*phi3"),
     ],
 )
 def test_unsupported_model_is_rejected(
