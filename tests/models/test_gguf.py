@@ -144,6 +144,10 @@ def _add_family_metadata(writer: gguf.GGUFWriter, cfg: dict, arch: str) -> dict[
             writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if cfg.get("shared_expert_intermediate_size"):
             writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+        # llama.cpp fixes the routing normalisation per architecture (renormalised for
+        # qwen3moe and Mixtral, not for qwen2moe); a model that differs says so in this key.
+        if "norm_topk_prob" in cfg and cfg["norm_topk_prob"] != (arch == "qwen3moe"):
+            writer.add_expert_weights_norm(cfg["norm_topk_prob"])
     return factors
 
 

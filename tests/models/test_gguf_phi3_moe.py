@@ -73,6 +73,7 @@ MODELS: dict[str, tuple[str, dict, object, list[int]]] = {
     "qwen2_moe_f32": ("qwen2_moe", _QWEN2_MOE, Q.F32, PROMPT_LENS),
     "qwen2_moe_q8_0": ("qwen2_moe", dict(_QWEN2_MOE, moe_intermediate_size=64), Q.Q8_0, PROMPT_LENS),
     "qwen3_moe_bf16": ("qwen3_moe", {}, Q.BF16, PROMPT_LENS),
+    "qwen3_moe_unnormalized_f32": ("qwen3_moe", {"norm_topk_prob": False}, Q.F32, PROMPT_LENS),
     "mixtral_f16": ("mixtral", {}, Q.F16, PROMPT_LENS),
     "mixtral_k_mix": ("mixtral", _MIXTRAL_K, _mix(_MIXTRAL_MIX), PROMPT_LENS),
 }
@@ -211,6 +212,19 @@ def test_moe_quantized_file(models, name: str, tmp_path: Path, caplog: pytest.Lo
         e = experts.num_experts - 1
         h = experts.hidden_size
         assert torch.equal(experts.down_proj[e * h:(e + 1) * h], values[f"{prefix}.{e}.{down}.weight"])
+
+
+def test_phi3_attention_factor_kept_when_not_derived(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The file's LongRoPE attention factor differs from the one transformers derives from the
+    # two lengths: the config must carry it (else every rotated position would be off).
+    real = gguf.GGUFWriter.add_rope_scaling_attn_factors
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_scaling_attn_factors", lambda self, v: real(self, 1.25))
+    out = convert_gguf_to_hf(write_gguf(models["phi3_f32"][0], tmp_path / "m.gguf"), tmp_path / "out")
+    from transformers import AutoConfig
+
+    got = AutoConfig.from_pretrained(out).rope_parameters
+    assert got["attention_factor"] == 1.25 and got["rope_type"] == "longrope"
+    assert "attention_factor" not in AutoConfig.from_pretrained(models["phi3_f32"][1]).rope_parameters
 
 
 def test_missing_tensor_and_key_are_named(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
