@@ -116,8 +116,8 @@ def _hf_classes(arch: str, cfg: dict):
         cfg.setdefault("tie_word_embeddings", False)
         cfg["num_local_experts"] = cfg.pop("num_experts", MOE_CONFIG["num_experts"])
         cfg.setdefault("num_experts_per_tok", MOE_CONFIG["num_experts_per_tok"])
-        cfg.pop("moe_intermediate_size", None)
-        cfg["intermediate_size"] = 48
+        # Mixtral's experts are its MLP: moe_intermediate_size (default 48) sizes them.
+        cfg["intermediate_size"] = cfg.pop("moe_intermediate_size", None) or 48
         return t.MixtralConfig(**cfg), t.MixtralForCausalLM
     if arch == "gemma3_multimodal":  # Gemma 3 4B+: a Gemma 3 text model beside a vision tower
         text_cls, _ = _hf_classes("gemma3", cfg)

@@ -6,6 +6,14 @@ Q8_0 / Q4_0 / Q4_1 blocks are repacked bit-exactly, Q5_0 / Q5_1 / Q4_K / Q5_K / 
 kept byte for byte (livelm/quant/gguf_repack.py), float tensors stored as fp32; other
 types (Q2_K, Q3_K, the IQ types, ...) are refused by name. The tokenizer is rebuilt by
 transformers' own GGUF tokenizer conversion.
+
+Families: llama, qwen2, qwen3, phi3 (fused q|k|v and gate|up kept fused, LongRoPE factors
+read back into rope_scaling), and the mixture-of-experts qwen2moe, qwen3moe and Mixtral (a
+``llama`` file with expert tensors): stacked experts are split into the per-expert tensors
+of the HF checkpoints (models/gguf_names.py, models/gguf_families.py). livelm's experts
+are float parameters, so quantized expert tensors are kept in their format in the
+converted file and dequantized when the model loads (a warning says how much memory that
+takes); every other quantized tensor stays quantized as for dense models.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +30,19 @@ from typing import Any
 
 import numpy as np
 
+from livelm.models.gguf_families import moe_config, phi3_config
+from livelm.models.gguf_metadata import field as _field
+from livelm.models.gguf_metadata import require
+from livelm.models.gguf_names import (
+    EXPERT,
+    FAMILIES,
+    GGUF_ARCHITECTURES,
+    MOE_FAMILIES,
+    ROPE_FACTORS,
+    check_layer_tensors,
+    gguf_family,
+    hf_tensor_name,
+)
 from livelm.models.gguf_rope import ROPE_FREQS, llama3_scaling_from_rope_freqs
 
 logger = logging.getLogger("livelm")
@@ -31,42 +53,11 @@ logger = logging.getLogger("livelm")
 # kept as GGUF blocks (was: requantized to q4_1 / q8_0).
 CONVERSION_VERSION = 3
 
-# general.architecture -> (transformers model_type, architectures entry)
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-}
-
 # The GGUF tensor types livelm loads (livelm/quant/gguf_repack.py keeps each in its own
 # format); listed here so that importing this module does not import torch.
 SUPPORTED_TENSOR_TYPES: tuple[str, ...] = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
-
-_GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-_LAYER_TENSORS = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 
 # llama.cpp pre-tokenizer names whose regex first isolates every digit ("\p{N}") and then
 # applies the GPT-2 split, as the original tokenizers do. transformers builds only the GPT-2
@@ -86,38 +77,6 @@ def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    """A metadata value as a Python scalar, string or list (gguf-version independent)."""
-    field = reader.fields.get(key)
-    if field is None or not field.data:
-        return default
-    from gguf import GGUFValueType
-
-    def value(part: np.ndarray, vtype: GGUFValueType) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        if vtype == GGUFValueType.FLOAT32:
-            # The shortest decimal that rounds to this float32: 1e-05 rather than
-            # 9.999999747378752e-06, the value the original config.json held.
-            return float(str(part[0]))
-        return part.tolist()[0]
-
-    if field.types[0] == GGUFValueType.ARRAY:
-        return [value(field.parts[i], field.types[-1]) for i in field.data]
-    return value(field.parts[field.data[0]], field.types[0])
-
-
-def _hf_tensor_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
-    if gguf_name == ROPE_FREQS:
-        return ROPE_FREQS  # llama3 rope scaling: read back into rope_scaling (gguf_rope.py)
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent we know of")
-
-
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation for llama models.
 
@@ -129,9 +88,9 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _check_tensors(reader: Any) -> None:
+def _check_tensors(reader: Any, family: str) -> None:
     for tensor in reader.tensors:
-        _hf_tensor_name(tensor.name)
+        hf_tensor_name(tensor.name, family)
         if tensor.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
             raise ValueError(
                 f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which livelm "
@@ -139,9 +98,10 @@ def _check_tensors(reader: Any) -> None:
             )
 
 
-def _read_weights(reader: Any, arch: str, n_head: int, n_head_kv: int) -> dict[str, Any]:
+def _read_weights(reader: Any, family: str, n_head: int, n_head_kv: int) -> dict[str, Any]:
     """HF name -> fp32 tensor, or QuantizedTensor for quantized 2-D weights (owning copies:
-    the reader memory-maps the file read-only)."""
+    the reader memory-maps the file read-only). Stacked expert tensors become one tensor per
+    expert, in the file's format."""
     import torch
 
     from livelm.quant.formats import QuantizedTensor
@@ -149,24 +109,48 @@ def _read_weights(reader: Any, arch: str, n_head: int, n_head_kv: int) -> dict[s
 
     weights: dict[str, Any] = {}
     kept: dict[str, int] = {}
+    quantized_experts: dict[str, int] = {}
+    expert_weights = 0
     for tensor in reader.tensors:
-        name = _hf_tensor_name(tensor.name)
-        if name == ROPE_FREQS:
+        name = hf_tensor_name(tensor.name, family)
+        type_name = tensor.tensor_type.name
+        if name == ROPE_FREQS or name in ROPE_FACTORS:
             weights[name] = torch.from_numpy(np.array(tensor.data, dtype=np.float32).reshape(-1))
             continue
         # GGUF lists dimensions fastest-first; numpy/torch want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        w = repack_gguf_tensor(tensor.data, tensor.tensor_type.name, shape)
+        if EXPERT in name:
+            if len(shape) != 3:
+                raise ValueError(f"GGUF tensor {tensor.name!r} has shape {shape}; expert tensors are [n_expert, rows, cols]")
+            # Rows of whole blocks in every format: expert e's bytes are the e-th slice.
+            per_expert = np.asarray(tensor.data).reshape(shape[0], -1)
+            for e in range(shape[0]):
+                w = repack_gguf_tensor(per_expert[e], type_name, shape[1:])
+                weights[name.replace(EXPERT, str(e))] = w if isinstance(w, QuantizedTensor) else w.contiguous().clone()
+            if type_name not in ("F32", "F16", "BF16"):
+                quantized_experts[type_name] = quantized_experts.get(type_name, 0) + 1
+            expert_weights += math.prod(shape)
+            continue
+        w = repack_gguf_tensor(tensor.data, type_name, shape)
         if isinstance(w, QuantizedTensor):
             kept[w.fmt] = kept.get(w.fmt, 0) + 1
+        elif name.endswith(".shared_expert_gate.weight"):
+            w = w.reshape(1, -1)  # llama.cpp stores Qwen2-MoE's [1, H] shared-expert gate as [H]
         heads = n_head if ".attn_q." in tensor.name else n_head_kv if ".attn_k." in tensor.name else 0
-        if arch == "llama" and heads:
+        if family in ("llama", "mixtral") and heads:
             # Rows are independent in every format, so permuting them is exact.
             perm = torch.from_numpy(_unpermute_rows(np.arange(shape[0]), heads).copy())
             w = w.index_rows(perm) if isinstance(w, QuantizedTensor) else w[perm]
         weights[name] = w if isinstance(w, QuantizedTensor) else w.contiguous().clone()
     if kept:
         logger.info("GGUF quantized tensors kept as stored: %s", ", ".join(f"{n} {f}" for f, n in sorted(kept.items())))
+    if quantized_experts:
+        logger.warning(
+            "GGUF expert tensors stored quantized (%s): livelm's mixture-of-experts path is float-only, "
+            "so they are dequantized when the model loads: %.2f GiB of expert weights in float32 "
+            "(half that in bfloat16), against their size in the file",
+            ", ".join(f"{n} {t}" for t, n in sorted(quantized_experts.items())), expert_weights * 4 / 2**30,
+        )
     return weights
 
 
@@ -184,22 +168,23 @@ def _rope_scaling(reader: Any, arch: str) -> dict[str, Any] | None:
     return scaling
 
 
-def _build_config(reader: Any, arch: str, weights: dict[str, Any]) -> Any:
+def _build_config(reader: Any, arch: str, family: str, weights: dict[str, Any], names: set[str]) -> Any:
     from transformers import AutoConfig
 
-    model_type, architecture = ARCHITECTURES[arch]
-    n_head = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    # qwen3 stores its head size as key_length; llama as the rope dimension (full rotary).
+    model_type, architecture = FAMILIES[family]
+    n_head = int(require(reader, f"{arch}.attention.head_count", family))
+    hidden = int(require(reader, f"{arch}.embedding_length", family))
+    num_layers = int(require(reader, f"{arch}.block_count", family))
+    # qwen3 stores its head size as key_length; llama as the rope dimension (full rotary);
+    # Phi-3's rope dimension is the rotated part only (partial rotary).
     head_dim = _field(reader, f"{arch}.attention.key_length")
     if head_dim is None:
-        head_dim = _field(reader, f"{arch}.rope.dimension_count", hidden // n_head)
+        head_dim = hidden // n_head if family == "phi3" else _field(reader, f"{arch}.rope.dimension_count", hidden // n_head)
     embed = weights["model.embed_tokens.weight"]
     kwargs: dict[str, Any] = dict(
         vocab_size=int(embed.shape[0]),  # the tensor, not the vocab list, sizes the model
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
-        num_hidden_layers=int(_field(reader, f"{arch}.block_count")),
+        num_hidden_layers=num_layers,
         num_attention_heads=n_head,
         num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
@@ -210,15 +195,29 @@ def _build_config(reader: Any, arch: str, weights: dict[str, Any]) -> Any:
         eos_token_id=_eos_token_ids(reader),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
     )
-    if arch != "qwen2" or int(head_dim) != hidden // n_head:
-        kwargs["head_dim"] = int(head_dim)  # Qwen2's config has no head_dim unless it is unusual
-    if arch != "qwen2" and "model.layers.0.self_attn.q_proj.bias" in weights:
+    if family in MOE_FAMILIES:
+        kwargs.update(moe_config(reader, arch, family, names, num_layers))
+    if "intermediate_size" not in kwargs:
+        width = _field(reader, f"{arch}.feed_forward_length")
+        if width is None and family in MOE_FAMILIES and not kwargs["mlp_only_layers"]:
+            width = kwargs["moe_intermediate_size"]  # no dense MLP for it to size
+        elif width is None:
+            width = require(reader, f"{arch}.feed_forward_length", family)
+        kwargs["intermediate_size"] = int(width)
+    # Qwen2, Qwen2-MoE, Phi-3 and Mixtral configs have no head_dim unless it is unusual.
+    if family not in ("qwen2", "qwen2moe", "phi3", "mixtral") or int(head_dim) != hidden // n_head:
+        kwargs["head_dim"] = int(head_dim)
+    if family not in ("qwen2", "qwen2moe") and "model.layers.0.self_attn.q_proj.bias" in weights:
         kwargs["attention_bias"] = True  # qwen2 always has q/k/v biases; others only if present
     if (scaling := _rope_scaling(reader, arch)) is not None:
         kwargs["rope_scaling"] = scaling
+    if family == "phi3":
+        kwargs.update(phi3_config(reader, weights, int(head_dim), kwargs["max_position_embeddings"]))
+    elif family == "mixtral" and (window := _field(reader, f"{arch}.attention.sliding_window")):
+        kwargs["sliding_window"] = int(window)
     if ROPE_FREQS in weights:
-        if arch != "llama":
-            raise ValueError(f"GGUF tensor {ROPE_FREQS!r} is supported for llama files only, not {arch}")
+        if family != "llama":
+            raise ValueError(f"GGUF tensor {ROPE_FREQS!r} is supported for llama files only, not {family}")
         original = _field(reader, f"{arch}.rope.scaling.original_context_length")
         kwargs["rope_scaling"] = llama3_scaling_from_rope_freqs(
             weights[ROPE_FREQS].numpy(), kwargs["rope_theta"], int(head_dim), original
@@ -303,15 +302,18 @@ def convert_gguf_to_hf(
     out_dir: str | os.PathLike[str],
     expected_sha256: str | None = None,
 ) -> Path:
-    """Convert a llama / qwen2 / qwen3 GGUF file into an HF-format directory at ``out_dir``.
+    """Convert a GGUF file of a supported family (llama, qwen2, qwen3, phi3, qwen2moe,
+    qwen3moe, Mixtral) into an HF-format directory at ``out_dir``.
 
     Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (HF tensor
-    names, llama q/k rows un-permuted; quantized weights as ``<name>.qs/.d/.m`` listed in the
-    file's ``livelm.quant`` metadata, see livelm/quant/storage.py) and the tokenizer files with the chat template. The
-    result is built in a temporary sibling directory and renamed into place, so an
-    interrupted conversion never leaves a partial ``out_dir``; an existing ``out_dir`` is
-    replaced. Raises ValueError for a sha256 mismatch (when ``expected_sha256`` is given), an
-    unsupported architecture, tensor type or tensor name.
+    names, llama q/k rows un-permuted, stacked experts split per expert; quantized weights
+    as ``<name>.qs/.d/.m`` listed in the file's ``livelm.quant`` metadata, see
+    livelm/quant/storage.py) and the tokenizer files with the chat template. The result is
+    built in a temporary sibling directory and renamed into place, so an interrupted
+    conversion never leaves a partial ``out_dir``; an existing ``out_dir`` is replaced.
+    Raises ValueError for a sha256 mismatch (when ``expected_sha256`` is given), an
+    unsupported architecture, tensor type or tensor name, and a missing metadata key or
+    tensor the family needs.
     """
     from gguf import GGUFReader
     from safetensors.torch import save_file
@@ -330,27 +332,32 @@ def convert_gguf_to_hf(
 
     reader = GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"GGUF architecture {arch!r} in {gguf_path} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"supported: {', '.join(GGUF_ARCHITECTURES)} (Mixtral as llama)"
         )
-    _check_tensors(reader)  # names and types before any slow work, so a bad file fails fast
+    names = {t.name for t in reader.tensors}
+    family = gguf_family(arch, names)
+    _check_tensors(reader, family)  # names and types before any slow work, so a bad file fails fast
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise ValueError(f"GGUF file {gguf_path} carries no tokenizer (tokenizer.ggml.tokens)")
-    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    num_layers = int(require(reader, f"{arch}.block_count", family))
+    check_layer_tensors(names, family, num_layers, shared_expert=family == "qwen2moe")
+    n_head = int(require(reader, f"{arch}.attention.head_count", family))
     n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         logger.info(
-            "converting %s (%s, %d tensors) to %s", gguf_path, arch, len(reader.tensors), out_dir
+            "converting %s (%s, %d tensors) to %s", gguf_path, family, len(reader.tensors), out_dir
         )
-        weights = _read_weights(reader, arch, n_head, n_head_kv)
-        _build_config(reader, arch, weights).save_pretrained(tmp)
+        weights = _read_weights(reader, family, n_head, n_head_kv)
+        _build_config(reader, arch, family, weights, names).save_pretrained(tmp)
         _write_generation_config(reader, tmp)
-        weights.pop(ROPE_FREQS, None)  # now the config's rope_scaling
+        for name in (ROPE_FREQS, *ROPE_FACTORS):
+            weights.pop(name, None)  # now the config's rope_scaling
         tensors, metadata = flatten_for_safetensors(weights)
         save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         del weights

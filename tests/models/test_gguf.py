@@ -4,6 +4,7 @@ written to GGUF here (as llama.cpp's converter would) must come back as the orig
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from kquant_reference import quantize as reference_quantize
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import _CORPUS, CHATML_TEMPLATE, SPECIAL_TOKENS
 
 from livelm.models import gguf_convert
@@ -29,14 +30,59 @@ _GGUF_NAMES = {
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
     "q_norm": "attn_q_norm", "k_norm": "attn_k_norm",
     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+    # Phi-3's fused projections; the MoE router and Qwen2-MoE's shared-expert gate
+    "qkv_proj": "attn_qkv", "gate_up_proj": "ffn_up",
+    "gate": "ffn_gate_inp", "shared_expert_gate": "ffn_gate_inp_shexp",
 }  # fmt: skip
+# One expert's projection (Qwen's names, Mixtral's w1/w3/w2) -> its stacked ffn_*_exps tensor.
+_EXPERT_PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+# transformers model_type -> general.architecture, as llama.cpp's converter writes it.
+GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 
 
 def _gguf_name(hf_name: str) -> str:
     *path, module, kind = hf_name.split(".")
     layer = [p for p in path if p.isdigit()]
     prefix = f"blk.{layer[0]}." if layer else ""
+    if "experts" in path:
+        return f"{prefix}ffn_{_EXPERT_PARTS[module]}_exps.{kind}"
+    if "shared_expert" in path:
+        return f"{prefix}{_GGUF_NAMES[module]}_shexp.{kind}"
     return f"{prefix}{_GGUF_NAMES[module]}.{kind}"
+
+
+def written_type(hf_name: str, w: torch.Tensor | np.ndarray, qtype: Q | Callable[[str], Q]) -> Q:
+    """The type ``write_gguf`` stores HF tensor ``hf_name`` in: 1-D tensors (norms, biases,
+    Qwen2-MoE's shared-expert gate, which llama.cpp stores as [H]) and MoE routers
+    (``ffn_gate_inp``, never quantized by llama.cpp) F32, the rest ``qtype``."""
+    name = _gguf_name(hf_name)
+    if w.ndim == 1 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
+        return Q.F32
+    return qtype(name) if callable(qtype) else qtype
+
+
+def stored_values(w: torch.Tensor, qtype: Q) -> torch.Tensor:
+    """What a GGUF reader gets back from ``w`` stored as ``qtype`` (gguf-py's dequantization
+    of the tests' quantizer's blocks): the weights of the transformers oracle."""
+    if qtype == Q.F32:
+        return w
+    if qtype == Q.F16:
+        return w.half().float()
+    return torch.from_numpy(gguf.quants.dequantize(reference_quantize(w.numpy(), qtype), qtype))
+
+
+def dequantized_copy(hf_dir: Path, out_dir: Path, qtype: Q | Callable[[str], Q]) -> Path:
+    """``hf_dir`` with every weight replaced by what ``write_gguf(hf_dir, ..., qtype)``
+    stores of it (rows quantize independently, so llama's q/k row permutation and the
+    stacking of experts do not change the values)."""
+    out_dir.mkdir(parents=True)
+    for f in hf_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (out_dir / f.name).write_bytes(f.read_bytes())
+    state = {k: stored_values(w, written_type(k, w, qtype)).contiguous()
+             for k, w in load_file(hf_dir / "model.safetensors").items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -75,14 +121,57 @@ def _add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> No
     writer.add_chat_template(CHATML_TEMPLATE)
 
 
+def _add_family_metadata(writer: gguf.GGUFWriter, cfg: dict, arch: str) -> dict[str, np.ndarray]:
+    """Phi-3's rope and window keys, and the MoE shapes, as llama.cpp's converter writes
+    them; returns Phi-3's LongRoPE factor tensors (GGUF name -> fp32 array)."""
+    factors: dict[str, np.ndarray] = {}
+    if arch == "phi3":
+        rope = cfg["rope_parameters"]
+        partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        writer.add_rope_dimension_count(int(partial * cfg["hidden_size"]) // cfg["num_attention_heads"])
+        original = cfg["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(cfg.get("sliding_window") or 0)
+        if rope.get("rope_type") == "longrope":
+            scale = cfg["max_position_embeddings"] / original
+            writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+            factors["rope_factors_long.weight"] = np.array(rope["long_factor"], np.float32)
+            factors["rope_factors_short.weight"] = np.array(rope["short_factor"], np.float32)
+    if "num_experts_per_tok" in cfg:
+        writer.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        if "moe_intermediate_size" in cfg:
+            writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+        # llama.cpp fixes the routing normalisation per architecture (renormalised for
+        # qwen3moe and Mixtral, not for qwen2moe); a model that differs says so in this key.
+        if "norm_topk_prob" in cfg and cfg["norm_topk_prob"] != (arch == "qwen3moe"):
+            writer.add_expert_weights_norm(cfg["norm_topk_prob"])
+    return factors
+
+
+def _add_weight(writer: gguf.GGUFWriter, name: str, w: np.ndarray, wtype: Q) -> None:
+    if wtype == Q.F32:
+        writer.add_tensor(name, w.astype(np.float32))
+    elif wtype == Q.F16:
+        writer.add_tensor(name, w.astype(np.float16))
+    else:  # row-wise blocks: a stacked [E, rows, cols] tensor quantizes as its rows
+        raw = reference_quantize(w.reshape(-1, w.shape[-1]), wtype)
+        writer.add_tensor(name, raw.reshape(*w.shape[:-1], raw.shape[-1]), raw_dtype=wtype)
+
+
 def write_gguf(hf_dir: Path, path: Path, qtype: Q | Callable[[str], Q] = Q.F32,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+               extra_tensors: dict[str, np.ndarray] | None = None,
+               drop: tuple[str, ...] = ()) -> Path:
     """Write the tiny HF model in ``hf_dir`` as a GGUF file, 2-D weights stored as ``qtype``
     (or as ``qtype(gguf_name)``: a type per tensor, as llama.cpp's mixes such as Q4_K_M do;
-    K-quants by the tests' reference quantizer), plus ``extra_tensors`` (GGUF name -> fp32
-    array, e.g. ``rope_freqs.weight``)."""
+    K-quants by the tests' reference quantizer; see :func:`written_type`), plus
+    ``extra_tensors`` (GGUF name -> fp32 array, e.g. ``rope_freqs.weight``), without the
+    GGUF tensors named in ``drop`` (for the refusal tests). MoE experts are stacked into
+    ``ffn_*_exps`` tensors, Phi-3's fused projections kept fused, as llama.cpp does."""
     cfg = json.loads((hf_dir / "config.json").read_text())
-    arch = cfg["model_type"]
+    arch = GGUF_ARCH.get(cfg["model_type"], cfg["model_type"])
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     writer = gguf.GGUFWriter(str(path), arch)
@@ -97,25 +186,33 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q | Callable[[str], Q] = Q.F32,
     writer.add_vocab_size(cfg["vocab_size"])
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
-    else:
+    elif arch != "phi3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    factors = _add_family_metadata(writer, cfg, arch)
     _add_tokenizer(writer, hf_dir, cfg["vocab_size"])
-    for gguf_name, array in (extra_tensors or {}).items():
-        writer.add_tensor(gguf_name, array.astype(np.float32))
+    for gguf_name, array in {**factors, **(extra_tensors or {})}.items():
+        if gguf_name not in drop:
+            writer.add_tensor(gguf_name, array.astype(np.float32))
+    experts: dict[str, dict[int, np.ndarray]] = {}
     for name, t in load_file(hf_dir / "model.safetensors").items():
         w = t.numpy()
-        wtype = qtype(_gguf_name(name)) if callable(qtype) else qtype
+        gguf_name = _gguf_name(name)
         if arch == "llama" and ".q_proj." in name:
             w = _permute(w, n_head)
         elif arch == "llama" and ".k_proj." in name:
             w = _permute(w, n_kv)
-        if w.ndim == 1 or wtype == Q.F32:  # llama.cpp keeps 1-D tensors (norms, biases) in F32
-            writer.add_tensor(_gguf_name(name), w.astype(np.float32))
-        elif wtype == Q.F16:
-            writer.add_tensor(_gguf_name(name), w.astype(np.float16))
-        else:
-            writer.add_tensor(_gguf_name(name), reference_quantize(w, wtype), raw_dtype=wtype)
+        if gguf_name in drop:
+            continue
+        if gguf_name.endswith("_exps.weight"):
+            experts.setdefault(gguf_name, {})[int(name.split(".experts.")[1].split(".")[0])] = w
+            continue
+        if gguf_name.endswith("ffn_gate_inp_shexp.weight"):
+            w = w.reshape(-1)  # llama.cpp's [H] for Qwen2-MoE's [1, H] shared-expert gate
+        _add_weight(writer, gguf_name, w, written_type(name, w, qtype))
+    for gguf_name, by_expert in experts.items():
+        stacked = np.stack([by_expert[e] for e in sorted(by_expert)])
+        _add_weight(writer, gguf_name, stacked, qtype(gguf_name) if callable(qtype) else qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -136,11 +233,7 @@ def _convert(tiny: dict[str, Path], tmp_path: Path, arch: str, qtype: Q) -> Path
 
 
 def _expected(w: torch.Tensor, qtype: Q) -> torch.Tensor:
-    if w.dim() == 1 or qtype == Q.F32:
-        return w
-    if qtype == Q.F16:
-        return w.half().float()
-    return torch.from_numpy(gguf.quants.dequantize(reference_quantize(w.numpy(), qtype), qtype))
+    return w if w.dim() == 1 else stored_values(w, qtype)
 
 
 _WEIGHT_CASES = [(arch, q) for arch in ARCHS for q in (Q.F32, Q.F16, Q.Q8_0)]
@@ -254,6 +347,9 @@ def test_unsupported_tensor_type_is_named(tmp_path: Path, qtype: Q) -> None:
     [
         ("gpt2", "token_embd.weight", "architecture 'gpt2'"),
         ("llama", "blk.0.mystery.weight", "'blk.0.mystery.weight' has no Hugging Face"),
+        # llama.cpp's old Mixtral layout, one tensor per expert (now stacked ffn_gate_exps)
+        ("llama", "blk.0.ffn_gate.3.weight", "'blk.0.ffn_gate.3.weight' has no Hugging Face"),
+        ("phi3", "blk.0.ffn_gate_exps.weight", r"'blk.0.ffn_gate_exps.weight' has no Hugging Face.*phi3"),
     ],
 )
 def test_unsupported_model_is_rejected(

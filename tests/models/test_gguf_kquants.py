@@ -13,10 +13,9 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from kquant_reference import quantize as reference_quantize
 from oracle import SCHEDULER_SETTINGS, assert_greedy_matches, hf_greedy, load_hf_model
-from safetensors.torch import load_file, save_file
-from test_gguf import write_gguf
+from safetensors.torch import load_file
+from test_gguf import dequantized_copy, write_gguf
 from tiny_models import TOKENIZER_VOCAB, build_tiny_model
 
 from livelm.layers.quantized import QuantEmbedding, QuantLinear, SplitQuantLinear
@@ -78,20 +77,8 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, Path, list[list[int]], lis
                                   **_SHAPE | mix.get("shape", {}))
         gguf_file = write_gguf(hf_dir, root / f"{name}.gguf", lambda n, mix=mix: _type_of(mix, n))
         converted = convert_gguf_to_hf(gguf_file, root / f"{name}-hf")
-        # The oracle's weights: gguf-py's dequantization of the very blocks in the file
-        # (rows quantize independently, so llama's q/k row permutation does not matter).
-        ref_dir = root / f"{name}-dequantized"
-        ref_dir.mkdir()
-        for f in hf_dir.iterdir():
-            if f.suffix != ".safetensors":
-                (ref_dir / f.name).write_bytes(f.read_bytes())
-        state = {}
-        for key, w in load_file(hf_dir / "model.safetensors").items():
-            if w.dim() == 2:
-                qtype = _hf_name_type(mix, key)
-                w = torch.from_numpy(gguf.quants.dequantize(reference_quantize(w.numpy(), qtype), qtype))
-            state[key] = w.contiguous()
-        save_file(state, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+        # The oracle's weights: gguf-py's dequantization of the very blocks in the file.
+        ref_dir = dequantized_copy(hf_dir, root / f"{name}-dequantized", lambda n, mix=mix: _type_of(mix, n))
         hf = load_hf_model(ref_dir)
         out[name] = (gguf_file, converted, prompts, [hf_greedy(hf, p, 24) for p in prompts], ref_dir)
     return out

@@ -1,6 +1,7 @@
 """Phi-3 and the mixture-of-experts families (Qwen2-MoE with its shared expert, Qwen3-MoE,
 Mixtral) against transformers: greedy token-identical under every scheduler setting, every
-expert reached, and the refusals (quantized experts, GGUF MoE)."""
+expert reached, and the refusal of quantized experts (their GGUF files:
+tests/models/test_gguf_phi3_moe.py)."""
 
 from __future__ import annotations
 
