@@ -7,7 +7,8 @@ kept byte for byte (livelm/quant/gguf_repack.py), float tensors stored as fp32; 
 types (Q2_K, Q3_K, the IQ types, ...) are refused by name. The tokenizer is rebuilt by
 transformers' own GGUF tokenizer conversion.
 
-Families: llama, qwen2, qwen3, phi3 (fused q|k|v and gate|up kept fused, LongRoPE factors
+Families: llama, qwen2, qwen3, gemma2, gemma3 (norms stored as 1 + weight by llama.cpp, read
+back; attention scale and layer types derived as llama.cpp does), phi3 (fused q|k|v and gate|up kept fused, LongRoPE factors
 read back into rope_scaling), and the mixture-of-experts qwen2moe, qwen3moe and Mixtral (a
 ``llama`` file with expert tensors): stacked experts are split into the per-expert tensors
 of the HF checkpoints (models/gguf_names.py, models/gguf_families.py). livelm's experts
@@ -30,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from livelm.models.gguf_families import moe_config, phi3_config
+from livelm.models.gguf_families import gemma_config, moe_config, phi3_config
 from livelm.models.gguf_metadata import field as _field
 from livelm.models.gguf_metadata import require
 from livelm.models.gguf_names import (
     EXPERT,
     FAMILIES,
+    GEMMA_FAMILIES,
     GGUF_ARCHITECTURES,
     MOE_FAMILIES,
     ROPE_FACTORS,
@@ -136,6 +138,10 @@ def _read_weights(reader: Any, family: str, n_head: int, n_head_kv: int) -> dict
             kept[w.fmt] = kept.get(w.fmt, 0) + 1
         elif name.endswith(".shared_expert_gate.weight"):
             w = w.reshape(1, -1)  # llama.cpp stores Qwen2-MoE's [1, H] shared-expert gate as [H]
+        if family in GEMMA_FAMILIES and tensor.name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's norms as 1 + weight (what they scale by); livelm, as
+            # transformers, adds the 1 itself. Exact for |weight| < 0.5 (Sterbenz).
+            w = w - 1.0
         heads = n_head if ".attn_q." in tensor.name else n_head_kv if ".attn_k." in tensor.name else 0
         if family in ("llama", "mixtral") and heads:
             # Rows are independent in every format, so permuting them is exact.
@@ -213,6 +219,8 @@ def _build_config(reader: Any, arch: str, family: str, weights: dict[str, Any], 
         kwargs["rope_scaling"] = scaling
     if family == "phi3":
         kwargs.update(phi3_config(reader, weights, int(head_dim), kwargs["max_position_embeddings"]))
+    elif family in GEMMA_FAMILIES:
+        kwargs.update(gemma_config(reader, family, num_layers, hidden, n_head, int(head_dim)))
     elif family == "mixtral" and (window := _field(reader, f"{arch}.attention.sliding_window")):
         kwargs["sliding_window"] = int(window)
     if ROPE_FREQS in weights:

@@ -1,6 +1,6 @@
 """Config fields of the GGUF families beyond the dense llama ones: Phi-3's LongRoPE,
-partial rotary and sliding window, and the mixture-of-experts shapes (Qwen2-MoE with its
-shared expert, Qwen3-MoE, Mixtral).
+partial rotary and sliding window, the mixture-of-experts shapes (Qwen2-MoE with its
+shared expert, Qwen3-MoE, Mixtral), and Gemma 2 / 3's soft caps, windows and attention scale.
 
 llama.cpp's converter writes Phi-3's LongRoPE only as two tensors of per-pair factors
 (``rope_factors_long`` / ``rope_factors_short``), the original context length and the
@@ -10,6 +10,10 @@ transformers derives from the two lengths (the same formula), so a converted con
 the original. MoE routing normalisation is not in the file: llama.cpp fixes it per
 architecture (Qwen2-MoE: raw softmax weights, Qwen3-MoE and Mixtral: renormalised), and an
 ``<arch>.expert_weights_norm`` key, where present, overrides that.
+
+Gemma files carry neither the attention scale (``query_pre_attn_scalar``) nor which layers
+slide, nor the sliding layers' RoPE base in older files: llama.cpp derives them, and so do
+we, the same way (see :func:`gemma_config`); keys that state them win.
 """
 
 from __future__ import annotations
@@ -87,4 +91,41 @@ def moe_config(reader: Any, arch: str, family: str, names: Collection[str], num_
         kwargs["shared_expert_intermediate_size"] = int(
             require(reader, f"{arch}.expert_shared_feed_forward_length", family)
         )
+    return kwargs
+
+
+# llama.cpp's rule for Gemma's attention scale: the 27B models (46 layers for Gemma 2, 62 for
+# Gemma 3) scale by hidden_size / heads, every other size by the head dimension.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gemma_config(reader: Any, family: str, num_layers: int, hidden: int, n_head: int, head_dim: int) -> dict[str, Any]:
+    """Gemma2Config / Gemma3TextConfig fields read (or derived as llama.cpp does) from a file."""
+    scale = field(reader, f"{family}.attention.scale")
+    if scale is not None:  # a float32 of scalar ** -0.5; the configs hold whole numbers
+        scalar = round(float(scale) ** -2)
+    elif num_layers == _GEMMA_27B_LAYERS[family]:
+        scalar = hidden // n_head
+    else:
+        scalar = head_dim
+    kwargs: dict[str, Any] = {
+        "query_pre_attn_scalar": scalar,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": int(require(reader, f"{family}.attention.sliding_window", family)),
+    }
+    pattern = field(reader, f"{family}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # newer files: one flag per layer (True: sliding)
+        if len(pattern) != num_layers:
+            raise ValueError(f"GGUF key {family}.attention.sliding_window_pattern has {len(pattern)} entries "
+                             f"for {num_layers} layers")
+        sliding = [bool(p) for p in pattern]
+    else:  # a period (every n-th layer global): Gemma 2 alternates, Gemma 3 every 6th
+        period = int(pattern) if pattern else (2 if family == "gemma2" else 6)
+        sliding = [bool((i + 1) % period) for i in range(num_layers)]
+    kwargs["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    if family == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            kwargs[key] = field(reader, f"{family}.{key}")
+    else:
+        kwargs["rope_local_base_freq"] = float(field(reader, f"{family}.rope.freq_base_swa", 10000.0))
     return kwargs

@@ -2,7 +2,8 @@
 
 The family is the GGUF file's ``general.architecture``, except that a ``llama`` file
 carrying expert tensors (``ffn_*_exps``) is Mixtral, as llama.cpp's converter writes it.
-Phi-3 stores Hugging Face's fused ``qkv_proj`` as ``attn_qkv`` and ``gate_up_proj``
+Gemma's four norms per layer keep llama.cpp's names for them (``ffn_norm`` is the one before
+the MLP). Phi-3 stores Hugging Face's fused ``qkv_proj`` as ``attn_qkv`` and ``gate_up_proj``
 (gate rows, then up rows) as ``ffn_up``, so those names keep their fused HF form. The
 routed experts of a MoE layer are stacked in one tensor per projection, ``[n_expert,
 rows, cols]``; their HF name carries :data:`EXPERT` where each expert's index goes.
@@ -23,9 +24,12 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 # The general.architecture values livelm converts (Mixtral's files say "llama").
-GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe")
+GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma2", "gemma3")
+GEMMA_FAMILIES: tuple[str, ...] = ("gemma2", "gemma3")
 MOE_FAMILIES: tuple[str, ...] = ("qwen2moe", "qwen3moe", "mixtral")
 EXPERT = "{expert}"
 # Phi-3's LongRoPE factors, read back into rope_scaling (models/gguf_families.py).
@@ -78,7 +82,17 @@ _MIXTRAL_TENSORS = {  # Mixtral checkpoints' own names (w1 gate, w3 up, w2 down)
     "ffn_down_exps.weight": f"block_sparse_moe.experts.{EXPERT}.w2.weight",
 }
 
+# Gemma's norms around attention and the MLP: llama.cpp's ffn_norm is the pre-MLP norm, as
+# for llama, but Gemma's post_attention_layernorm normalizes the attention output.
+_GEMMA_TENSORS = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+
 _FAMILY_TENSORS: dict[str, dict[str, str]] = {
+    "gemma2": _GEMMA_TENSORS,
+    "gemma3": _GEMMA_TENSORS,
     "phi3": _PHI3_TENSORS,
     "qwen2moe": _QWEN_MOE_TENSORS,
     "qwen3moe": {k: v for k, v in _QWEN_MOE_TENSORS.items() if "shexp" not in k},
@@ -116,6 +130,10 @@ def check_layer_tensors(names: Collection[str], family: str, num_layers: int, sh
     attention = ["attn_qkv"] if family == "phi3" else ["attn_q", "attn_k", "attn_v"]
     for i in range(num_layers):
         layer = [*attention, "attn_output", "attn_norm", "ffn_norm"]
+        if family in GEMMA_FAMILIES:
+            layer += ["post_attention_norm", "post_ffw_norm"]
+        if family == "gemma3":
+            layer += ["attn_q_norm", "attn_k_norm"]
         if family == "phi3":
             layer += ["ffn_up", "ffn_down"]
         elif family in MOE_FAMILIES and (family == "mixtral" or f"blk.{i}.ffn_gate_inp.weight" in names):

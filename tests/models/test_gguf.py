@@ -37,18 +37,25 @@ _GGUF_NAMES = {
 # One expert's projection (Qwen's names, Mixtral's w1/w3/w2) -> its stacked ffn_*_exps tensor.
 _EXPERT_PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 # transformers model_type -> general.architecture, as llama.cpp's converter writes it.
-GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama", "gemma3_text": "gemma3"}
 
 
-def _gguf_name(hf_name: str) -> str:
+# Gemma's norms around attention and the MLP, as llama.cpp names them.
+_GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def _gguf_name(hf_name: str, gemma: bool = False) -> str:
     *path, module, kind = hf_name.split(".")
     layer = [p for p in path if p.isdigit()]
     prefix = f"blk.{layer[0]}." if layer else ""
+    if gemma and module in _GEMMA_NORMS:
+        return f"{prefix}{_GEMMA_NORMS[module]}.{kind}"
     if "experts" in path:
         return f"{prefix}ffn_{_EXPERT_PARTS[module]}_exps.{kind}"
     if "shared_expert" in path:
         return f"{prefix}{_GGUF_NAMES[module]}_shexp.{kind}"
-    return f"{prefix}{_GGUF_NAMES[module]}.{kind}"
+    return f"{prefix}{_GGUF_NAMES.get(module) or _GEMMA_NORMS[module]}.{kind}"
 
 
 def written_type(hf_name: str, w: torch.Tensor | np.ndarray, qtype: Q | Callable[[str], Q]) -> Q:
@@ -137,6 +144,24 @@ def _add_family_metadata(writer: gguf.GGUFWriter, cfg: dict, arch: str) -> dict[
             writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
             factors["rope_factors_long.weight"] = np.array(rope["long_factor"], np.float32)
             factors["rope_factors_short.weight"] = np.array(rope["short_factor"], np.float32)
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(cfg["sliding_window"])
+        period = 2 if arch == "gemma2" else 6  # llama.cpp's fixed patterns: every n-th layer global
+        sliding = [t == "sliding_attention" for t in cfg["layer_types"]]
+        if sliding != [bool((i + 1) % period) for i in range(len(sliding))]:
+            writer.add_sliding_window_pattern(sliding)  # the per-layer flags newer files carry
+        if cfg["query_pre_attn_scalar"] != (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]):
+            writer.add_attention_scale(cfg["query_pre_attn_scalar"] ** -0.5)  # llama.cpp derives it otherwise
+        if arch == "gemma2":
+            for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+                if cfg.get(key) is not None:
+                    writer.add_float32(f"gemma2.{key}", cfg[key])
+        else:
+            writer.add_float32("gemma3.rope.freq_base_swa", cfg["rope_parameters"]["sliding_attention"]["rope_theta"])
+            full = cfg["rope_parameters"]["full_attention"]
+            if full.get("rope_type", "default") != "default":
+                writer.add_rope_scaling_type(gguf.RopeScalingType(full["rope_type"]))
+                writer.add_rope_scaling_factor(full["factor"])
     if "num_experts_per_tok" in cfg:
         writer.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
         writer.add_expert_used_count(cfg["num_experts_per_tok"])
@@ -182,7 +207,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q | Callable[[str], Q] = Q.F32,
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    rope = cfg["rope_parameters"]
+    writer.add_rope_freq_base((rope["full_attention"] if "full_attention" in rope else rope)["rope_theta"])
     writer.add_vocab_size(cfg["vocab_size"])
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
@@ -195,9 +221,12 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q | Callable[[str], Q] = Q.F32,
         if gguf_name not in drop:
             writer.add_tensor(gguf_name, array.astype(np.float32))
     experts: dict[str, dict[int, np.ndarray]] = {}
+    gemma = arch in ("gemma2", "gemma3")
     for name, t in load_file(hf_dir / "model.safetensors").items():
         w = t.numpy()
-        gguf_name = _gguf_name(name)
+        gguf_name = _gguf_name(name, gemma)
+        if gemma and name.endswith("norm.weight"):
+            w = w + np.float32(1.0)  # llama.cpp stores Gemma's norms as what they scale by
         if arch == "llama" and ".q_proj." in name:
             w = _permute(w, n_head)
         elif arch == "llama" and ".k_proj." in name:
