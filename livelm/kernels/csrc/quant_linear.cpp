@@ -247,6 +247,25 @@ __attribute__((always_inline)) inline void dequant_block512(const uint8_t* blk, 
   } else if constexpr (F == kInt8) {  // unscaled (one scale per row, applied to the sums)
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk))));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16))));
+  } else if constexpr (F == kQ5_0 || F == kQ5_1) {
+    // GGUF's 5-bit blocks: d (and m) fp16 in the block. The low 4 bits index a 16-entry
+    // table, d * (i - 16) or d * i + m, looked up by vpermps as for q4 below; lanes whose
+    // 5th bit (qh, through a mask register) is set then add 16 * d. Every value is an fp16
+    // times a small integer (plus m for q5_1, rounded once), so the sums are exact and
+    // the weights equal the reference's.
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const float df = gguf_blocks::fp16_fast(blk);
+    const __m512 vd = _mm512_set1_ps(df), step = _mm512_set1_ps(16.f * df);
+    const uint8_t* qhp = blk + (F == kQ5_1 ? 4 : 2);
+    const __m512 table = F == kQ5_0 ? _mm512_mul_ps(vd, _mm512_sub_ps(iota, _mm512_set1_ps(16.f)))
+                                    : _mm512_fmadd_ps(vd, iota, _mm512_set1_ps(gguf_blocks::fp16_fast(blk + 2)));
+    uint32_t qh;
+    std::memcpy(&qh, qhp, 4);
+    const __m512i raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qhp + 4)));
+    lo = _mm512_permutexvar_ps(raw, table);  // vpermps reads the index's low 4 bits: the low nibble
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4), table);
+    lo = _mm512_mask_add_ps(lo, static_cast<__mmask16>(qh & 0xFFFF), lo, step);
+    hi = _mm512_mask_add_ps(hi, static_cast<__mmask16>(qh >> 16), hi, step);
   } else {
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // d * i is exact in fp32, so the fused add rounds once, as the reference d * q + m does.
@@ -361,7 +380,8 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t chunk = std::max<int64_t>(NT, (8 << 10) / std::max<int64_t>(rb, 1) / NT * NT);
   // Rows of x per pass: about 256 KiB of them (L2).
   const int64_t mchunk = std::max<int64_t>(MaxMT, (256 << 10) / (4 * K));
-  std::vector<float> ds(F == kInt8 ? 0 : chunk * nb), ms(F == kQ4_1 ? chunk * nb : 0);
+  // Scales as fp32 per row chunk, except int8's (per row) and the raw blocks' (inside them).
+  std::vector<float> ds(has_scales(F) ? chunk * nb : 0), ms(F == kQ4_1 ? chunk * nb : 0);
   // Decode reads each weight once, straight from memory, in short runs per call (a few
   // hundred KiB per thread). Hardware prefetchers alone leave a thread waiting on memory
   // (~10 GB/s), so the weight rows (and their scales) kPrefetchBytes ahead are asked for
@@ -379,7 +399,7 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
   }
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
-    if constexpr (F != kInt8) row_scales(p.d + c0 * nb, (c1 - c0) * nb, ds.data());
+    if constexpr (has_scales(F)) row_scales(p.d + c0 * nb, (c1 - c0) * nb, ds.data());
     if constexpr (F == kQ4_1) row_scales(p.m + c0 * nb, (c1 - c0) * nb, ms.data());
     for (int64_t m0 = 0; m0 < p.M; m0 += mchunk) {
       const int64_t m1 = std::min(p.M, m0 + mchunk);
@@ -411,8 +431,9 @@ void rows_range512(const Problem& p, int64_t n0, int64_t n1) {
 
 template <int64_t F>
 void rows_range_fused512(const Problem& p, int64_t n0, int64_t n1) {
-  // GGUF's raw blocks: the 256-bit kernel (one weight row at a time, up to 4 rows of x).
-  if constexpr (is_raw(F)) return raw_rows_range<F>(p, n0, n1);
+  // The K-quants: the 256-bit kernel (one weight row at a time, up to 4 rows of x); q5_0
+  // and q5_1 take the tiles, as q4_1 does (a table lookup per weight, dequantize_block512).
+  if constexpr (is_raw(F) && F != kQ5_0 && F != kQ5_1) return raw_rows_range<F>(p, n0, n1);
   else if (p.M <= 4) rows_range512<F, 4, 4>(p, n0, n1);
   else rows_range512<F, 8, 2>(p, n0, n1);
 }
