@@ -64,7 +64,7 @@ def _split_sizes(cfg: ModelConfig) -> dict[str, int]:
     """The intermediate sizes the model's layers split, by their config.json field name."""
     moe = cfg.moe
     sizes: dict[str, int] = {}
-    if moe is None or not all(moe.sparse_layers):  # some layer has the dense MLP
+    if _has_dense_layers(cfg):
         sizes["intermediate_size"] = cfg.intermediate_size
     if moe is not None and any(moe.sparse_layers):
         # Mixtral's config names its experts' size intermediate_size (it has no dense MLP).
@@ -75,17 +75,22 @@ def _split_sizes(cfg: ModelConfig) -> dict[str, int]:
     return sizes
 
 
+def _has_dense_layers(cfg: ModelConfig) -> bool:
+    """Whether some layer of the model has the dense MLP (sized by ``intermediate_size``)."""
+    return cfg.moe is None or not all(cfg.moe.sparse_layers)
+
+
 def rank_config(cfg: ModelConfig, world_size: int) -> ModelConfig:
     """The model's shape as one rank holds it (its heads, its share of the MLPs and experts)."""
     moe = cfg.moe
     if moe is not None:
         moe = dataclasses.replace(moe, intermediate_size=moe.intermediate_size // world_size,
                                   shared_intermediate_size=moe.shared_intermediate_size // world_size)
-    dense = "intermediate_size" in _split_sizes(cfg)  # a size no layer uses stays as it is
+    # A size no layer uses (Qwen-MoE's dense size in an all-sparse stack) stays as it is.
+    inter = cfg.intermediate_size // world_size if _has_dense_layers(cfg) else cfg.intermediate_size
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // world_size,
                                num_kv_heads=max(1, cfg.num_kv_heads // world_size),
-                               intermediate_size=cfg.intermediate_size // world_size if dense else cfg.intermediate_size,
-                               moe=moe)
+                               intermediate_size=inter, moe=moe)
 
 
 def shard_model(model: LlamaForCausalLM, group: TensorParallelGroup) -> LlamaForCausalLM:
