@@ -366,3 +366,43 @@ def test_vocab_parallel_embedding_parts_sum_to_the_whole_table(fmt):
     assert torch.equal(parts[0][mine], full[mine]) and not parts[0][~mine].any()
     assert torch.equal(parts[1][~mine], full[~mine]) and not parts[1][mine].any()
     assert torch.equal(parts[0] + parts[1], full)
+
+
+def test_every_rank_keeps_its_share(tmp_path):
+    """shard_model for rank 0 and rank 1 (no process group needed to slice): the ranks'
+    shares put back together are the whole weights: each expert's gate and up rows and its
+    down columns, the shared expert's, the router and its gate whole on both, the
+    embedding's rows and the (tied) head over each rank's own slice of the table."""
+    from livelm.layers.tensor_parallel import TensorParallelGroup
+    from livelm.models.loader import load_model
+    from livelm.models.tensor_parallel import shard_model
+
+    d = build_tiny_model(tmp_path / "m", "qwen2_moe", mlp_only_layers=[1], num_hidden_layers=3,
+                         tie_word_embeddings=True)
+
+    def load():
+        return load_model(d, torch.float32, torch.device("cpu"), 256, "none")
+
+    whole = load()
+    shards = [shard_model(load(), TensorParallelGroup(None, rank, 2)) for rank in (0, 1)]
+    vocab = whole.config.vocab_size
+    e, i, h = whole.config.moe.num_experts, whole.config.moe.intermediate_size, whole.config.hidden_size
+    for rank, shard in enumerate(shards):
+        embed = shard.embed_tokens
+        assert embed.start == rank * vocab // 2 and embed.rows == vocab // 2
+        assert torch.equal(embed.inner.weight, whole.embed_tokens.weight[rank * vocab // 2:(rank + 1) * vocab // 2])
+        assert shard.lm_head.inner.weight is embed.inner.weight  # the tied head: the same slice
+    for n, layer in enumerate(whole.layers):
+        parts = [s.layers[n].mlp for s in shards]
+        if n == 1:  # the dense layer
+            assert torch.equal(torch.cat([p.down_proj.inner.weight for p in parts], 1), layer.mlp.down_proj.weight)
+            continue
+        blocks = [p.inner for p in parts]
+        gate_up = torch.cat([b.experts.gate_up_proj.view(e, 2, i // 2, h) for b in blocks], dim=2)
+        assert torch.equal(gate_up.reshape(e * 2 * i, h), layer.mlp.experts.gate_up_proj)
+        assert torch.equal(torch.cat([b.experts.down_proj for b in blocks], 1), layer.mlp.experts.down_proj)
+        shared = torch.cat([b.shared_expert.down_proj.weight for b in blocks], 1)
+        assert torch.equal(shared, layer.mlp.shared_expert.down_proj.weight)
+        for b in blocks:
+            assert torch.equal(b.gate.weight, layer.mlp.gate.weight)
+            assert torch.equal(b.shared_expert_gate.weight, layer.mlp.shared_expert_gate.weight)
