@@ -1,12 +1,14 @@
-"""Tensor-parallel pieces of a layer: a rank's slice of a linear, and the all-reduce after
-a row-parallel one.
+"""Tensor-parallel pieces of a layer: a rank's slice of a linear or an embedding table, the
+all-reduce after a row-parallel one, and the vocabulary-parallel embedding and LM head.
 
 A column-parallel linear keeps some rows of the weight (output features: q/k/v heads,
 gate|up rows) and needs no communication; a row-parallel linear keeps a range of columns
 (input features) and its partial outputs are summed over the ranks
-(:class:`AllReduceLinear`). The slicing works on fp32 ``nn.Linear`` and on quantized
-weights, whose rows are independent and whose columns are cut at block boundaries (a
-block's bytes and scale move together), so nothing is dequantized or requantized.
+(:class:`AllReduceLinear`; a whole block of partial sums, a mixture-of-experts block,
+:class:`AllReduceBlock`). The slicing works on fp32 ``nn.Linear`` / ``nn.Embedding`` and on
+quantized weights, whose rows are independent and whose columns are cut at block
+boundaries (a block's bytes and scale move together), so nothing is dequantized or
+requantized.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from livelm.layers.quantized import QuantLinear, SplitQuantLinear
+from livelm.layers.quantized import QuantEmbedding, QuantLinear, SplitQuantLinear
 from livelm.quant.formats import block_weights
 
 
@@ -36,8 +38,9 @@ class TensorParallelGroup:
         return tensor
 
 
-class AllReduceLinear(nn.Module):
-    """A row-parallel linear: this rank's partial product, summed over the ranks."""
+class AllReduceBlock(nn.Module):
+    """A module whose output on each rank is a partial sum of the whole one (linear in the
+    rank's share of the weights): that output, summed over the ranks."""
 
     def __init__(self, inner: nn.Module, group: TensorParallelGroup) -> None:
         super().__init__()
@@ -45,11 +48,38 @@ class AllReduceLinear(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features / world] -> [..., out_features], the same on every rank."""
+        """The inner module's output over ``x``, summed over the ranks (the same on each)."""
         out = self.inner.forward(x)
         if not out.is_contiguous():
             out = out.contiguous()
         return self.group.all_reduce_(out)
+
+
+class AllReduceLinear(AllReduceBlock):
+    """A row-parallel linear: this rank's partial product (x [..., in_features / world]),
+    summed over the ranks into [..., out_features]."""
+
+
+class VocabParallelEmbedding(nn.Module):
+    """A vocabulary-parallel token embedding: this rank holds the rows [start, start + rows)
+    of the table; a lookup gives rows of zeros for the ids other ranks hold, and one
+    all-reduce sums the ranks' partial embeddings (exactly the whole table's rows: each id
+    is non-zero on one rank only)."""
+
+    def __init__(self, inner: nn.Module, group: TensorParallelGroup, start: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+        self.start = start
+        self.rows = inner.num_embeddings if isinstance(inner, nn.Embedding) else inner.out_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> [..., embedding_dim], the same on every rank."""
+        local = ids - self.start
+        elsewhere = (local < 0) | (local >= self.rows)
+        out = self.inner.forward(local.masked_fill(elsewhere, 0))
+        out = out.masked_fill(elsewhere.unsqueeze(-1), 0)
+        return self.group.all_reduce_(out.contiguous())
 
 
 class VocabParallelHead(nn.Module):
@@ -71,8 +101,17 @@ class VocabParallelHead(nn.Module):
 
 def keep_rows(linear: nn.Module, ranges: Sequence[tuple[int, int]]) -> nn.Module:
     """``linear`` with only the output rows in ``ranges`` ([start, stop) pairs, in order),
-    as a new module of the same kind (bias rows too)."""
+    as a new module of the same kind (bias rows too); an embedding table (fp32 or
+    quantized) keeps those rows of the vocabulary."""
     index = torch.cat([torch.arange(a, b) for a, b in ranges])
+    if type(linear) is nn.Embedding:
+        table = linear.weight.detach()[index].clone()
+        return nn.Embedding(len(index), linear.embedding_dim, _weight=table).requires_grad_(False)
+    if isinstance(linear, QuantEmbedding):
+        out = QuantEmbedding(len(index), linear.in_features, linear.fmt)
+        out.dtype_probe = linear.dtype_probe  # the lookups' float dtype
+        _copy_quantized_rows(linear, out, index)
+        return out
     if type(linear) is nn.Linear:
         out = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
                         device=linear.weight.device, dtype=linear.weight.dtype)
@@ -83,16 +122,22 @@ def keep_rows(linear: nn.Module, ranges: Sequence[tuple[int, int]]) -> nn.Module
         return out.requires_grad_(False)
     if isinstance(linear, QuantLinear):
         out = QuantLinear(linear.in_features, len(index), linear.fmt, bias=linear.bias is not None)
-        for name in ("qs", "d", "m"):
-            t = getattr(linear, name)
-            # int8 keeps one scale per row: [N]; the block formats [N, blocks]
-            setattr(out, name, None if t is None else t[index].clone(memory_format=torch.contiguous_format))
+        _copy_quantized_rows(linear, out, index)
         if linear.bias is not None:
             out.bias = nn.Parameter(linear.bias.detach()[index].clone(), requires_grad=False)
         return out
     if isinstance(linear, SplitQuantLinear):
         return _keep_split_rows(linear, ranges)
     raise ValueError(f"tensor parallelism cannot split a {type(linear).__name__}")
+
+
+def _copy_quantized_rows(source: nn.Module, dest: nn.Module, index: torch.Tensor) -> None:
+    """Set ``dest``'s quantized buffers to the rows ``index`` of ``source``'s (rows are
+    independent in every format: int8 keeps one scale per row, [N]; the block formats
+    [N, blocks])."""
+    for name in ("qs", "d", "m"):
+        t = getattr(source, name)
+        setattr(dest, name, None if t is None else t[index].clone(memory_format=torch.contiguous_format))
 
 
 def _keep_split_rows(linear: SplitQuantLinear, ranges: Sequence[tuple[int, int]]) -> SplitQuantLinear:

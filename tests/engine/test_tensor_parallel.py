@@ -1,8 +1,10 @@
 """Tensor parallelism over gloo (CPU): TP=2, each rank on one thread, greedy token-identical
 to TP=1 (itself held to transformers by the correctness suite) on the tiny models, fp32 and
-quantized, under the correctness suite's scheduler settings, prefix-cache hits and
-streaming input; a rank's slice of a quantized weight computes exactly its part of the
-product; a dead worker stops the engine with a message that names it; bad sizes refused."""
+quantized, dense and mixture-of-experts, under the correctness suite's scheduler settings,
+prefix-cache hits and streaming input; the vocabulary-parallel embedding (untied and tied,
+fp32 and quantized) holds vocab / world rows per rank; a rank's slice of a quantized weight
+computes exactly its part of the product; a dead worker stops the engine with a message
+that names it; bad sizes refused."""
 
 from __future__ import annotations
 
@@ -21,8 +23,14 @@ from tiny_models import build_tiny_model
 from livelm import SamplingParams
 from livelm.engine.async_engine import AsyncEngine
 from livelm.engine.llm import LLM
-from livelm.layers.quantized import QuantLinear
-from livelm.layers.tensor_parallel import keep_columns, keep_rows
+from livelm.layers.quantized import QuantEmbedding, QuantLinear
+from livelm.layers.tensor_parallel import (
+    AllReduceBlock,
+    VocabParallelEmbedding,
+    keep_columns,
+    keep_rows,
+)
+from livelm.models.moe import SparseMoeBlock
 from livelm.quant.formats import quantize
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -159,9 +167,15 @@ def test_tp_sizes_and_models_refused(tmp_path, tiny_model_dirs):
         LLM(llama, tensor_parallel_size=2, data_parallel_size=2)
     with pytest.raises(ValueError, match="must divide the model.s 4 attention heads"):
         LLM(llama, tensor_parallel_size=3)
-    moe = build_tiny_model(tmp_path / "moe", "qwen2_moe")
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        LLM(str(moe), tensor_parallel_size=2)
+    odd = build_tiny_model(tmp_path / "odd_experts", "qwen3_moe", moe_intermediate_size=45)
+    with pytest.raises(ValueError, match="must divide the model's moe_intermediate_size 45"):
+        LLM(str(odd), tensor_parallel_size=2)
+    shared = build_tiny_model(tmp_path / "odd_shared", "qwen2_moe", shared_expert_intermediate_size=30)
+    with pytest.raises(ValueError, match="must divide the model's shared_expert_intermediate_size 30"):
+        LLM(str(shared), tensor_parallel_size=4)
+    mixtral = build_tiny_model(tmp_path / "odd_mixtral", "mixtral", moe_intermediate_size=50)
+    with pytest.raises(ValueError, match="must divide the model's intermediate_size 50"):
+        LLM(str(mixtral), tensor_parallel_size=4)
     llm = LLM(llama, tensor_parallel_size=2, num_threads=2)
     try:
         with pytest.raises(ValueError, match="not supported with tensor_parallel_size > 1"):
@@ -236,3 +250,159 @@ def test_rank_slices_of_a_split_quantized_linear():
     kept = keep_rows(split, [(8, 24), (32, 40), (48, 56)])
     assert [p.fmt for p in kept.parts] == ["q4_1", "q8_0", "q4_0"]
     assert torch.equal(kept.forward(x), torch.cat([full[:, 8:24], full[:, 32:40], full[:, 48:56]], dim=1))
+
+
+# Qwen2-MoE with its shared expert and a dense layer (mlp_only_layers), Qwen3-MoE, Mixtral.
+MOE_MODELS = {
+    "qwen2_moe": ("qwen2_moe", {"mlp_only_layers": [1], "num_hidden_layers": 3}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "mixtral": ("mixtral", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_references(tmp_path_factory):
+    """Per MoE model: (dir, TP=1 greedy outputs)."""
+    root = tmp_path_factory.mktemp("tp_moe")
+    refs = {}
+    for name, (arch, overrides) in MOE_MODELS.items():
+        d = build_tiny_model(root / name, arch, **overrides)
+        refs[name] = (d, _greedy(d, _prompts())[0])
+    return refs
+
+
+@pytest.mark.parametrize("name", list(MOE_MODELS))
+@pytest.mark.parametrize("setting", ["default", "chunked_prefill"])
+def test_tp2_moe_equals_tp1(moe_references, name, setting, monkeypatch):
+    """Each rank keeps every expert's share of the intermediate rows (and the shared
+    expert's), the router whole, one all-reduce per MoE block; every expert is reached
+    (routing recorded on rank 0, which routes as every rank does: same input, same router)."""
+    from livelm.models import moe
+
+    seen: list[torch.Tensor] = []
+    real = moe.route
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        weights, ids = real(*args, **kwargs)
+        seen.append(ids)
+        return weights, ids
+
+    monkeypatch.setattr(moe, "route", recording)
+    d, want = moe_references[name]
+    got, llm = _greedy(d, _prompts(), tensor_parallel_size=2, num_threads=2, **SETTINGS[setting])
+    try:
+        model, full = llm.engine.runner.model, llm.engine.model_config
+        e, inter, hidden = full.moe.num_experts, full.moe.intermediate_size, full.hidden_size
+        blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, AllReduceBlock)]
+        assert len(blocks) == sum(full.moe.sparse_layers) > 0
+        for block in blocks:
+            assert isinstance(block.inner, SparseMoeBlock)
+            experts = block.inner.experts
+            assert experts.gate_up_proj.shape == (e * inter, hidden)  # 2 * I / 2 rows per expert
+            assert experts.down_proj.shape == (e * hidden, inter // 2)
+            assert (block.inner.gate.out_features, block.inner.gate.in_features) == (e, hidden)  # the router: whole
+            if full.moe.shared_intermediate_size:
+                assert block.inner.shared_expert.intermediate == full.moe.shared_intermediate_size // 2
+        if name == "qwen2_moe":  # the dense layer split as a dense model's
+            assert model.layers[1].mlp.intermediate == full.intermediate_size // 2
+    finally:
+        llm.engine.close()
+    assert got == want
+    assert set(torch.cat([s.flatten() for s in seen]).tolist()) == set(range(full.moe.num_experts))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quantization", ["none", "q8_0", "q4_1"])
+def test_tp2_vocab_parallel_embedding(tmp_path, tied, quantization):
+    """Each rank's embedding holds vocab / 2 rows (fp32, or quantized in its format); a tied
+    head reads that same slice (a quantized one its very buffers); outputs equal TP=1's."""
+    d = build_tiny_model(tmp_path / "m", "llama", tie_word_embeddings=tied)
+    want = _greedy(d, _prompts(), quantization=quantization)[0]
+    got, llm = _greedy(d, _prompts(), tensor_parallel_size=2, num_threads=2, quantization=quantization)
+    try:
+        model, vocab = llm.engine.runner.model, llm.engine.model_config.vocab_size
+        embed = model.embed_tokens
+        assert isinstance(embed, VocabParallelEmbedding) and embed.start == 0 and embed.rows == vocab // 2
+        table = embed.inner
+        if quantization == "none":
+            assert type(table) is torch.nn.Embedding and table.weight.shape == (vocab // 2, 64)
+        else:
+            assert isinstance(table, QuantEmbedding) and table.fmt == quantization
+            assert table.out_features == vocab // 2 and table.qs.shape[0] == vocab // 2
+        head = model.lm_head.inner
+        assert head.out_features == vocab // 2
+        if tied:
+            hidden = torch.randn(3, 64)
+            rows = table.forward(torch.arange(vocab // 2))  # the slice, dequantized
+            assert torch.allclose(head.forward(hidden), hidden @ rows.t(), atol=1e-4)
+            if quantization != "none":
+                assert head.qs is table.qs  # shared, not copied
+    finally:
+        llm.engine.close()
+    assert got == want
+
+
+@pytest.mark.parametrize("fmt", ["none", "q8_0", "q4_1"])
+def test_vocab_parallel_embedding_parts_sum_to_the_whole_table(fmt):
+    """Each rank's lookup is its rows of the table and zeros for the ids the other rank
+    holds, so the all-reduce's sum is exactly the whole table's rows (fp32 and quantized)."""
+
+    class NoPeers:  # one rank's partial embedding, before the all-reduce
+        world_size = 2
+
+        def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+            return t
+
+    torch.manual_seed(2)
+    table = torch.nn.Embedding(10, 64).requires_grad_(False)
+    if fmt != "none":
+        weight, table = table.weight, QuantEmbedding(10, 64, fmt)
+        for name, t in quantize(weight, fmt).tensors().items():
+            setattr(table, name, t)
+    ids = torch.tensor([[0, 4, 5], [9, 3, 7]])
+    full = table.forward(ids)
+    parts = [VocabParallelEmbedding(keep_rows(table, [(a, a + 5)]), NoPeers(), a).forward(ids) for a in (0, 5)]
+    mine = ids < 5
+    assert torch.equal(parts[0][mine], full[mine]) and not parts[0][~mine].any()
+    assert torch.equal(parts[1][~mine], full[~mine]) and not parts[1][mine].any()
+    assert torch.equal(parts[0] + parts[1], full)
+
+
+def test_every_rank_keeps_its_share(tmp_path):
+    """shard_model for rank 0 and rank 1 (no process group needed to slice): the ranks'
+    shares put back together are the whole weights: each expert's gate and up rows and its
+    down columns, the shared expert's, the router and its gate whole on both, the
+    embedding's rows and the (tied) head over each rank's own slice of the table."""
+    from livelm.layers.tensor_parallel import TensorParallelGroup
+    from livelm.models.loader import load_model
+    from livelm.models.tensor_parallel import shard_model
+
+    d = build_tiny_model(tmp_path / "m", "qwen2_moe", mlp_only_layers=[1], num_hidden_layers=3,
+                         tie_word_embeddings=True)
+
+    def load():
+        return load_model(d, torch.float32, torch.device("cpu"), 256, "none")
+
+    whole = load()
+    shards = [shard_model(load(), TensorParallelGroup(None, rank, 2)) for rank in (0, 1)]
+    vocab = whole.config.vocab_size
+    e, i, h = whole.config.moe.num_experts, whole.config.moe.intermediate_size, whole.config.hidden_size
+    for rank, shard in enumerate(shards):
+        embed = shard.embed_tokens
+        assert embed.start == rank * vocab // 2 and embed.rows == vocab // 2
+        assert torch.equal(embed.inner.weight, whole.embed_tokens.weight[rank * vocab // 2:(rank + 1) * vocab // 2])
+        assert shard.lm_head.inner.weight is embed.inner.weight  # the tied head: the same slice
+    for n, layer in enumerate(whole.layers):
+        parts = [s.layers[n].mlp for s in shards]
+        if n == 1:  # the dense layer
+            assert torch.equal(torch.cat([p.down_proj.inner.weight for p in parts], 1), layer.mlp.down_proj.weight)
+            continue
+        blocks = [p.inner for p in parts]
+        gate_up = torch.cat([b.experts.gate_up_proj.view(e, 2, i // 2, h) for b in blocks], dim=2)
+        assert torch.equal(gate_up.reshape(e * 2 * i, h), layer.mlp.experts.gate_up_proj)
+        assert torch.equal(torch.cat([b.experts.down_proj for b in blocks], 1), layer.mlp.experts.down_proj)
+        shared = torch.cat([b.shared_expert.down_proj.weight for b in blocks], 1)
+        assert torch.equal(shared, layer.mlp.shared_expert.down_proj.weight)
+        for b in blocks:
+            assert torch.equal(b.gate.weight, layer.mlp.gate.weight)
+            assert torch.equal(b.shared_expert_gate.weight, layer.mlp.shared_expert_gate.weight)

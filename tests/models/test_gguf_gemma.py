@@ -119,3 +119,32 @@ def test_the_27b_attention_scale_rule(monkeypatch) -> None:
     assert families.gemma_config(None, "gemma2", 42, 3584, 16, 256)["query_pre_attn_scalar"] == 256
     types = families.gemma_config(None, "gemma2", 4, 64, 4, 16)["layer_types"]
     assert types == ["sliding_attention", "full_attention"] * 2
+
+
+def test_tensor_parallel_q8_0_gemma3_file(tmp_path: Path) -> None:
+    """A Q8_0 Gemma 3 file (tied head, scaled embeddings) under TP=2: each rank's quantized
+    embedding holds half the vocabulary, its tied head reads those very blocks, the scale
+    comes after the ranks' lookups are summed; greedy as TP=1."""
+    from livelm import SamplingParams
+    from livelm.engine.llm import LLM
+    from livelm.layers.quantized import QuantEmbedding
+
+    hf_dir = build_tiny_model(tmp_path / "hf", "gemma3", **_GEMMA3)
+    converted = convert_gguf_to_hf(write_gguf(hf_dir, tmp_path / "m.gguf", Q.Q8_0), tmp_path / "out")
+    rng = random.Random(6)
+    prompts = [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in (1, 8, 48, 130)]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    runs = []
+    for tp in (1, 2):
+        llm = LLM(str(converted), tensor_parallel_size=tp, num_threads=2, max_num_batched_tokens=64)
+        try:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            if tp == 2:
+                model, cfg = llm.engine.runner.model, llm.engine.model_config
+                assert cfg.tie_word_embeddings and cfg.embedding_scale is not None
+                table = model.embed_tokens.inner
+                assert isinstance(table, QuantEmbedding) and table.fmt == "q8_0"
+                assert table.out_features == cfg.vocab_size // 2 and model.lm_head.inner.qs is table.qs
+        finally:
+            llm.engine.close()
+    assert runs[1] == runs[0]

@@ -243,3 +243,32 @@ def test_missing_tensor_and_key_are_named(models, tmp_path: Path, monkeypatch: p
     with pytest.raises(ValueError, match=r"mixtral model lacks metadata key 'llama\.expert_used_count'"):
         convert_gguf_to_hf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_parallel_quantized_moe_file(tmp_path: Path) -> None:
+    """A Q8_0 Qwen2-MoE file (shared expert, a dense layer) under TP=2: each rank keeps its
+    rows of the file's Q8_0 embedding and head, its block-aligned share of the quantized
+    shared expert and dense MLP, its share of the (dequantized) experts; greedy as TP=1."""
+    from livelm.layers.tensor_parallel import VocabParallelEmbedding
+
+    hf_dir = build_tiny_model(tmp_path / "hf", "qwen2_moe", **dict(_QWEN2_MOE, moe_intermediate_size=64))
+    converted = convert_gguf_to_hf(write_gguf(hf_dir, tmp_path / "m.gguf", Q.Q8_0), tmp_path / "out")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in (1, 9, 40, 120)]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    runs = []
+    for tp in (1, 2):
+        llm = LLM(str(converted), tensor_parallel_size=tp, num_threads=2, max_num_batched_tokens=64)
+        try:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            if tp == 2:
+                model, vocab = llm.engine.runner.model, llm.engine.model_config.vocab_size
+                assert isinstance(model.embed_tokens, VocabParallelEmbedding)
+                table = model.embed_tokens.inner
+                assert isinstance(table, QuantEmbedding) and table.fmt == "q8_0" and table.out_features == vocab // 2
+                shared = model.layers[0].mlp.inner.shared_expert
+                assert isinstance(shared.down_proj, QuantLinear) and shared.down_proj.in_features == 32
+                assert model.layers[0].mlp.inner.experts.down_proj.shape[1] == 32
+        finally:
+            llm.engine.close()
+    assert runs[1] == runs[0]
