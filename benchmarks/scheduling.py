@@ -9,7 +9,8 @@ Parts (``--parts``, default all, in this order):
   the light tenant's TTFT p50/p99 under each policy and their ratio (target: fair >= 5x
   lower p99), and the heavy tenant's.
 - **accuracy**: the step cost model is calibrated on this host (``livelm simulate
-  --calibrate``'s workload, on an in-process engine), then ``livelm bench sweep`` runs the
+  --calibrate --serving``'s workload, on an in-process engine, then the serving overhead per
+  step from single requests served one at a time, with prompts of their own), then ``livelm bench sweep`` runs the
   default model behind a real ``livelm serve`` at two request rates (``--rates``;
   ``--accuracy-requests`` requests of 128 prompt / 32 output tokens, Poisson, token-id
   prompts), and the simulator replays the same arrivals and lengths: TTFT and TPOT
@@ -49,7 +50,12 @@ from livelm import SamplingParams  # noqa: E402
 from livelm.bench.machine import git_commit, machine_info  # noqa: E402
 from livelm.bench.metrics import parse_slos, percentile  # noqa: E402
 from livelm.config import CacheConfig, SchedulerConfig  # noqa: E402
-from livelm.sim.calibrate import calibrate, load_cost_model, save_cost_model  # noqa: E402
+from livelm.sim.calibrate import (  # noqa: E402
+    calibrate,
+    load_cost_model,
+    measure_serving_overhead,
+    save_cost_model,
+)
 from livelm.sim.cluster import simulate  # noqa: E402
 from livelm.sim.workload import burstgpt_requests, synthetic_requests  # noqa: E402
 
@@ -141,24 +147,33 @@ def _bench_sweep(rates: list[float], num: int, seed: int, threads: int) -> list[
 
 def part_accuracy(args: argparse.Namespace) -> dict:
     model, fit = _calibrated(args)
+    overhead, probe_tpot = measure_serving_overhead(model, threads=args.threads, seed=args.seed + 1)
+    print(f"[calibrate] serving overhead {overhead * 1000:.2f} ms per step (single requests: TPOT p50 "
+          f"{probe_tpot:.1f} ms)")
     real = _bench_sweep(args.rates, args.accuracy_requests, args.seed, args.threads)
     rows = []
     for rec in real:
         rate = rec["arrivals"]["rate"]
         m = rec["metrics"]
         reqs = synthetic_requests(args.accuracy_requests, rate, 128, 32, seed=args.seed)
-        sim = simulate(reqs, model, 1, SchedulerConfig(2048, 128, 2048), CacheConfig(16, 4096)).metrics()
+        sim = simulate(reqs, model, 1, SchedulerConfig(2048, 128, 2048), CacheConfig(16, 4096),
+                       step_overhead_s=overhead).metrics()
+        engine_only = simulate(reqs, model, 1, SchedulerConfig(2048, 128, 2048), CacheConfig(16, 4096)).metrics()
         row = {"rate": rate,
                "real": {"ttft_p50_ms": m["ttft_ms"]["p50"], "tpot_p50_ms": m["tpot_ms"]["p50"]},
-               "sim": {"ttft_p50_ms": sim["ttft_ms"]["p50"], "tpot_p50_ms": sim["tpot_ms"]["p50"]}}
+               "sim": {"ttft_p50_ms": sim["ttft_ms"]["p50"], "tpot_p50_ms": sim["tpot_ms"]["p50"]},
+               "sim_without_overhead": {"ttft_p50_ms": engine_only["ttft_ms"]["p50"],
+                                        "tpot_p50_ms": engine_only["tpot_ms"]["p50"]}}
         row["ttft_error"] = row["sim"]["ttft_p50_ms"] / row["real"]["ttft_p50_ms"] - 1
         row["tpot_error"] = row["sim"]["tpot_p50_ms"] / row["real"]["tpot_p50_ms"] - 1
         rows.append(row)
         print(f"[accuracy] rate {rate:g}/s: TTFT p50 real {row['real']['ttft_p50_ms']:.0f} ms, simulated "
               f"{row['sim']['ttft_p50_ms']:.0f} ms ({row['ttft_error']:+.0%}); TPOT p50 real "
               f"{row['real']['tpot_p50_ms']:.1f} ms, simulated {row['sim']['tpot_p50_ms']:.1f} ms "
-              f"({row['tpot_error']:+.0%}) (target: within 20%)")
-    return {"part": "accuracy", "calibration": fit, "coefficients": list(model.coefficients), "rows": rows}
+              f"({row['tpot_error']:+.0%}) (target: within 20%); without the serving overhead: TTFT "
+              f"{row['sim_without_overhead']['ttft_p50_ms']:.0f} ms, TPOT {row['sim_without_overhead']['tpot_p50_ms']:.1f} ms")
+    return {"part": "accuracy", "calibration": fit, "coefficients": list(model.coefficients),
+            "serving_overhead_s": overhead, "probe_tpot_p50_ms": probe_tpot, "rows": rows}
 
 
 # -------------------------------------------------------------------------- replay

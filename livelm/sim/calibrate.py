@@ -1,11 +1,18 @@
 """Calibrate the step cost model on this host: run a real engine through a mixed workload
 (decodes of many batch sizes alongside prefill chunks of many lengths) and fit the model
-to every step it measured."""
+to every step it measured; and measure what serving adds to each step (HTTP streaming and
+the hand-off between the server's threads), which an in-process engine never pays."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import statistics
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +82,45 @@ def calibrate(engine: Engine, num_requests: int = 48, seed: int = 0) -> tuple[St
     return model, samples
 
 
+# The serving-overhead probe: single requests one after another (a batch of one, where the
+# overhead is the largest share of a step), short prompts, enough tokens for a stable TPOT.
+_PROBE_INPUT, _PROBE_OUTPUT, _PROBE_REQUESTS = 32, 64, 6
+
+
+def serving_overhead_from(tpot_p50_ms: float, cost_model: StepCostModel,
+                          input_len: int = _PROBE_INPUT, output_len: int = _PROBE_OUTPUT) -> float:
+    """Seconds a served decode step takes beyond what ``cost_model`` predicts for it: the
+    measured TPOT median of single requests minus the median predicted batch-of-one decode
+    step over their positions (0 when serving measured no slower)."""
+    if not math.isfinite(tpot_p50_ms) or tpot_p50_ms <= 0:
+        raise ValueError(f"the measured TPOT must be a positive number of ms, got {tpot_p50_ms!r}")
+    predicted = statistics.median(
+        cost_model.predict(StepShape.of_chunks([(pos, 1)])) for pos in range(input_len, input_len + output_len)
+    )
+    return max(0.0, tpot_p50_ms / 1000.0 - predicted)
+
+
+def measure_serving_overhead(cost_model: StepCostModel, model: str | None = None, threads: int | None = None,
+                             seed: int = 1) -> tuple[float, float]:
+    """Run ``livelm bench serve`` (which starts ``livelm serve`` on 127.0.0.1) with single
+    streamed requests one at a time and return (overhead seconds per step, as
+    :func:`serving_overhead_from` computes it, the measured TPOT median in ms)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "livelm.entrypoints.cli", "bench", "serve", "--request-rate", "inf",
+               "--max-concurrency", "1", "--num-requests", str(_PROBE_REQUESTS), "--input-len", str(_PROBE_INPUT),
+               "--output-len", str(_PROBE_OUTPUT), "--prompt-format", "ids", "--seed", str(seed),
+               "--result-dir", tmp, "--name", "overhead", "--no-progress", "--warmup", "2"]
+        if model is not None:
+            cmd += ["--model", model]
+        env = dict(os.environ)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        record = json.loads((Path(tmp) / "overhead.jsonl").read_text().splitlines()[-1])
+    tpot = float(record["metrics"]["tpot_ms"]["p50"])
+    return serving_overhead_from(tpot, cost_model), tpot
+
+
 def save_cost_model(cost_model: StepCostModel, path: str | Path, **info) -> None:
     """Write the fitted coefficients (and ``info``: model, host, date) as JSON."""
     Path(path).write_text(json.dumps({**cost_model.to_dict(), **info}, indent=2) + "\n")
@@ -90,3 +136,13 @@ def load_cost_model(path: str | Path) -> StepCostModel:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a step cost model file of this livelm version "
                          f"(livelm simulate --calibrate writes one): {e}") from e
+
+
+def load_serving_overhead(path: str | Path) -> float:
+    """The serving overhead per step (seconds) a cost model file records, 0 without one
+    (``livelm simulate --calibrate OUT --serving`` measures it)."""
+    data = json.loads(Path(path).read_text())
+    value = data.get("serving_overhead_s", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{path}: serving_overhead_s must be a non-negative number, got {value!r:.40}")
+    return float(value)

@@ -144,12 +144,17 @@ class SimResult:
 
 def simulate(requests: Sequence[SimRequest], host: StepCostModel, num_replicas: int = 1,
              scheduler_config: SchedulerConfig | None = None, cache_config: CacheConfig | None = None,
-             router: str | Router = "least_load", learn_online: bool = False, seed: int = 0) -> SimResult:
+             router: str | Router = "least_load", learn_online: bool = False, seed: int = 0,
+             step_overhead_s: float = 0.0) -> SimResult:
     """Replay ``requests`` on ``num_replicas`` replicas whose steps take what ``host``
-    predicts. ``learn_online``: each scheduler learns the cost model from its simulated
-    steps, as the engine does, instead of starting from ``host``."""
+    predicts, plus ``step_overhead_s`` each (what serving adds to a step, measured by
+    ``sim.calibrate.measure_serving_overhead``; 0: an in-process engine).
+    ``learn_online``: each scheduler learns the cost model from its simulated steps, as
+    the engine does, instead of starting from ``host``."""
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+    if not (math.isfinite(step_overhead_s) and step_overhead_s >= 0):
+        raise ValueError(f"step_overhead_s must be a non-negative number of seconds, got {step_overhead_s!r}")
     scheduler_config = scheduler_config or SchedulerConfig()
     cache_config = cache_config or CacheConfig(num_blocks=4096)
     if cache_config.num_blocks < 1:
@@ -181,8 +186,11 @@ def simulate(requests: Sequence[SimRequest], host: StepCostModel, num_replicas: 
             rep.busy = False
             return
         rep.busy = True
-        seconds = max(1e-6, host_cost.predict(StepShape.of_chunks((c.start_position, c.num_tokens) for c in out.chunks)))
-        heapq.heappush(events, (now + seconds, next(order), step_end, (rep, out, seconds)))
+        shape = StepShape.of_chunks((c.start_position, c.num_tokens) for c in out.chunks)
+        seconds = max(1e-6, host_cost.predict(shape))
+        # The scheduler observes the engine's step alone, as Engine.step times it; the
+        # serving overhead only delays the next step.
+        heapq.heappush(events, (now + seconds + step_overhead_s, next(order), step_end, (rep, out, seconds)))
 
     while events:
         now, _, kind, payload = heapq.heappop(events)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 
 import pytest
 
 from livelm.config import CacheConfig, SchedulerConfig
-from livelm.core.step_cost import StepCostModel
+from livelm.core.step_cost import StepCostModel, StepShape
 from livelm.engine.llm import LLM
 from livelm.sampling_params import SamplingParams
+from livelm.sim.calibrate import load_serving_overhead, save_cost_model, serving_overhead_from
 from livelm.sim.cluster import simulate
 from livelm.sim.workload import SimRequest, burstgpt_requests, synthetic_requests
 
@@ -78,9 +80,35 @@ def test_synthetic_arrivals_and_metrics():
     assert not math.isnan(m["tpot_ms"]["p50"])
 
 
+def test_the_serving_overhead_delays_every_step(tmp_path):
+    """A request alone: each decode step takes the predicted step plus the overhead, so its
+    TPOT rises by exactly that; the scheduler still learns the engine's step alone. The
+    overhead is what a served batch-of-one step takes beyond the prediction, read back
+    from the cost model file."""
+    req = [SimRequest(0.0, 32, 17)]
+    plain = simulate(req, HOST, 1, learn_online=True).metrics()
+    served = simulate(req, HOST, 1, learn_online=True, step_overhead_s=0.004).metrics()
+    assert served["tpot_ms"]["p50"] == pytest.approx(plain["tpot_ms"]["p50"] + 4.0)
+    assert served["ttft_ms"]["p50"] == pytest.approx(plain["ttft_ms"]["p50"] + 4.0)  # one prefill step
+    predicted = statistics.median(HOST.predict(StepShape.of_chunks([(p, 1)])) for p in range(32, 96))
+    assert serving_overhead_from(predicted * 1000 + 3.0, HOST) == pytest.approx(0.003)
+    assert serving_overhead_from(predicted * 1000 / 2, HOST) == 0.0  # never negative
+    path = tmp_path / "cost.json"
+    save_cost_model(HOST, path, serving_overhead_s=0.0031)
+    assert load_serving_overhead(path) == 0.0031
+    save_cost_model(HOST, path)
+    assert load_serving_overhead(path) == 0.0
+    save_cost_model(HOST, path, serving_overhead_s=-1)
+    with pytest.raises(ValueError, match="serving_overhead_s"):
+        load_serving_overhead(path)
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
+        (lambda: simulate([SimRequest(0, 10, 10)], HOST, 1, step_overhead_s=math.nan), "step_overhead_s"),
+        (lambda: simulate([SimRequest(0, 10, 10)], HOST, 1, step_overhead_s=-0.001), "step_overhead_s"),
+        (lambda: serving_overhead_from(math.inf, HOST), "measured TPOT"),
         (lambda: simulate([SimRequest(0, 10, 10)], HOST, 0), "num_replicas"),
         (lambda: simulate([SimRequest(0, 10, 10)], HOST, 1, router="psychic"), "unknown router"),
         (lambda: simulate([SimRequest(0, 5000, 10)], HOST, 1), "does not fit"),

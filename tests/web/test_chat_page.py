@@ -4,6 +4,7 @@ server shows for it (/metrics), with screenshots saved under tests/web/artifacts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -48,21 +49,27 @@ def assert_clean(watch) -> None:  # noqa: ANN001
 # ------------------------------------------------------------------------ chat
 
 
-def test_message_gets_a_streamed_reply(web, server, engine):
-    # Steps at a real model's pace: the tiny one can stream its whole reply within one or
-    # two of the page's frames, leaving nothing partial to see.
+@contextlib.contextmanager
+def paced_steps(engine, seconds: float = 0.01):  # noqa: ANN001, ANN201
+    """Steps at a real model's pace: the tiny one can stream a whole reply within one or
+    two of the page's frames (or finish 960 tokens before a test can press stop)."""
     inner = engine._engine
     step = inner.step
 
     def paced_step():  # noqa: ANN202
-        time.sleep(0.01)
+        time.sleep(seconds)
         return step()
 
     inner.step = paced_step
     try:
-        _streamed_reply(web, server)
+        yield
     finally:
         del inner.step  # the instance attribute: back to the method
+
+
+def test_message_gets_a_streamed_reply(web, server, engine):
+    with paced_steps(engine):
+        _streamed_reply(web, server)
 
 
 def _streamed_reply(web, server) -> None:  # noqa: ANN001
@@ -89,7 +96,12 @@ def _streamed_reply(web, server) -> None:  # noqa: ANN001
     assert_clean(watch)
 
 
-def test_stop_cancels_the_request_on_the_server(web, server):
+def test_stop_cancels_the_request_on_the_server(web, server, engine):
+    with paced_steps(engine):
+        _stop_cancels(web, server)
+
+
+def _stop_cancels(web, server) -> None:  # noqa: ANN001
     page, watch = web(server.url, settings={**GREEDY, "max_tokens": 960})
     wait_model(page)
     type_and_send(page, "Count to a million.")
@@ -105,7 +117,12 @@ def test_stop_cancels_the_request_on_the_server(web, server):
     assert_clean(watch)
 
 
-def test_stop_cancels_plain_chat_too(web, server):
+def test_stop_cancels_plain_chat_too(web, server, engine):
+    with paced_steps(engine):
+        _stop_cancels_plain(web, server)
+
+
+def _stop_cancels_plain(web, server) -> None:  # noqa: ANN001
     page, watch = web(server.url, settings={**GREEDY, "max_tokens": 960, "live": False})
     wait_model(page)
     type_and_send(page, "Count to a million.")
