@@ -18,7 +18,10 @@ shared machine drifts alike for all of them. llama.cpp runs the same
 prompt token ids single-stream, plain and with ``LlamaPromptLookupDecoding`` (its
 prompt-lookup decoding in llama-cpp-python), from the same GGUF file.
 ``--draft-model PATH`` adds a fourth engine, ``speculative_method="draft"`` with that draft
-model (``self``: the default model drafting for itself, the upper bound of acceptance).
+model (``self``: the default model drafting for itself, the upper bound of acceptance;
+``layers:N``: the default model cut to its first N layers, embedding, final norm and head
+kept: a cheap draft of the same tokenizer, untrained for the cut, so it shows what the
+draft path costs against what it earns).
 
 Usage::
 
@@ -243,6 +246,41 @@ def _report(runner: Runner, key: str) -> None:
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
 
+def layer_cut_draft(src: Path, dst: Path, num_layers: int) -> Path:
+    """``src``'s model (an HF directory, quantized tensors included) cut to its first
+    ``num_layers`` layers, written to ``dst``."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from livelm.quant.storage import QUANT_METADATA_KEY
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, dst / f.name)
+    config = json.loads((src / "config.json").read_text())
+    if not 1 <= num_layers < config["num_hidden_layers"]:
+        raise SystemExit(f"layers:N needs 1 <= N < {config['num_hidden_layers']}")
+    config["num_hidden_layers"] = num_layers
+    (dst / "config.json").write_text(json.dumps(config))
+
+    def kept(name: str) -> bool:
+        parts = name.split(".")
+        return "layers" not in parts or int(parts[parts.index("layers") + 1]) < num_layers
+
+    tensors, formats = {}, {}
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            formats.update({k: v for k, v in json.loads((h.metadata() or {}).get(QUANT_METADATA_KEY, "{}")).items()
+                            if kept(k)})
+            tensors.update({k: h.get_tensor(k) for k in h.keys() if kept(k)})
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt", QUANT_METADATA_KEY: json.dumps(formats)})
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer prompts and tokens (a smoke run)")
@@ -250,7 +288,8 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--draft-model", default=None,
                     help="also run speculative_method=draft with this draft model ('self': the default "
-                         "model drafting for itself, an upper bound on acceptance)")
+                         "model drafting for itself, an upper bound on acceptance; 'layers:N': the default "
+                         "model cut to its first N layers)")
     args = ap.parse_args()
     n_single, max_tokens, turns, rounds = (3, 64, 4, 1) if args.quick else (4, 96, 6, 1)
     grounded = grounded_tasks(8)
@@ -260,6 +299,11 @@ def main() -> None:
     print(f"load average at start: {load_start}", flush=True)
     methods = METHODS + (("draft",) if args.draft_model else ())
     draft = str(default_model_dir()) if args.draft_model == "self" else args.draft_model
+    if args.draft_model and args.draft_model.startswith("layers:"):
+        import tempfile
+
+        cut = Path(tempfile.mkdtemp(prefix="livelm-draft-"))
+        draft = str(layer_cut_draft(default_model_dir(), cut, int(args.draft_model.split(":", 1)[1])))
     runner = Runner(methods, args.num_speculative_tokens, max_tokens, draft)
     runner.single("grounded_single", grounded[:n_single])
     _report(runner, "grounded_single")
