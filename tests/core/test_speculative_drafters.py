@@ -177,6 +177,28 @@ def test_adaptive_length_shrinks_on_rejections_grows_on_acceptance_and_pauses():
     assert len(off.propose(req, 100)) == 6
 
 
+def test_a_method_that_never_pays_starts_new_requests_paused():
+    """Engine-wide memory: once a method's recent drafts are rarely accepted, a new
+    request of it starts paused (k 1, 16 steps) instead of paying a run of failed drafts;
+    one whose drafts hold is unaffected, and so is everything without ``adaptive``."""
+    spec = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4))
+    assert spec.method_acceptance("ngram") == 1.0  # nothing known yet
+    for _ in range(12):
+        spec.record(_request([1]), 4, 0)  # 48 drafted, none accepted
+    assert spec.method_acceptance("ngram") == 0.0
+    late = _request(list(range(10)) * 3)
+    assert [spec.propose(late, 100) for _ in range(16)] == [[]] * 16
+    assert len(spec.propose(late, 100)) == 1  # then a probe of one token
+    for _ in range(20):
+        spec.record(_request([1]), 4, 4)  # the method pays again
+    assert spec.method_acceptance("ngram") > 0.1
+    assert len(spec.propose(_request(list(range(10)) * 3), 100)) == 4
+    plain = Speculator(SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False))
+    for _ in range(12):
+        plain.record(_request([1]), 4, 0)
+    assert len(plain.propose(_request(list(range(10)) * 3), 100)) == 4
+
+
 def test_finished_suffix_requests_feed_the_shared_tree():
     spec = Speculator(SpeculativeConfig(method="suffix"))
     req = _request([1, 2])

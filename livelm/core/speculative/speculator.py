@@ -19,6 +19,17 @@ _MISSES_BEFORE_PAUSE = 3
 _MAX_PAUSE = 64
 # Weight of the newest partly rejected draft in a request's adaptive draft length.
 _EMA = 0.5
+# Engine-wide memory of each method's acceptance: drafted and accepted token counts decay
+# by this factor per verified draft (a memory of roughly the last 1 / (1 - decay) drafts).
+# A new request of a method that has drafted at least _PRIOR_MIN_DRAFTED (decayed) tokens
+# with an acceptance below _PRIOR_POOR starts paused, as if it had already paused
+# _PRIOR_PAUSES times: a drafter that never pays (an untrained draft model, open-ended
+# text) then costs each new request a few probes, not a run of failed drafts and, for a
+# draft model, the forward over its whole prompt.
+_PRIOR_DECAY = 0.98
+_PRIOR_MIN_DRAFTED = 32.0
+_PRIOR_POOR = 0.1
+_PRIOR_PAUSES = 4
 # The method whose drafts come from the engine's batched drafter (a draft model).
 BATCHED_METHOD = "draft"
 
@@ -52,7 +63,9 @@ class Speculator:
     when it set them, else the engine's. With ``adaptive``, its draft length grows by one
     after a draft that was accepted whole and moves towards (accepted + 1) after one that
     was not, and after drafts keep failing it drafts nothing for a while (twice as long
-    each time), so speculation that does not pay costs little.
+    each time), so speculation that does not pay costs little; a new request of a method
+    whose recent drafts engine-wide were rarely accepted starts paused
+    (:meth:`method_acceptance`).
 
     ``"draft"`` requests are drafted all at once per step by ``batched`` (the engine's
     draft model, injected: core stays torch-free) through :meth:`propose_batch`; the
@@ -64,6 +77,7 @@ class Speculator:
         self.batched = batched
         self.shared = GlobalSuffixTree(config.suffix_max_depth, config.suffix_max_requests)
         self._states: dict[str, _RequestState] = {}
+        self._method_counts: dict[str, list[float]] = {}  # method -> [drafted, accepted], decayed
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -137,13 +151,29 @@ class Speculator:
         else:  # BATCHED_METHOD: the engine's draft model holds the request's state
             drafter = None
         max_k = req.num_speculative_tokens or cfg.num_speculative_tokens
-        return _RequestState(drafter, max_k, float(max_k))
+        state = _RequestState(drafter, max_k, float(max_k))
+        if cfg.adaptive and self.method_acceptance(method) < _PRIOR_POOR:
+            state.k, state.num_pauses, state.pause = 1.0, _PRIOR_PAUSES, 2**_PRIOR_PAUSES
+        return state
+
+    def method_acceptance(self, method: str) -> float:
+        """The engine's recent acceptance rate of ``method``'s drafts (1.0 until it has
+        drafted enough to tell; see _PRIOR_MIN_DRAFTED)."""
+        counts = self._method_counts.get(method)
+        if counts is None or counts[0] < _PRIOR_MIN_DRAFTED:
+            return 1.0
+        return counts[1] / counts[0]
 
     def record(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         """The outcome of verifying a draft of ``num_drafted`` tokens for ``req``."""
         self.num_drafts += 1
         self.num_draft_tokens += num_drafted
         self.num_accepted_tokens += num_accepted
+        method = self.method_of(req)
+        if method is not None:
+            counts = self._method_counts.setdefault(method, [0.0, 0.0])
+            counts[0] = counts[0] * _PRIOR_DECAY + num_drafted
+            counts[1] = counts[1] * _PRIOR_DECAY + num_accepted
         state = self._states.get(req.request_id)
         if state is None or not self.config.adaptive:
             return
