@@ -126,6 +126,11 @@ def _hf_classes(arch: str, cfg: dict):
         config = t.Gemma3Config(text_config=text_cls, vision_config=vision, mm_tokens_per_image=4,
                                 tie_word_embeddings=cfg["tie_word_embeddings"])
         return config, t.Gemma3ForConditionalGeneration
+    if arch == "gemma":
+        cfg.setdefault("tie_word_embeddings", False)  # untied: see gemma2 / gemma3 below
+        cfg.setdefault("head_dim", 16)
+        cfg.setdefault("hidden_act", "gelu")  # the released configs' legacy name for the tanh GELU
+        return t.GemmaConfig(**cfg), t.GemmaForCausalLM
     if arch in ("gemma2", "gemma3"):
         # Untied by default although released Gemmas tie: a tiny random tied head mostly
         # repeats one token (its own embedding's direction), a weak oracle.
@@ -145,7 +150,7 @@ def _hf_classes(arch: str, cfg: dict):
 
 def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a tiny random model of ``arch`` ("llama", "mistral", "qwen2", "qwen3", "phi3",
-    "qwen2_moe", "qwen3_moe", "mixtral", "gemma2", "gemma3", "gemma3_multimodal") to ``out_dir``; ``overrides`` go to its config."""
+    "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_multimodal") to ``out_dir``; ``overrides`` go to its config."""
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ kept byte for byte (livelm/quant/gguf_repack.py), float tensors stored as fp32; 
 types (Q2_K, Q3_K, the IQ types, ...) are refused by name. The tokenizer is rebuilt by
 transformers' own GGUF tokenizer conversion.
 
-Families: llama, qwen2, qwen3, gemma2, gemma3 (norms stored as 1 + weight by llama.cpp, read
+Families: llama, qwen2, qwen3, gemma, gemma2, gemma3 (norms stored as 1 + weight by llama.cpp, read
 back; attention scale and layer types derived as llama.cpp does), phi3 (fused q|k|v and gate|up kept fused, LongRoPE factors
 read back into rope_scaling), and the mixture-of-experts qwen2moe, qwen3moe and Mixtral (a
 ``llama`` file with expert tensors): stacked experts are split into the per-expert tensors
@@ -219,7 +219,7 @@ def _build_config(reader: Any, arch: str, family: str, weights: dict[str, Any], 
         kwargs["rope_scaling"] = scaling
     if family == "phi3":
         kwargs.update(phi3_config(reader, weights, int(head_dim), kwargs["max_position_embeddings"]))
-    elif family in GEMMA_FAMILIES:
+    elif family in GEMMA_FAMILIES and family != "gemma":  # Gemma 1 has no caps, windows or own scale
         kwargs.update(gemma_config(reader, family, num_layers, hidden, n_head, int(head_dim)))
     elif family == "mixtral" and (window := _field(reader, f"{arch}.attention.sliding_window")):
         kwargs["sliding_window"] = int(window)

@@ -24,12 +24,14 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
+    "gemma": ("gemma", "GemmaForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 # The general.architecture values livelm converts (Mixtral's files say "llama").
-GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma2", "gemma3")
-GEMMA_FAMILIES: tuple[str, ...] = ("gemma2", "gemma3")
+GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
+# Families whose norms llama.cpp stores as 1 + weight.
+GEMMA_FAMILIES: tuple[str, ...] = ("gemma", "gemma2", "gemma3")
 MOE_FAMILIES: tuple[str, ...] = ("qwen2moe", "qwen3moe", "mixtral")
 EXPERT = "{expert}"
 # Phi-3's LongRoPE factors, read back into rope_scaling (models/gguf_families.py).
@@ -130,7 +132,7 @@ def check_layer_tensors(names: Collection[str], family: str, num_layers: int, sh
     attention = ["attn_qkv"] if family == "phi3" else ["attn_q", "attn_k", "attn_v"]
     for i in range(num_layers):
         layer = [*attention, "attn_output", "attn_norm", "ffn_norm"]
-        if family in GEMMA_FAMILIES:
+        if family in ("gemma2", "gemma3"):
             layer += ["post_attention_norm", "post_ffw_norm"]
         if family == "gemma3":
             layer += ["attn_q_norm", "attn_k_norm"]

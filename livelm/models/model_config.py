@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "Qwen2MoeForCausalLM": (True, False),
     "Qwen3MoeForCausalLM": (False, True),
     "MixtralForCausalLM": (False, False),
+    "GemmaForCausalLM": (False, False),
     "Gemma2ForCausalLM": (False, False),
     "Gemma3ForCausalLM": (False, True),
 }
@@ -30,6 +31,10 @@ _QWEN_WINDOWED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
 # layers, Gemma 3 all but every ``sliding_window_pattern``-th), norms scale by 1 + weight,
 # GeGLU, embeddings scaled by sqrt(hidden_size), norms after attention and around the MLP.
 GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Gemma (1): 1 + weight norms, GeGLU and scaled embeddings, otherwise a Llama.
+GEMMA1 = "GemmaForCausalLM"
+# Architectures whose config class ties embeddings and head unless config.json says not.
+_TIED_BY_DEFAULT = (GEMMA1, *GEMMA_ARCHITECTURES)
 # Gemma3TextConfig's defaults for what livelm reads: the text_config of a Gemma 3
 # multimodal checkpoint on the Hub holds only the fields that differ from them.
 _GEMMA3_TEXT_DEFAULTS = dict(
@@ -199,8 +204,15 @@ class ModelConfig:
             )
         default_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
         gemma = arch in GEMMA_ARCHITECTURES
-        # Gemma's configs name it hidden_activation (transformers ignores their hidden_act).
-        act_name = raw.get("hidden_activation", "gelu_pytorch_tanh") if gemma else raw.get("hidden_act", "silu")
+        # Gemma 2/3 configs name it hidden_activation (transformers ignores their hidden_act);
+        # Gemma 1's "gelu" is, as transformers reads it, the tanh approximation.
+        if gemma:
+            act_name = raw.get("hidden_activation", "gelu_pytorch_tanh")
+        elif arch == GEMMA1:
+            act_name = raw.get("hidden_act") or "gelu_pytorch_tanh"
+            act_name = "gelu_pytorch_tanh" if act_name == "gelu" else act_name
+        else:
+            act_name = raw.get("hidden_act", "silu")
         activation = ACTIVATIONS.get(act_name)
         if activation is None:
             raise ValueError(f"unsupported activation {act_name!r}: livelm supports {', '.join(ACTIVATIONS)}")
@@ -210,6 +222,8 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         extra = _gemma_fields(raw, arch, head_dim) if gemma else {}
+        if arch == GEMMA1:
+            extra = {"norm_offset": 1.0, "embedding_scale": float(hidden) ** 0.5}
         return ModelConfig(
             architecture=arch,
             vocab_size=raw["vocab_size"],
@@ -221,7 +235,7 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", arch in _TIED_BY_DEFAULT)),
             attention_bias=bool(raw.get("attention_bias", default_bias)),
             qk_norm=qk_norm,
             rope=extra.pop("rope") if gemma else _parse_rope(raw, arch, head_dim),

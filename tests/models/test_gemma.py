@@ -1,4 +1,4 @@
-"""Gemma 2 and Gemma 3 (text) against transformers: greedy token-identical under every
+"""Gemma, Gemma 2 and Gemma 3 (text) against transformers: greedy token-identical under every
 scheduler setting with prompts longer than the sliding window; the features that set Gemma
 apart are all exercised (soft caps that change the output, its own scale and rotary per
 layer type); its config fields read as transformers reads them, and refused where livelm
@@ -23,6 +23,8 @@ from livelm.models.model_config import ModelConfig
 PROMPT_LENS = [1, 3, 8, 17, 48, 97, 177, 263]
 NEW_TOKENS = 24
 MODELS = {
+    # Gemma (1): a Llama with 1 + weight norms, GeGLU ("gelu" in its config) and scaled embeddings.
+    "gemma": ("gemma", {}),
     # Layers alternate sliding (window 24) and global, scores and logits soft-capped.
     "gemma2": ("gemma2", {"num_hidden_layers": 4}),
     # Sliding, global, sliding; q/k norms; theta 10k on sliding layers, 1M on global ones.
@@ -68,6 +70,10 @@ def test_greedy_matches_transformers(references, name: str, setting: str) -> Non
 
 
 def test_config_reads_what_sets_gemma_apart(references) -> None:
+    cfg1 = ModelConfig.from_dir(references["gemma"][0])
+    assert (cfg1.activation, cfg1.norm_offset, cfg1.sandwich_norms) == ("gelu_tanh", 1.0, False)
+    assert cfg1.embedding_scale == pytest.approx(64**0.5) and cfg1.sliding_windows == ()
+    assert cfg1.attention_scale == pytest.approx(16**-0.5)
     cfg2 = ModelConfig.from_dir(references["gemma2"][0])
     assert cfg2.activation == "gelu_tanh" and cfg2.norm_offset == 1.0 and cfg2.sandwich_norms
     assert cfg2.embedding_scale == pytest.approx(64**0.5)
@@ -146,6 +152,15 @@ def test_bad_gemma_configs_refused(references, changes: dict, message: str) -> N
     raw = json.loads((references["gemma2"][0] / "config.json").read_text())
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict({**raw, **changes})
+
+
+def test_gemma_configs_tie_unless_they_say_not(references) -> None:
+    """Gemma's config classes tie embeddings and head by default, and Hub configs often
+    leave the field out: read as tied."""
+    for name in ("gemma", "gemma2", "gemma3"):
+        raw = json.loads((references[name][0] / "config.json").read_text())
+        raw.pop("tie_word_embeddings")
+        assert ModelConfig.from_dict(raw).tie_word_embeddings, name
 
 
 def test_multimodal_checkpoint_runs_its_text_model(references) -> None:

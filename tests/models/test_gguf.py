@@ -221,11 +221,11 @@ def write_gguf(hf_dir: Path, path: Path, qtype: Q | Callable[[str], Q] = Q.F32,
         if gguf_name not in drop:
             writer.add_tensor(gguf_name, array.astype(np.float32))
     experts: dict[str, dict[int, np.ndarray]] = {}
-    gemma = arch in ("gemma2", "gemma3")
+    sandwich = arch in ("gemma2", "gemma3")  # Gemma 1's norms are named as Llama's
     for name, t in load_file(hf_dir / "model.safetensors").items():
         w = t.numpy()
-        gguf_name = _gguf_name(name, gemma)
-        if gemma and name.endswith("norm.weight"):
+        gguf_name = _gguf_name(name, sandwich)
+        if arch in ("gemma", "gemma2", "gemma3") and name.endswith("norm.weight"):
             w = w + np.float32(1.0)  # llama.cpp stores Gemma's norms as what they scale by
         if arch == "llama" and ".q_proj." in name:
             w = _permute(w, n_head)

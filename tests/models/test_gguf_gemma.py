@@ -1,4 +1,4 @@
-"""GGUF files of Gemma 2 and Gemma 3, written here as llama.cpp's converter writes them
+"""GGUF files of Gemma, Gemma 2 and Gemma 3, written here as llama.cpp's converter writes them
 (norms stored as 1 + weight; soft caps, window and the sliding layers' RoPE base as keys;
 the attention scale only where llama.cpp could not derive it): configs equal the
 originals, greedy token-identical to transformers (on the original model, or on gguf-py's
@@ -45,6 +45,7 @@ def _k_mix(gguf_name: str) -> Q:
 
 # name -> (transformers arch, config overrides, GGUF type(s))
 MODELS: dict[str, tuple[str, dict, object]] = {
+    "gemma_f32": ("gemma", {}, Q.F32),
     "gemma2_f32": ("gemma2", _GEMMA2, Q.F32),
     "gemma2_q8_0": ("gemma2", _GEMMA2, Q.Q8_0),
     "gemma2_k_mix": ("gemma2", _GEMMA2_K, _k_mix),
@@ -79,7 +80,7 @@ def test_config_equals_the_original(models, name: str) -> None:
     assert ModelConfig.from_dir(converted) == ModelConfig.from_dir(hf_dir)
 
 
-@pytest.mark.parametrize("name", ["gemma2_f32", "gemma3_f32"])
+@pytest.mark.parametrize("name", ["gemma_f32", "gemma2_f32", "gemma3_f32"])
 @pytest.mark.parametrize("setting", list(SCHEDULER_SETTINGS))
 def test_float_files_match_transformers(models, name: str, setting: str) -> None:
     _, converted, prompts, expected = models[name]
