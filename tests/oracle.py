@@ -67,3 +67,46 @@ def assert_greedy_matches(model_dir: Path, prompts: list[list[int]], expected: l
         assert llm.engine.stats().prefix_cache_hit_tokens > 0, "the second round should hit the prefix cache"
     if setting == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool should force preemption"
+
+
+def random_prompts(lens: list[int], seed: int = 0) -> list[list[int]]:
+    """Prompts of random token ids (of the tiny models' tokenizer, specials excluded), one
+    per length."""
+    import random
+
+    from tiny_models import TOKENIZER_VOCAB
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in lens]
+
+
+def greedy_references(root: Path, models: dict, prompt_lens, new_tokens: int) -> dict:
+    """Per model name in ``models`` ({name: (arch, config overrides)}): (its tiny model's
+    directory under ``root``, prompts, transformers' greedy continuations of them).
+    ``prompt_lens``: the prompts' lengths, or a function of a model's overrides giving them."""
+    from tiny_models import build_tiny_model
+
+    refs = {}
+    for name, (arch, overrides) in models.items():
+        d = build_tiny_model(root / name, arch, **overrides)
+        hf = load_hf_model(d)
+        prompts = random_prompts(prompt_lens(overrides) if callable(prompt_lens) else prompt_lens)
+        refs[name] = (d, prompts, [hf_greedy(hf, p, new_tokens) for p in prompts])
+    return refs
+
+
+def record_routing(monkeypatch) -> list[torch.Tensor]:  # noqa: ANN001
+    """Patch the MoE router so that every call's chosen expert ids [T, top_k] are appended
+    to the returned list (to check that a test reaches every expert)."""
+    from livelm.models import moe
+
+    seen: list[torch.Tensor] = []
+    real = moe.route
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        weights, ids = real(*args, **kwargs)
+        seen.append(ids)
+        return weights, ids
+
+    monkeypatch.setattr(moe, "route", recording)
+    return seen

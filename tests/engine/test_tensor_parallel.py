@@ -16,7 +16,7 @@ import signal
 import psutil
 import pytest
 import torch
-from oracle import SCHEDULER_SETTINGS
+from oracle import SCHEDULER_SETTINGS, record_routing
 from server_utils import wait_until
 from tiny_models import build_tiny_model
 
@@ -277,17 +277,7 @@ def test_tp2_moe_equals_tp1(moe_references, name, setting, monkeypatch):
     """Each rank keeps every expert's share of the intermediate rows (and the shared
     expert's), the router whole, one all-reduce per MoE block; every expert is reached
     (routing recorded on rank 0, which routes as every rank does: same input, same router)."""
-    from livelm.models import moe
-
-    seen: list[torch.Tensor] = []
-    real = moe.route
-
-    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        weights, ids = real(*args, **kwargs)
-        seen.append(ids)
-        return weights, ids
-
-    monkeypatch.setattr(moe, "route", recording)
+    seen = record_routing(monkeypatch)
     d, want = moe_references[name]
     got, llm = _greedy(d, _prompts(), tensor_parallel_size=2, num_threads=2, **SETTINGS[setting])
     try:

@@ -7,13 +7,17 @@ would run them wrong."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from oracle import SCHEDULER_SETTINGS, assert_greedy_matches, hf_greedy, hf_logprobs, load_hf_model
-from tiny_models import TOKENIZER_VOCAB, build_tiny_model
+from oracle import (
+    SCHEDULER_SETTINGS,
+    assert_greedy_matches,
+    greedy_references,
+    hf_logprobs,
+    load_hf_model,
+)
 
 from livelm import SamplingParams
 from livelm.engine.llm import LLM
@@ -44,22 +48,10 @@ MODELS = {
 }
 
 
-def _prompts(lens: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in lens]
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]], list[list[int]]]]:
     """Per model: (dir, prompts, transformers' greedy continuations)."""
-    root = tmp_path_factory.mktemp("gemma_models")
-    refs = {}
-    for name, (arch, overrides) in MODELS.items():
-        d = build_tiny_model(root / name, arch, **overrides)
-        hf = load_hf_model(d)
-        prompts = _prompts(PROMPT_LENS)
-        refs[name] = (d, prompts, [hf_greedy(hf, p, NEW_TOKENS) for p in prompts])
-    return refs
+    return greedy_references(tmp_path_factory.mktemp("gemma_models"), MODELS, PROMPT_LENS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -16,7 +16,13 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from oracle import SCHEDULER_SETTINGS, assert_greedy_matches, hf_greedy, load_hf_model
+from oracle import (
+    SCHEDULER_SETTINGS,
+    assert_greedy_matches,
+    hf_greedy,
+    load_hf_model,
+    record_routing,
+)
 from test_gguf import dequantized_copy, write_gguf
 from tiny_models import TOKENIZER_VOCAB, build_tiny_model
 
@@ -147,17 +153,7 @@ def test_greedy_matches_transformers(models, name: str, setting: str) -> None:
 
 @pytest.mark.parametrize("name", MOE)
 def test_every_expert_reached(models, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from livelm.models import moe
-
-    seen: list[torch.Tensor] = []
-    real = moe.route
-
-    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        weights, ids = real(*args, **kwargs)
-        seen.append(ids)
-        return weights, ids
-
-    monkeypatch.setattr(moe, "route", recording)
+    seen = record_routing(monkeypatch)
     _, converted, _, prompts, expected = models[name]
     llm = LLM(str(converted))
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),

@@ -5,13 +5,17 @@ tests/models/test_gguf_phi3_moe.py)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from oracle import SCHEDULER_SETTINGS, assert_greedy_matches, hf_greedy, load_hf_model
-from tiny_models import TOKENIZER_VOCAB, build_tiny_model
+from oracle import (
+    SCHEDULER_SETTINGS,
+    assert_greedy_matches,
+    greedy_references,
+    load_hf_model,
+    record_routing,
+)
 
 from livelm import SamplingParams
 from livelm.engine.llm import LLM
@@ -49,22 +53,11 @@ MODELS = {
 MOE = ["qwen2_moe", "qwen3_moe", "qwen3_moe_unnormalized", "mixtral"]
 
 
-def _prompts(lens: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in lens]
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]], list[list[int]]]]:
     """Per model: (dir, prompts, transformers' greedy continuations)."""
-    root = tmp_path_factory.mktemp("arch_models")
-    refs = {}
-    for name, (arch, overrides) in MODELS.items():
-        d = build_tiny_model(root / name, arch, **overrides)
-        hf = load_hf_model(d)
-        prompts = _prompts(LONGROPE_PROMPT_LENS if "rope_scaling" in overrides else PROMPT_LENS)
-        refs[name] = (d, prompts, [hf_greedy(hf, p, NEW_TOKENS) for p in prompts])
-    return refs
+    return greedy_references(tmp_path_factory.mktemp("arch_models"), MODELS,
+                             lambda o: LONGROPE_PROMPT_LENS if "rope_scaling" in o else PROMPT_LENS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -77,17 +70,7 @@ def test_greedy_matches_transformers(references, name: str, setting: str) -> Non
 
 @pytest.mark.parametrize("name", MOE)
 def test_every_expert_reached(references, name: str, monkeypatch) -> None:
-    from livelm.models import moe
-
-    seen: list[torch.Tensor] = []
-    real = moe.route
-
-    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        weights, ids = real(*args, **kwargs)
-        seen.append(ids)
-        return weights, ids
-
-    monkeypatch.setattr(moe, "route", recording)
+    seen = record_routing(monkeypatch)
     d, prompts, expected = references[name]
     llm = LLM(str(d))
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),

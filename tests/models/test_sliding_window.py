@@ -6,13 +6,19 @@ holds a window's worth of blocks; which layers slide follows transformers' confi
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from oracle import SCHEDULER_SETTINGS, assert_greedy_matches, hf_greedy, load_hf_model
-from tiny_models import TOKENIZER_VOCAB, build_tiny_model
+from oracle import (
+    SCHEDULER_SETTINGS,
+    assert_greedy_matches,
+    greedy_references,
+    hf_greedy,
+    load_hf_model,
+    random_prompts,
+)
+from tiny_models import build_tiny_model
 
 from livelm import SamplingParams
 from livelm.core.request_options import RequestOptions
@@ -32,22 +38,10 @@ MODELS = {
 }
 
 
-def _prompts(lens: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in lens]
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]], list[list[int]]]]:
     """Per model: (dir, prompts, transformers' greedy continuations)."""
-    root = tmp_path_factory.mktemp("swa_models")
-    refs = {}
-    for name, (arch, overrides) in MODELS.items():
-        d = build_tiny_model(root / name, arch, **overrides)
-        hf = load_hf_model(d)
-        prompts = _prompts(PROMPT_LENS)
-        refs[name] = (d, prompts, [hf_greedy(hf, p, NEW_TOKENS) for p in prompts])
-    return refs
+    return greedy_references(tmp_path_factory.mktemp("swa_models"), MODELS, PROMPT_LENS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -133,7 +127,7 @@ def test_more_families_follow_the_window(tmp_path: Path, name: str) -> None:
     arch, overrides = MORE_MODELS[name]
     d = build_tiny_model(tmp_path / name, arch, **overrides)
     hf = load_hf_model(d)
-    prompts = _prompts([40, 90], seed=3)
+    prompts = random_prompts([40, 90], seed=3)
     expected = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     assert_greedy_matches(d, prompts, expected, "chunked_prefill", block_size=BLOCK)
     llm = LLM(str(d), block_size=BLOCK, max_num_batched_tokens=48)
@@ -326,7 +320,7 @@ def test_session_turns_reuse_the_pinned_window(references) -> None:
         assert out.outputs[0].token_ids == hf_greedy(hf, history, 20)
         if turn:  # all the previous turn computed came from the pin (not its last token)
             assert engine.stats().prefix_cache_hit_tokens - hits == len(history) - 8
-        history = history + out.outputs[0].token_ids + _prompts([7], seed=50 + turn)[0]
+        history = history + out.outputs[0].token_ids + random_prompts([7], seed=50 + turn)[0]
     engine.scheduler.close_session("s")
 
 
