@@ -186,6 +186,26 @@ def _add_weight(writer: gguf.GGUFWriter, name: str, w: np.ndarray, wtype: Q) -> 
         writer.add_tensor(name, raw.reshape(*w.shape[:-1], raw.shape[-1]), raw_dtype=wtype)
 
 
+def assert_tp2_equals_tp1(model_dir: Path, prompts: list[list[int]], new_tokens: int,
+                          check_tp2: Callable[[object], None]) -> None:
+    """Greedy continuations of ``prompts`` at tensor_parallel_size 2 equal those at 1 (64-token
+    steps); ``check_tp2`` inspects the TP=2 engine's LLM before it closes."""
+    from livelm import SamplingParams
+    from livelm.engine.llm import LLM
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    runs = []
+    for tp in (1, 2):
+        llm = LLM(str(model_dir), tensor_parallel_size=tp, num_threads=2, max_num_batched_tokens=64)
+        try:
+            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            if tp == 2:
+                check_tp2(llm)
+        finally:
+            llm.engine.close()
+    assert runs[1] == runs[0]
+
+
 def write_gguf(hf_dir: Path, path: Path, qtype: Q | Callable[[str], Q] = Q.F32,
                extra_tensors: dict[str, np.ndarray] | None = None,
                drop: tuple[str, ...] = ()) -> Path:

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import gguf
 import pytest
-from oracle import SCHEDULER_SETTINGS, assert_greedy_matches, hf_greedy, load_hf_model
-from test_gguf import dequantized_copy, write_gguf
+from oracle import (
+    SCHEDULER_SETTINGS,
+    assert_greedy_matches,
+    hf_greedy,
+    load_hf_model,
+    random_prompts,
+)
+from test_gguf import assert_tp2_equals_tp1, dequantized_copy, write_gguf
 from tiny_models import TOKENIZER_VOCAB, build_tiny_model
 
 from livelm.models.gguf_convert import convert_gguf_to_hf
@@ -126,26 +132,16 @@ def test_tensor_parallel_q8_0_gemma3_file(tmp_path: Path) -> None:
     """A Q8_0 Gemma 3 file (tied head, scaled embeddings) under TP=2: each rank's quantized
     embedding holds half the vocabulary, its tied head reads those very blocks, the scale
     comes after the ranks' lookups are summed; greedy as TP=1."""
-    from livelm import SamplingParams
-    from livelm.engine.llm import LLM
     from livelm.layers.quantized import QuantEmbedding
 
     hf_dir = build_tiny_model(tmp_path / "hf", "gemma3", **_GEMMA3)
     converted = convert_gguf_to_hf(write_gguf(hf_dir, tmp_path / "m.gguf", Q.Q8_0), tmp_path / "out")
-    rng = random.Random(6)
-    prompts = [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in (1, 8, 48, 130)]
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    runs = []
-    for tp in (1, 2):
-        llm = LLM(str(converted), tensor_parallel_size=tp, num_threads=2, max_num_batched_tokens=64)
-        try:
-            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
-            if tp == 2:
-                model, cfg = llm.engine.runner.model, llm.engine.model_config
-                assert cfg.tie_word_embeddings and cfg.embedding_scale is not None
-                table = model.embed_tokens.inner
-                assert isinstance(table, QuantEmbedding) and table.fmt == "q8_0"
-                assert table.out_features == cfg.vocab_size // 2 and model.lm_head.inner.qs is table.qs
-        finally:
-            llm.engine.close()
-    assert runs[1] == runs[0]
+
+    def check(llm) -> None:  # noqa: ANN001
+        model, cfg = llm.engine.runner.model, llm.engine.model_config
+        assert cfg.tie_word_embeddings and cfg.embedding_scale is not None
+        table = model.embed_tokens.inner
+        assert isinstance(table, QuantEmbedding) and table.fmt == "q8_0"
+        assert table.out_features == cfg.vocab_size // 2 and model.lm_head.inner.qs is table.qs
+
+    assert_tp2_equals_tp1(converted, random_prompts([1, 8, 48, 130], seed=6), NEW_TOKENS, check)

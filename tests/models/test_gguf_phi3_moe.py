@@ -21,9 +21,10 @@ from oracle import (
     assert_greedy_matches,
     hf_greedy,
     load_hf_model,
+    random_prompts,
     record_routing,
 )
-from test_gguf import dequantized_copy, write_gguf
+from test_gguf import assert_tp2_equals_tp1, dequantized_copy, write_gguf
 from tiny_models import TOKENIZER_VOCAB, build_tiny_model
 
 from livelm import SamplingParams
@@ -249,22 +250,14 @@ def test_tensor_parallel_quantized_moe_file(tmp_path: Path) -> None:
 
     hf_dir = build_tiny_model(tmp_path / "hf", "qwen2_moe", **dict(_QWEN2_MOE, moe_intermediate_size=64))
     converted = convert_gguf_to_hf(write_gguf(hf_dir, tmp_path / "m.gguf", Q.Q8_0), tmp_path / "out")
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, TOKENIZER_VOCAB) for _ in range(n)] for n in (1, 9, 40, 120)]
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    runs = []
-    for tp in (1, 2):
-        llm = LLM(str(converted), tensor_parallel_size=tp, num_threads=2, max_num_batched_tokens=64)
-        try:
-            runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
-            if tp == 2:
-                model, vocab = llm.engine.runner.model, llm.engine.model_config.vocab_size
-                assert isinstance(model.embed_tokens, VocabParallelEmbedding)
-                table = model.embed_tokens.inner
-                assert isinstance(table, QuantEmbedding) and table.fmt == "q8_0" and table.out_features == vocab // 2
-                shared = model.layers[0].mlp.inner.shared_expert
-                assert isinstance(shared.down_proj, QuantLinear) and shared.down_proj.in_features == 32
-                assert model.layers[0].mlp.inner.experts.down_proj.shape[1] == 32
-        finally:
-            llm.engine.close()
-    assert runs[1] == runs[0]
+
+    def check(llm) -> None:  # noqa: ANN001
+        model, vocab = llm.engine.runner.model, llm.engine.model_config.vocab_size
+        assert isinstance(model.embed_tokens, VocabParallelEmbedding)
+        table = model.embed_tokens.inner
+        assert isinstance(table, QuantEmbedding) and table.fmt == "q8_0" and table.out_features == vocab // 2
+        shared = model.layers[0].mlp.inner.shared_expert
+        assert isinstance(shared.down_proj, QuantLinear) and shared.down_proj.in_features == 32
+        assert model.layers[0].mlp.inner.experts.down_proj.shape[1] == 32
+
+    assert_tp2_equals_tp1(converted, random_prompts([1, 9, 40, 120], seed=3), NEW_TOKENS, check)
