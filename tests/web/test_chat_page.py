@@ -226,7 +226,10 @@ def test_regenerate_edit_and_conversations(web, server):
     wait_reply(page)
     reply = current_messages(page)[1]["content"]
     page.fill("#composer", "a draft in progress")
+    first_reply = page.query_selector("article[data-role=assistant]")
     page.get_by_role("button", name="Regenerate the last reply").click()
+    # The old reply (done) must be gone first: until it is, it satisfies the waits below.
+    first_reply.wait_for_element_state("hidden")
     page.wait_for_function("() => document.querySelectorAll('article[data-role=assistant]').length === 1")
     wait_reply(page)
     messages = current_messages(page)
