@@ -191,3 +191,14 @@ def append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def kernel_path() -> str:
+    """The instruction sets livelm's quantized kernels were compiled for: the fp32-activation
+    kernels (avx512 / avx2 / scalar) and the int8-activation ones (avx512-vnni / avx2 /
+    scalar), or "torch" where they could not be built."""
+    from livelm.kernels.extensions import int8_linear_kernels, quant_linear_kernels
+
+    ext, ext8 = quant_linear_kernels(), int8_linear_kernels()
+    return (f"quantized {'torch (no compiled kernels)' if ext is None else ext.simd()}, "
+            f"int8 activations {'torch' if ext8 is None else ext8.simd()}")

@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_jsonl, utc_now  # noqa: E402
+from common import append_jsonl, kernel_path, utc_now  # noqa: E402
 
 from livelm.bench.machine import git_commit, machine_info  # noqa: E402
 
@@ -167,6 +167,18 @@ def measure_bandwidth(mib: int = 512, repeats: int = 10, copy: bool = True) -> d
 
 
 LIVELM_FORMATS = {"fp32": "none", "q8_0": "q8_0", "q4_1": "auto"}
+# An arm "<format>+i8" runs that format with activation_quantization="int8".
+INT8_SUFFIX = "+i8"
+
+
+def livelm_options(fmt: str) -> dict[str, str]:
+    """The LLM options of a livelm arm's format name (``q8_0``, ``q4_1+i8``, ...)."""
+    base = fmt.removesuffix(INT8_SUFFIX)
+    if base not in LIVELM_FORMATS:
+        raise SystemExit(f"unknown livelm format {fmt!r}; formats: {', '.join(LIVELM_FORMATS)}, "
+                         f"each optionally with {INT8_SUFFIX} (int8 activations)")
+    aq = "int8" if fmt.endswith(INT8_SUFFIX) else "none"
+    return {"quantization": LIVELM_FORMATS[base], "activation_quantization": aq}
 
 
 def livelm_weight_bytes(llm) -> int:
@@ -195,10 +207,10 @@ def livelm_weight_bytes(llm) -> int:
     return total
 
 
-def make_livelm(model: str | None, quantization: str, threads: int, kv_gib: float):
+def make_livelm(model: str | None, fmt: str, threads: int, kv_gib: float):
     from livelm import LLM
 
-    return LLM(model, quantization=quantization, num_threads=threads, kv_cache_gib=kv_gib)
+    return LLM(model, **livelm_options(fmt), num_threads=threads, kv_cache_gib=kv_gib)
 
 
 def livelm_single(llm, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
@@ -505,6 +517,8 @@ def run(args: argparse.Namespace) -> dict:
     bw_start = measure_bandwidth()
     print(f"memory bandwidth: read {bw_start['read_gb_s']:.1f} GB/s, copy {bw_start['copy_gb_s']:.1f} GB/s",
           flush=True)
+    kernels = kernel_path()
+    print(f"livelm kernels: {kernels}", flush=True)
 
     livelm_model, gguf, hf_dir = resolve_inputs(args.model)
     formats = [f for f in args.formats.split(",") if f]
@@ -518,7 +532,7 @@ def run(args: argparse.Namespace) -> dict:
     for fmt in formats:
         name = f"livelm {fmt}"
         arms[name] = ArmResult(name, "livelm", fmt)
-        llm = make_livelm(livelm_model, LIVELM_FORMATS[fmt], args.threads, kv_gib=0.25)
+        llm = make_livelm(livelm_model, fmt, args.threads, kv_gib=0.25)
         engines[name] = llm
         arms[name].weight_bytes = livelm_weight_bytes(llm)
         vocab = llm.engine.model_config.vocab_size
@@ -590,7 +604,7 @@ def run(args: argparse.Namespace) -> dict:
             per_token = ModelShapeKV.bytes_per_token(livelm_model)
             kv_gib = max(0.25, 1.2 * wl.batch_requests * (wl.batch_prompt_len + wl.batch_new_tokens)
                          * per_token / 2**30)
-            batch_llms[name] = make_livelm(livelm_model, LIVELM_FORMATS[arms[name].fmt], args.threads, kv_gib)
+            batch_llms[name] = make_livelm(livelm_model, arms[name].fmt, args.threads, kv_gib)
             livelm_batch(batch_llms[name], warm_prompts, 4)  # warm-up
         for rep in range(args.batch_rounds):
             order = livelm_arms[rep % max(1, len(livelm_arms)):] + livelm_arms[: rep % max(1, len(livelm_arms))]
@@ -653,6 +667,7 @@ def run(args: argparse.Namespace) -> dict:
         "git_commit": commit_start,
         "git_commit_at_end": git_commit(),
         "machine": machine,
+        "kernel_path": kernels,
         "load_start": load_start,
         "load_end": load_end,
         "quick": args.quick,
@@ -734,7 +749,8 @@ def ratio_lines(arms: dict[str, ArmResult]) -> list[str]:
         if hf is not None:
             parts.append(f"vs transformers fp32: decode {_ratio(a.best_decode(), hf.best_decode())}, "
                          f"batch {_ratio(a.batch_out_tok_s, hf.batch_out_tok_s)}")
-        peer = arms.get(f"llama.cpp {a.fmt if a.fmt != 'fp32' else 'f32'}")
+        base = a.fmt.removesuffix(INT8_SUFFIX)
+        peer = arms.get(f"llama.cpp {base if base != 'fp32' else 'f32'}")
         if peer is not None:
             parts.append(f"vs {peer.name}: decode {_ratio(a.best_decode(), peer.best_decode())}, "
                          f"batch {_ratio(a.batch_out_tok_s, peer.batch_out_tok_s)}, TTFT "
@@ -771,7 +787,8 @@ def main() -> None:
                         "embedded SmolLM2-135M-Instruct Q4_1 GGUF)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="single-stream runs per arm (best counts)")
-    parser.add_argument("--formats", default="fp32,q8_0,q4_1", help="livelm formats to run")
+    parser.add_argument("--formats", default="fp32,q8_0,q4_1,q8_0+i8,q4_1+i8",
+                        help="livelm formats to run (+i8: with int8 activations)")
     parser.add_argument("--quick", action="store_true", help="short run: 1 repeat, 32 new tokens, batch 8x64x16")
     parser.add_argument("--skip-single", action="store_true", help="batch workload only")
     parser.add_argument("--skip-batch", action="store_true", help="single-stream workload only")

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_jsonl, utc_now  # noqa: E402
+from common import append_jsonl, kernel_path, utc_now  # noqa: E402
 from decode import (  # noqa: E402
     ArmResult,
     LlamaCppArm,
@@ -93,14 +93,6 @@ def livelm_formats(llm) -> dict[str, int]:
     from livelm.layers.quantized import QuantizedModule
 
     return dict(Counter(m.fmt for m in llm.engine.runner.model.modules() if isinstance(m, QuantizedModule)))
-
-
-def kernel_path() -> str:
-    """The instruction set livelm's quantized kernels were compiled for (or "torch")."""
-    from livelm.kernels.extensions import quant_linear_kernels
-
-    ext = quant_linear_kernels()
-    return "torch (no compiled kernels)" if ext is None else ext.simd()
 
 
 def run(args: argparse.Namespace) -> dict:

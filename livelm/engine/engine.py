@@ -40,7 +40,7 @@ from livelm.engine.request_state import RequestState
 from livelm.engine.tokenizer import chat_prompt_ids, encode_prompt, load_tokenizer
 from livelm.kernels.cpu_memory import keep_large_buffers_in_heap
 from livelm.layers.attention.kv_format import check_kv_format, kv_format_name, kv_storage_dtype
-from livelm.models.loader import load_model
+from livelm.models.loader import load_model, use_int8_activations
 from livelm.models.model_config import ModelConfig
 from livelm.models.resolve import resolve_model_path
 from livelm.models.rope import attention_factor
@@ -218,14 +218,15 @@ class Engine:
             )
         t0 = time.perf_counter()
         model = load_model(
-            self.model_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE), config.quantization
+            self.model_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE), config.quantization,
+            config.activation_quantization,
         )
         logger.info("loaded %s (%s, %s) in %.1fs", self.model_dir, self.dtype, self.device, time.perf_counter() - t0)
         draft_model = None
         if self.draft_dir is not None:
             t0 = time.perf_counter()
             draft_model = load_model(self.draft_dir, self.dtype, self.device, min(self.max_model_len, _MAX_ROPE_TABLE),
-                                     config.quantization)
+                                     config.quantization, config.activation_quantization)
             logger.info("loaded draft model %s in %.1fs", self.draft_dir, time.perf_counter() - t0)
 
         num_blocks = self._num_kv_blocks()
@@ -288,10 +289,13 @@ class Engine:
         config = self.config
         spec = WorkerSpec(str(self.model_dir), self.dtype, min(self.max_model_len, _MAX_ROPE_TABLE),
                           config.quantization, num_blocks, config.block_size, config.attention_backend,
-                          self.kv_dtype, torch.get_num_threads(), logger.getEffectiveLevel())
+                          self.kv_dtype, torch.get_num_threads(), logger.getEffectiveLevel(),
+                          config.activation_quantization)
         workers = TensorParallelWorkers(config.tensor_parallel_size, spec)
         try:
             shard_model(model, workers.group)
+            if config.activation_quantization == "int8":  # the shards are new modules
+                use_int8_activations(model)
             workers.wait_ready()
         except BaseException:
             workers.close()

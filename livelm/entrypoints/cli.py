@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from livelm.config import KV_CACHE_DTYPE_CHOICES
+from livelm.config import ACTIVATION_QUANTIZATION_CHOICES, KV_CACHE_DTYPE_CHOICES
 from livelm.entrypoints.scheduling_args import add_scheduling_args, scheduling_kwargs
 from livelm.entrypoints.speculative_args import add_speculative_args, speculative_kwargs
 
@@ -30,6 +30,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8", "q5_0", "q5_1"],
                    help="weights in memory: auto keeps a GGUF's own format (default), none = float, "
                         "or quantize at load (docs/quantization.md)")
+    p.add_argument("--activation-quantization", default="none", choices=list(ACTIVATION_QUANTIZATION_CHOICES),
+                   help="int8 quantizes the activations of q8_0/q4_0/q4_1 linear layers per 32-block and multiplies "
+                    "in integers (CPU; faster batches and prefill, within a perplexity bound; default none; "
+                    "docs/quantization.md)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
                    help="auto: livelm's C++ kernels for fp32 on CPU, else torch ops (docs/kernels.md)")
     p.add_argument("--no-prefix-caching", action="store_true",
@@ -48,7 +52,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"dtype": args.dtype, "max_model_len": args.max_model_len, "num_threads": args.threads,
-          "quantization": args.quantization, "attention_backend": args.attention_backend,
+          "quantization": args.quantization,
+          "activation_quantization": args.activation_quantization, "attention_backend": args.attention_backend,
           "kv_cache_dtype": args.kv_cache_dtype, "tensor_parallel_size": args.tensor_parallel_size}
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False

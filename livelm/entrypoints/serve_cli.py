@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from livelm.config import KV_CACHE_DTYPE_CHOICES
+from livelm.config import ACTIVATION_QUANTIZATION_CHOICES, KV_CACHE_DTYPE_CHOICES
 from livelm.entrypoints.scheduling_args import add_scheduling_args
 from livelm.entrypoints.speculative_args import add_speculative_args
 
@@ -72,6 +72,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         choices=["auto", "none", "q8_0", "q4_0", "q4_1", "int8", "q5_0", "q5_1"],
                         help="weights in memory: auto keeps a GGUF's own format (default), none = "
                              "float, or quantize at load (docs/quantization.md)")
+    engine.add_argument("--activation-quantization", dest="activation_quantization", default=None,
+                        choices=list(ACTIVATION_QUANTIZATION_CHOICES),
+                        help="int8 quantizes the activations of q8_0/q4_0/q4_1 linear layers per 32-block and multiplies "
+                         "in integers (CPU; faster batches and prefill, within a perplexity bound; default none; "
+                         "docs/quantization.md)")
     engine.add_argument("--attention-backend", default=None, choices=["auto", "cpu", "torch"],
                         help="auto: livelm's C++ kernels for fp32 on CPU, else torch ops (docs/kernels.md)")
     engine.add_argument("--no-prefix-caching", action="store_true",

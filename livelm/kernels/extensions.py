@@ -56,6 +56,24 @@ def quant_linear_kernels() -> ModuleType | None:
     return ext
 
 
+@functools.cache
+def int8_linear_kernels() -> ModuleType | None:
+    """``csrc/int8_linear.cpp``: matmuls of int8-quantized activations with q8_0/q4_0/q4_1
+    weights (``quantize_activations``, ``int8_matmul``, ``int8_linear``); ``simd()`` names
+    the integer dot product it was built for (``avx512-vnni``, ``avx2`` or ``scalar``)."""
+    ext = build_extension("livelm_int8_linear", "int8_linear.cpp", "int8-activation layers")
+    if ext is None:
+        return None
+    logger.info("C++ int8-activation kernels compiled for %s", ext.simd())
+    return ext
+
+
+def build_int8_linear_kernels(name: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile (or load the cached build of) ``csrc/int8_linear.cpp`` as module ``name``;
+    raises when it cannot be built (the tests build AVX2-only and scalar copies)."""
+    return compile_extension(name, "int8_linear.cpp", extra_cflags)
+
+
 def build_quant_linear_kernels(name: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType:
     """Compile (or load the cached build of) ``csrc/quant_linear.cpp`` as module ``name``;
     raises when it cannot be built.

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from livelm.kernels.extensions import int8_linear_kernels
 from livelm.quant import matmul
 from livelm.quant.formats import FORMAT_CODES, QuantizedTensor, empty_quantized
+from livelm.quant.int8_activations import int8_linear
 
 
 class QuantizedModule(nn.Module):
@@ -53,16 +55,30 @@ class QuantizedModule(nn.Module):
 
 
 class QuantLinear(QuantizedModule):
-    """``y = x @ W.T + b`` with W quantized (fused kernels for decode, tiled GEMM for prefill)."""
+    """``y = x @ W.T + b`` with W quantized (fused kernels for decode, tiled GEMM for prefill).
+
+    ``int8_activations`` (set by ``livelm.models.loader.use_int8_activations``; q8_0, q4_0
+    and q4_1 only) quantizes x to int8 per 32-block first on CPU
+    (``livelm.quant.int8_activations``)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False) -> None:
         super().__init__(fmt, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.int8_activations = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype."""
         # Decode steps call this ~120 times per token: skip the dispatcher when the C++
         # CPU kernel applies (2-D fp32 rows, as many as it is the faster path for).
+        if self.int8_activations and not x.is_cuda:
+            if x.dim() == 2 and x.dtype == torch.float32:
+                ext8 = int8_linear_kernels()
+                if ext8 is not None:
+                    args = self.__dict__.get("_kernel_args")
+                    if args is None:
+                        args = self.__dict__["_kernel_args"] = (self.qs, self.d, self.m, self.bias, FORMAT_CODES[self.fmt])
+                    return ext8.int8_linear(x, *args)
+            return int8_linear(x, self.qweight, self.bias)
         if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda:
             ext = matmul.quant_linear_kernels()
             if ext is not None and x.shape[0] <= matmul.fused_max_rows(ext):

@@ -19,6 +19,7 @@ from livelm.models.prepare import swap_quantized_modules
 from livelm.models.rope import RotaryEmbedding
 from livelm.models.weight_cache import QuantizedWeightCache
 from livelm.quant.formats import QuantizedTensor, check_format, dequantize, quantize
+from livelm.quant.int8_activations import INT8_ACTIVATION_FORMATS
 from livelm.quant.plan import check_quantization, plan_formats
 from livelm.quant.storage import QUANT_METADATA_KEY, stored_quantized
 
@@ -55,14 +56,21 @@ def load_model(
     device: torch.device,
     max_positions: int,
     quantization: str = "auto",
+    activation_quantization: str = "none",
 ) -> LlamaForCausalLM:
     """Instantiate the architecture named in config.json and fill it with its weights.
 
     ``quantization`` (see EngineConfig): ``auto`` keeps quantized checkpoint tensors (a
     converted GGUF's) quantized and float ones float, ``none`` dequantizes everything, a
     format name quantizes every linear layer and the token embedding at load.
+    ``activation_quantization="int8"`` gives the q8_0/q4_0/q4_1 linear layers int8
+    activations (CPU only; livelm/quant/int8_activations.py).
     """
     check_quantization(quantization)
+    if activation_quantization not in ("none", "int8"):
+        raise ValueError(f"unknown activation_quantization {activation_quantization!r:.60}; choose none or int8")
+    if activation_quantization == "int8" and device.type != "cpu":
+        raise ValueError(f"activation_quantization='int8' runs on CPU kernels only, not on {device.type}")
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     if cfg.moe is not None and quantization not in ("auto", "none"):
@@ -131,8 +139,32 @@ def load_model(
         raise ValueError(f"checkpoint in {model_dir} lacks weights for: {', '.join(missing[:8])}")
     if cache is not None and cached is None:
         cache.save()
+    if activation_quantization == "int8":
+        use_int8_activations(model)
     model.eval()
     return model
+
+
+def use_int8_activations(model: torch.nn.Module) -> int:
+    """Give every quantized linear layer whose format allows it int8 activations; returns
+    how many (the others are named in the log, once per format)."""
+    taken, kept = 0, Counter()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            if mod.fmt in INT8_ACTIVATION_FORMATS:
+                mod.int8_activations = True
+                taken += 1
+            else:
+                kept[mod.fmt] += 1
+    if kept:
+        logger.info("int8 activations: %s layers keep fp32 activations (%s weights have no int8 kernel; "
+                    "supported: %s)", sum(kept.values()), ", ".join(sorted(kept)), ", ".join(INT8_ACTIVATION_FORMATS))
+    if taken == 0:
+        logger.warning("activation_quantization='int8' has no effect: no linear layer holds q8_0/q4_0/q4_1 "
+                       "weights (set quantization, e.g. q8_0)")
+    else:
+        logger.info("int8 activations in %d linear layers", taken)
+    return taken
 
 
 def _materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

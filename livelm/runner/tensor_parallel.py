@@ -58,6 +58,7 @@ class WorkerSpec:
     kv_dtype: torch.dtype
     num_threads: int
     log_level: int
+    activation_quantization: str = "none"
 
 
 def make_group(store_port: int, rank: int, world_size: int) -> TensorParallelGroup:
@@ -224,11 +225,13 @@ def worker_main(conn: Any, rank: int, world_size: int, store_port: int, spec: Wo
 
 
 def _build_runner(spec: WorkerSpec, group: TensorParallelGroup):
-    from livelm.models.loader import load_model
+    from livelm.models.loader import load_model, use_int8_activations
     from livelm.models.tensor_parallel import shard_model
     from livelm.runner.model_runner import ModelRunner
 
     model = load_model(spec.model_dir, spec.dtype, torch.device("cpu"), spec.max_positions, spec.quantization)
     shard_model(model, group)
+    if spec.activation_quantization == "int8":  # the shards are new modules
+        use_int8_activations(model)
     return ModelRunner(model, spec.num_blocks, spec.block_size, frozenset(), spec.attention_backend, None,
                        spec.kv_dtype)

@@ -233,7 +233,7 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         name: getattr(args, name)
         for name in ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                      "kv_cache_gib", "kv_cache_dtype", "seed", "session_ttl_s", "quantization",
-                     "attention_backend", "max_n")
+                     "activation_quantization", "attention_backend", "max_n")
         if getattr(args, name, None) is not None
     }
     if getattr(args, "no_prefix_caching", False):
