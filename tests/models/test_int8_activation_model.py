@@ -37,7 +37,7 @@ SETTINGS = {
 }
 # Per weight format: the least fraction of greedy tokens equal to fp32 activations' (up to
 # each sequence's first divergence), and the largest log-probability difference of an
-# agreeing token. Measured on every setting (AVX512-VNNI and AVX2 builds alike): q8_0
+# agreeing token. Measured on every setting (AVX512-VNNI build): q8_0
 # 481/512 tokens (0.94; logprob difference at most 0.015), q4_0 435/512 (0.85; 0.013),
 # q4_1 395-422/512 (0.77-0.82; 0.018). The bounds leave some margin.
 AGREEMENT = {"q8_0": (0.85, 0.05), "q4_0": (0.75, 0.05), "q4_1": (0.7, 0.05)}
