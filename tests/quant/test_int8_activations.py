@@ -19,9 +19,9 @@ from livelm.quant.int8_activations import (
 )
 
 # Row counts around the row kernels' tiles (up to 4 rows of x by 2-4 weight rows), the
-# switch to the GEMM (gemm_min_rows) and its tiles (6 rows on AVX512-VNNI, 3 on AVX2) and
+# switches to the GEMM (gemm_min_rows: 5, 6 or 10 rows) and its tiles (6 rows on AVX512-VNNI, 3 on AVX2) and
 # 128 KiB sweeps of x (K = 1536: 84 rows).
-KERNEL_MS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 19, 20, 64, 100, 131]
+KERNEL_MS = [1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 13, 19, 20, 64, 100, 131]
 
 
 def _compiled():

@@ -19,7 +19,7 @@
 //   256-bit integer dot product per block and row pair (vpdpbusd with AVX512-VNNI,
 //   vpmaddubsw + vpmaddwd on AVX2), up to 4 rows of x by 2-4 weight rows per tile, the
 //   weight rows prefetched ahead as the fp32 kernels do (csrc/quant_linear.cpp).
-// - GEMM (kGemmMinRows rows and more): per call, 32 (AVX2: 16) weight rows are unpacked into
+// - GEMM (gemm_min_rows_of(format) rows and more): per call, 32 (AVX2: 16) weight rows are unpacked into
 //   a panel of bytes laid out [block][4-byte group][row][4], so one 512-bit (256-bit)
 //   load holds 4 consecutive weights of each of 16 (8) rows; each row of x broadcasts
 //   its 4 bytes and one vpdpbusd does 64 multiply-adds. The int32 block sums turn into
@@ -55,13 +55,21 @@ namespace {
 // The format codes of livelm/quant/formats.py FORMAT_CODES.
 enum Format : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
 constexpr int64_t kBlock = 32;
-// Rows of x from which the GEMM beats the row kernels (measured on the model shapes,
-// docs/quantization.md).
-#ifdef I8_VNNI512
-constexpr int64_t kGemmMinRows = 8;
+// Rows of x from which the GEMM beats the row kernels, per format (measured on the
+// SmolLM2-135M linears, 2 threads, one process: AVX512-VNNI from 6 rows for all three;
+// AVX2 from 5 for q4 and from 10 for q8_0, whose sign trick costs the GEMM more).
+// -DLIVELM_INT8_GEMM_MIN_ROWS=R forces one switch (to measure them).
+inline int64_t gemm_min_rows_of(int64_t fmt) {
+#ifdef LIVELM_INT8_GEMM_MIN_ROWS
+  (void)fmt;
+  return LIVELM_INT8_GEMM_MIN_ROWS;
+#elif defined(__AVX512VNNI__) && defined(__AVX512F__)
+  (void)fmt;
+  return 6;
 #else
-constexpr int64_t kGemmMinRows = 8;
+  return fmt == 0 ? 10 : 5;
 #endif
+}
 
 constexpr int64_t block_bytes(int64_t f) { return f == kQ8_0 ? 32 : 16; }
 inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
@@ -213,7 +221,11 @@ inline void row_tile(const Args& a, int64_t n, int64_t t0) {
     }
 }
 
-template <int64_t F, int NT, int MT = 4>
+// Rows of x per row tile
+// (4 on AVX-512 too: 8 measured slower at 6-8 rows, 0.37-0.50 ms against 0.33-0.45 ms).
+constexpr int kRowMT = 4;
+
+template <int64_t F, int NT, int MT = kRowMT>
 inline void row_tile_dispatch(int mt, const Args& a, int64_t n, int64_t t0) {
   if constexpr (MT >= 1) {
     if (mt == MT) return row_tile<F, MT, NT>(a, n, t0);
@@ -244,8 +256,8 @@ void rows_range(const Args& a, int64_t n0, int64_t n1) {
       if constexpr (F == kQ4_1) prefetch_range(a.m + pr0 * a.nb, (pr1 - pr0) * srb);
     }
     const int nt = static_cast<int>(std::min<int64_t>(NT, n1 - n));
-    for (int64_t t0 = 0; t0 < a.M; t0 += 4) {
-      const int mt = static_cast<int>(std::min<int64_t>(4, a.M - t0));
+    for (int64_t t0 = 0; t0 < a.M; t0 += kRowMT) {
+      const int mt = static_cast<int>(std::min<int64_t>(kRowMT, a.M - t0));
       if (nt == NT) row_tile_dispatch<F, NT>(mt, a, n, t0);
       else if constexpr (NT > 1) {
         for (int j = 0; j < nt; ++j) row_tile_dispatch<F, 1>(mt, a, n + j, t0);
@@ -527,7 +539,7 @@ torch::Tensor int8_matmul(torch::Tensor xq, torch::Tensor xd, torch::Tensor xs, 
          fmt == kQ4_1 ? reinterpret_cast<const uint16_t*>(m->data_ptr<int16_t>()) : nullptr, bp,
          out.data_ptr<float>()};
 #ifdef I8_AVX2
-  if (M >= kGemmMinRows) {
+  if (M >= gemm_min_rows_of(fmt)) {
     at::parallel_for(0, (N + kNR - 1) / kNR, 1, [&](int64_t p0, int64_t p1) {
       with_format(fmt, [&](auto f) { gemm_range<decltype(f)::value>(a, p0, p1); });
     });
@@ -567,11 +579,11 @@ std::string simd() {
 #endif
 }
 
-int64_t gemm_min_rows() { return kGemmMinRows; }
+int64_t gemm_min_rows(int64_t fmt) { return gemm_min_rows_of(fmt); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("simd", &simd, "instruction set of the integer dot products");
-  mod.def("gemm_min_rows", &gemm_min_rows, "rows of x from which int8_matmul runs its GEMM");
+  mod.def("gemm_min_rows", &gemm_min_rows, "rows of x from which int8_matmul runs its GEMM, for a format code");
   mod.def("quantize_activations", &quantize_activations, "fp32 x -> int8 per 32-block (xq, dx, dx * sum(xq))");
   mod.def("int8_matmul", &int8_matmul, "quantized activations times a q8_0/q4_0/q4_1 weight transposed (+ bias)");
   mod.def("int8_linear", &int8_linear, "quantize_activations, then int8_matmul");
